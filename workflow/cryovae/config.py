@@ -1,0 +1,303 @@
+"""The typed configuration: the single source of every default.
+
+The workflow's JSON schema (``workflow/schemas/config.schema.json``) is generated from
+:class:`Config` by ``cryovae schema`` and a test keeps the two identical.  A bad config
+fails at load time with a message that names the key and what was expected.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from cryovae.errors import InputError
+
+
+class _Section(BaseModel):
+    """A config section: unknown keys are errors (a typo must not pass silently)."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class StructureOptions(_Section):
+    """How atomic models are read and cleaned before any descriptor or map is made."""
+
+    model_index: int = Field(0, ge=0, description="Which model of a multi-model file to use (0 = first).")
+    remove_waters: bool = Field(True, description="Drop water molecules.")
+    remove_ligands: bool = Field(True, description="Drop non-polymer residues (ligands, ions).")
+    remove_hydrogens: bool = Field(True, description="Drop hydrogen and deuterium atoms.")
+    cache_dir: str = Field(
+        "~/.cache/cryovae/pdb", description="Where downloaded PDB entries are kept and reused."
+    )
+    pdb_server: str = Field(
+        "https://files.rcsb.org/download",
+        description="Base URL that serves {ID}.cif.gz (the RCSB layout).",
+    )
+
+
+class AffinityConfig(_Section):
+    """SOAP descriptors and the class affinity matrix made from them."""
+
+    mode: Literal["all_atom", "coarse_grained"] = Field(
+        "all_atom",
+        description="all_atom: C, N, O, S (and P) atoms; coarse_grained: C-alpha and P only "
+        "(for complexes of 100k+ atoms).",
+    )
+    r_cut: float | None = Field(
+        None, gt=0, description="SOAP cutoff radius in Å; null: 6 (all_atom) or 12 (coarse_grained)."
+    )
+    n_max: int | None = Field(None, ge=1, description="Radial basis size; null: 6 (all_atom) or 4.")
+    l_max: int | None = Field(None, ge=0, description="Angular degree; null: 6 (all_atom) or 4.")
+    sigma: float | None = Field(
+        None, gt=0, description="Gaussian width of the atom densities in Å; null: 1.0 or 2.0."
+    )
+    max_centres: int = Field(
+        2000, ge=10, description="SOAP is averaged over at most this many evenly chosen centres."
+    )
+
+    def resolved(self) -> dict[str, float]:
+        """The SOAP parameters with the mode's defaults filled in."""
+        defaults = {
+            "all_atom": {"r_cut": 6.0, "n_max": 6, "l_max": 6, "sigma": 1.0},
+            "coarse_grained": {"r_cut": 12.0, "n_max": 4, "l_max": 4, "sigma": 2.0},
+        }[self.mode]
+        return {k: (getattr(self, k) if getattr(self, k) is not None else v) for k, v in defaults.items()}
+
+
+class MapConfig(_Section):
+    """Reference density maps made from the structures (or taken from given maps)."""
+
+    files: dict[str, str] = Field(
+        default_factory=dict,
+        description="Class -> an existing map (MRC) to use instead of simulating one from the "
+        "structure; it is resampled to the pixel size and box.",
+    )
+
+    b_factor: float = Field(
+        0.0, ge=0, description="Extra B-factor (Å²) added to every atom by the scattering model."
+    )
+    lowpass_angstrom: float | None = Field(
+        None, gt=0, description="Optional low-pass filter resolution in Å applied to the map; null: none."
+    )
+
+
+class SimulationConfig(_Section):
+    """Simulated subtomograms with known poses."""
+
+    particles_per_class: int = Field(
+        200, ge=3, description="Particles per class in the training split; val and test get "
+        "val_fraction and test_fraction of this."
+    )
+    val_fraction: float = Field(0.25, gt=0, le=1, description="Validation particles per class, relative.")
+    test_fraction: float = Field(0.5, gt=0, le=2, description="Test particles per class, relative.")
+    particles_per_shard: int = Field(
+        512, ge=1, description="Particles per shard file (and per simulation job)."
+    )
+    snr: float | None = Field(
+        0.1, gt=0, description="Signal variance over noise variance in the box; null: noise-free."
+    )
+    tilt_range_deg: tuple[float, float] | None = Field(
+        (-60.0, 60.0), description="Tilt range of the missing wedge about Y; null: no missing wedge."
+    )
+    max_shift_px: float = Field(1.0, ge=0, description="Uniform random shift per axis, in pixels.")
+    ctf: bool = Field(True, description="Apply a contrast transfer function.")
+    defocus_range_um: tuple[float, float] = Field(
+        (2.0, 5.0), description="Underfocus range in µm (positive = underfocus)."
+    )
+    voltage_kv: float = Field(300.0, gt=0, description="Acceleration voltage in kV.")
+    spherical_aberration_mm: float = Field(2.7, ge=0, description="Spherical aberration in mm.")
+    amplitude_contrast: float = Field(0.07, ge=0, le=1, description="Amplitude contrast fraction.")
+    bandpass_angstrom: tuple[float, float] | None = Field(
+        None, description="Optional band-pass [low, high] resolution in Å (e.g. [200, 20]); null: none."
+    )
+    normalise: bool = Field(True, description="Zero mean, unit variance per particle.")
+
+    @field_validator("tilt_range_deg")
+    @classmethod
+    def _tilt_order(cls, v):
+        if v is not None and not (-90 <= v[0] < v[1] <= 90):
+            raise ValueError("expected [min, max] with -90 <= min < max <= 90")
+        return v
+
+
+class TomogramInput(_Section):
+    """One tomogram and its picked particles."""
+
+    tomogram: str = Field(..., description="Path to the tomogram (MRC).")
+    coordinates: str = Field(
+        ..., description="Picked coordinates: RELION 4 or 5 STAR, or CSV with columns x, y, z (pixels)."
+    )
+    pixel_size_angstrom: float | None = Field(
+        None, gt=0, description="Tomogram pixel size; null: from the MRC header."
+    )
+
+
+class ExtractionConfig(_Section):
+    """Subtomograms cut out of real tomograms at picked coordinates."""
+
+    tomograms: dict[str, TomogramInput] = Field(
+        default_factory=dict, description="Tomogram name -> tomogram and coordinates; empty: none."
+    )
+    binning: int = Field(1, ge=1, description="Bin the tomogram by this integer factor before cutting.")
+    out_of_bounds: Literal["pad", "skip"] = Field(
+        "pad", description="Particles whose box leaves the tomogram are padded (mean value) or skipped."
+    )
+    trust_pixel_size: Literal["error", "star", "mrc"] = Field(
+        "error", description="When the STAR and MRC pixel sizes disagree: fail, or trust one of them."
+    )
+    normalise: bool = Field(True, description="Zero mean, unit variance per particle.")
+    particles_per_shard: int = Field(512, ge=1, description="Particles per shard file.")
+
+
+class Schedule(_Section):
+    """A weight that changes with the epoch: constant, linear ramp, or cyclical ramps."""
+
+    kind: Literal["constant", "ramp", "cyclical"] = Field("constant", description="Schedule shape.")
+    start: float = Field(0.0, ge=0, description="Value at the start of a ramp (times the weight).")
+    ramp_epochs: int = Field(10, ge=1, description="Epochs a ramp takes (a cycle's length if cyclical).")
+
+
+class TrainingConfig(_Section):
+    """The affinity-VAE and its training."""
+
+    epochs: int = Field(30, ge=1, description="Training epochs.")
+    batch_size: int = Field(64, ge=2, description="Particles per batch (pairs in a batch feed the affinity loss).")
+    latent_dims: int = Field(8, ge=2, description="Size of the shape latent.")
+    decoder: Literal["cnn", "splat"] = Field("cnn", description="cnn: volume decoder; splat: Gaussian splats.")
+    channels: list[int] = Field([16, 32, 64], description="Encoder channels per stage (depth = length).")
+    n_splats: int = Field(128, ge=1, description="Gaussians in the splat decoder.")
+    beta: float = Field(1.0, ge=0, description="KL weight.")
+    beta_schedule: Schedule = Field(default_factory=Schedule, description="How beta changes with epoch.")
+    gamma: float = Field(2.0, ge=0, description="Affinity loss weight.")
+    gamma_schedule: Schedule = Field(default_factory=Schedule, description="How gamma changes with epoch.")
+    affinity_loss: Literal["l1", "l2"] = Field("l1", description="Distance between latent cosine and affinity.")
+    pose_weight: float = Field(
+        1.0, ge=0, description="Weight of the supervised pose term on simulated data (0: none)."
+    )
+    wedge_masked_loss: bool = Field(
+        True, description="Compare reconstructions only where the missing wedge leaves data."
+    )
+    learning_rate: float = Field(1e-3, gt=0, description="Adam learning rate.")
+    checkpoint_every: int = Field(5, ge=1, description="Write a checkpoint every this many epochs.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present.")
+    threads: int = Field(2, ge=1, description="CPU threads the train rule asks for.")
+
+
+class ClassificationConfig(_Section):
+    """Classes and unknowns from latents."""
+
+    accept_fraction: float = Field(
+        0.95, gt=0, lt=1, description="Fraction of known validation particles the unknown threshold accepts."
+    )
+
+
+class AlignmentConfig(_Section):
+    """Aligning the model's canonical frame to each class's reference map."""
+
+    symmetry: dict[str, str] = Field(
+        default_factory=dict, description="Class -> point group (C1, Cn, Dn, T, O, I); unlisted: C1."
+    )
+    coarse_step_deg: float = Field(15.0, gt=0, description="Angular step of the coarse global search.")
+    fine_steps: int = Field(3, ge=0, description="Local refinement rounds, each halving the step.")
+
+
+class PriorsConfig(_Section):
+    """Pose priors for subtomogram averaging."""
+
+    format: Literal["relion5", "relion4", "relion3"] = Field("relion5", description="STAR flavour written.")
+
+
+class Config(_Section):
+    """The whole workflow configuration."""
+
+    output_dir: str = Field("results", description="Where every output lands.")
+    seed: int = Field(0, ge=0, description="Seed of every stochastic step.")
+    structures: dict[str, str] = Field(
+        ..., min_length=2,
+        description="Class name -> local PDB/mmCIF file (.gz accepted), a 4-character PDB id, "
+        "or demo:NAME for a generated synthetic structure.",
+    )
+    unseen: list[str] = Field(default_factory=list, description="Classes held out of training, seen only at test.")
+    pixel_size_angstrom: float = Field(10.0, gt=0, description="Pixel size of maps and subtomograms in Å.")
+    box_size: int = Field(32, ge=8, description="Edge of maps and subtomograms in pixels (even).")
+    structure_options: StructureOptions = Field(default_factory=StructureOptions, description="Structure reading.")
+    affinity: AffinityConfig = Field(default_factory=AffinityConfig, description="SOAP affinity.")
+    maps: MapConfig = Field(default_factory=MapConfig, description="Reference maps.")
+    simulation: SimulationConfig = Field(default_factory=SimulationConfig, description="Simulation.")
+    extraction: ExtractionConfig = Field(default_factory=ExtractionConfig, description="Extraction.")
+    training: TrainingConfig = Field(default_factory=TrainingConfig, description="Training.")
+    classification: ClassificationConfig = Field(default_factory=ClassificationConfig, description="Classes.")
+    alignment: AlignmentConfig = Field(default_factory=AlignmentConfig, description="Frame alignment.")
+    priors: PriorsConfig = Field(default_factory=PriorsConfig, description="Pose priors.")
+
+    @field_validator("box_size")
+    @classmethod
+    def _even_box(cls, v):
+        if v % 2:
+            raise ValueError("expected an even box size")
+        return v
+
+    @model_validator(mode="after")
+    def _classes_consistent(self):
+        for name in self.unseen:
+            if name not in self.structures:
+                raise ValueError(f"unseen class {name!r} is not a key of structures")
+        if len(self.seen_classes) < 2:
+            raise ValueError("at least two classes must be seen in training")
+        for section, names in (("alignment.symmetry", self.alignment.symmetry), ("maps.files", self.maps.files)):
+            for name in names:
+                if name not in self.structures:
+                    raise ValueError(f"{section} names {name!r}, which is not a key of structures")
+        return self
+
+    @property
+    def class_names(self) -> list[str]:
+        """All classes, in config order (the order of the affinity matrix)."""
+        return list(self.structures)
+
+    @property
+    def seen_classes(self) -> list[str]:
+        return [c for c in self.structures if c not in self.unseen]
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        lines.append(f"  {key}: {e['msg']}" + (f" (got {e['input']!r})" if "input" in e and e["type"] != "missing" else ""))
+    return "\n".join(lines)
+
+
+def validate_config(data: dict[str, Any], source: str = "") -> Config:
+    """Validate a config mapping; raise :class:`InputError` naming every bad key."""
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise InputError(_format_error(err, source)) from None
+
+
+def load_config(spec: str | Path) -> Config:
+    """Load a config from a YAML/JSON file, or from a JSON string starting with ``{``."""
+    text = str(spec)
+    if text.lstrip().startswith("{"):
+        return validate_config(json.loads(text), "(inline JSON)")
+    path = Path(text)
+    if not path.is_file():
+        raise InputError(f"config file {path} does not exist")
+    with open(path) as fh:
+        data = yaml.safe_load(fh) or {}
+    if not isinstance(data, dict):
+        raise InputError(f"config file {path}: expected a mapping at the top level")
+    return validate_config(data, str(path))
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON schema of :class:`Config`, as the workflow validates against it."""
+    schema = Config.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "cryovae workflow configuration"
+    return schema
