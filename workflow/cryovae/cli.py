@@ -82,6 +82,12 @@ VERBS: dict[str, tuple[str, str, str, list[tuple[tuple[str, ...], dict]]]] = {
         "cryovae extract --config config.yaml --tomogram TS_01 --output-dir results/subtomograms/TS_01",
         [(("--tomogram",), {"required": True}), (("--output-dir",), {"type": _P, "required": True})],
     ),
+    "provenance": (
+        "cryovae.config:write_provenance",
+        "Record the package version and the whole validated config of a run (JSON).",
+        "cryovae provenance --config config.yaml --output results/provenance.json",
+        [(("--output",), {"type": _P, "required": True})],
+    ),
     "export": (
         "cryovae.export:export_relion3",
         "Write a split as MRC files plus a RELION 3.1 particles STAR (3D subtomograms).",
@@ -164,11 +170,13 @@ VERBS: dict[str, tuple[str, str, str, list[tuple[tuple[str, ...], dict]]]] = {
         "Metrics (metrics.json) and plots of one split against its ground truth.",
         "cryovae evaluate --config config.yaml --embeddings results/embeddings/test.csv "
         "--split-dir results/subtomograms/test --affinity results/affinity/affinity.csv "
-        "--output-dir results/evaluation/test",
+        "--model results/model/model.pt --history results/model/history.csv --output-dir results/evaluation/test",
         [
             (("--embeddings",), {"type": _P, "required": True}),
             (("--split-dir",), {"type": _P, "required": True}),
             (("--affinity",), {"type": _P, "required": True}),
+            (("--model",), {"type": _P, "required": True}),
+            (("--history",), {"type": _P, "required": True}),
             (("--output-dir",), {"type": _P, "required": True}),
         ],
     ),

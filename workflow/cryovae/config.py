@@ -152,6 +152,16 @@ class ExtractionConfig(_Section):
     normalise: bool = Field(True, description="Zero mean, unit variance per particle.")
     particles_per_shard: int = Field(512, ge=1, description="Particles per shard file.")
 
+    @field_validator("tomograms")
+    @classmethod
+    def _names(cls, v):
+        for name in v:
+            if name in ("train", "val", "test") or not name.replace("-", "_").isidentifier():
+                raise ValueError(
+                    f"tomogram name {name!r}: expected letters, digits, '_' or '-', and not train/val/test"
+                )
+        return v
+
 
 class Schedule(_Section):
     """A weight that changes with the epoch: constant, linear ramp, or cyclical ramps."""
@@ -301,3 +311,17 @@ def json_schema() -> dict[str, Any]:
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "cryovae workflow configuration"
     return schema
+
+
+def provenance(config: Config) -> dict[str, Any]:
+    """What made an output: the package version and the whole validated config."""
+    from cryovae import __version__
+
+    return {"cryovae_version": __version__, "config": config.model_dump(mode="json")}
+
+
+def write_provenance(config: Config, output: Path) -> None:
+    """Write :func:`provenance` as JSON (sorted keys, so the same config gives the same bytes)."""
+    from cryovae.atomic import write_text_atomic
+
+    write_text_atomic(output, json.dumps(provenance(config), indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,165 @@
+"""Classes and unknowns from latents, and the per-particle answer table.
+
+The class model is a Gaussian per seen class with one shared, shrunk covariance
+(Ledoit–Wolf) in standardised latent space: class probabilities are its posteriors,
+and the unknown score is the smallest squared Mahalanobis distance to a class mean.
+It is fitted on the training split's latents (re-encoded with the final model) and the
+unknown threshold is calibrated on the validation split, so that a fraction
+``classification.accept_fraction`` of known validation particles is accepted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.covariance import LedoitWolf
+
+from cryovae.atomic import atomic_path
+from cryovae.config import Config
+from cryovae.errors import InputError
+from cryovae.rotations import matrix_to_relion_euler
+
+log = logging.getLogger(__name__)
+UNKNOWN = "unknown"
+
+
+def load_latents(path: Path) -> dict[str, np.ndarray]:
+    """An ``embed`` output: particle_id, class_name, latent_mean (n, L), rotation (n, 3, 3), ..."""
+    if not Path(path).is_file():
+        raise InputError(f"{path}: latent file does not exist")
+    with np.load(path, allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
+
+
+@dataclass
+class ClassModel:
+    """Shared-covariance Gaussian classes in standardised latent space."""
+
+    classes: np.ndarray  # (K,) class names
+    centre: np.ndarray  # (L,) latent mean of the training set
+    scale: np.ndarray  # (L,) latent standard deviation of the training set
+    means: np.ndarray  # (K, L) standardised class means
+    precision: np.ndarray  # (L, L) inverse shared covariance
+    log_prior: np.ndarray  # (K,)
+    threshold: float  # unknown score above which a particle is unknown
+
+    @classmethod
+    def fit(cls, latents: np.ndarray, labels: np.ndarray) -> "ClassModel":
+        classes = np.array(sorted(set(labels.tolist())))
+        centre, scale = latents.mean(0), latents.std(0) + 1e-8
+        z = (latents - centre) / scale
+        means = np.stack([z[labels == c].mean(0) for c in classes])
+        within = z - means[np.searchsorted(classes, labels)]
+        precision = LedoitWolf(assume_centered=True).fit(within).precision_
+        counts = np.array([(labels == c).sum() for c in classes], dtype=float)
+        return cls(classes, centre, scale, means, precision, np.log(counts / counts.sum()), np.inf)
+
+    def distances(self, latents: np.ndarray) -> np.ndarray:
+        """Squared Mahalanobis distance of each latent to each class mean, shape (n, K)."""
+        diff = ((latents - self.centre) / self.scale)[:, None, :] - self.means[None]
+        return np.einsum("nki,ij,nkj->nk", diff, self.precision, diff)
+
+    def predict(self, latents: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(class probabilities (n, K), unknown score (n,))."""
+        d2 = self.distances(latents)
+        logits = -0.5 * d2 + self.log_prior
+        logits -= logits.max(1, keepdims=True)
+        probs = np.exp(logits)
+        return probs / probs.sum(1, keepdims=True), d2.min(1)
+
+    def save(self, path: Path) -> None:
+        with atomic_path(path, suffix=".npz") as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, **{k: np.asarray(v) for k, v in self.__dict__.items()})
+
+    @classmethod
+    def load(cls, path: Path) -> "ClassModel":
+        if not Path(path).is_file():
+            raise InputError(f"{path}: classifier file does not exist")
+        with np.load(path, allow_pickle=False) as data:
+            fields = {k: data[k] for k in data.files}
+        fields["threshold"] = float(fields["threshold"])
+        return cls(**fields)
+
+
+def _known_labels(data: dict[str, np.ndarray], config: Config, path: Path) -> np.ndarray:
+    labels = data["class_name"].astype(str)
+    bad = sorted(set(labels.tolist()) - set(config.seen_classes))
+    if bad:
+        raise InputError(f"{path}: classes {bad} are not seen classes {config.seen_classes}")
+    return labels
+
+
+def fit_classifier(config: Config, train: Path, val: Path, output: Path) -> None:
+    """Fit :class:`ClassModel` on training latents; calibrate its unknown threshold on validation."""
+    tr, va = load_latents(train), load_latents(val)
+    model = ClassModel.fit(tr["latent_mean"].astype(np.float64), _known_labels(tr, config, train))
+    val_labels = _known_labels(va, config, val)
+    probs, score = model.predict(va["latent_mean"].astype(np.float64))
+    model.threshold = float(np.quantile(score, config.classification.accept_fraction))
+    accuracy = float((model.classes[probs.argmax(1)] == val_labels).mean())
+    log.warning(
+        "classifier: %d classes, validation accuracy %.3f, unknown threshold %.3f (accepts %.0f%% of validation)",
+        len(model.classes), accuracy, model.threshold, 100 * config.classification.accept_fraction,
+    )
+    model.save(output)
+
+
+def read_frames(path: Path) -> dict[str, dict]:
+    """``align`` output: class -> rotation_canonical_to_reference (3x3), translation_angstrom, symmetry."""
+    if not Path(path).is_file():
+        raise InputError(f"{path}: frames file does not exist")
+    return json.loads(Path(path).read_text())
+
+
+def poses_in_reference_frame(
+    rotation_model: np.ndarray, origin_angstrom: np.ndarray, classes: np.ndarray, frames: dict[str, dict]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Model-frame poses -> poses relative to each particle's class reference map.
+
+    With ``R`` the rotation that takes the canonical frame onto the reference map and
+    ``t`` (Å) the reference's offset (``ref(y) = canonical(R^T (y - t))``), a particle
+    ``canonical(A^T (x - d))`` is ``ref(B^T (x - d - B t))`` with ``B = A R^T``: the
+    rotation is ``B`` and the RELION origin moves by ``-B t``.
+
+    rotation_model (n, 3, 3), origin_angstrom (n, 3), classes (n,) -> (n, 3, 3), (n, 3).
+    """
+    rot = np.empty_like(rotation_model)
+    origin = np.empty_like(origin_angstrom)
+    for name in np.unique(classes):
+        sel = classes == name
+        frame = frames[str(name)]
+        r = np.asarray(frame["rotation_canonical_to_reference"], dtype=np.float64)
+        t = np.asarray(frame["translation_angstrom"], dtype=np.float64)
+        rot[sel] = rotation_model[sel] @ r.T
+        origin[sel] = origin_angstrom[sel] - rot[sel] @ t
+    return rot, origin
+
+
+def annotate(config: Config, latents: Path, classifier: Path, frames: Path, output: Path) -> None:
+    """Write the per-particle CSV: latent, pose in the reference frame, class, probabilities, unknown score."""
+    data = load_latents(latents)
+    model = ClassModel.load(classifier)
+    probs, score = model.predict(data["latent_mean"].astype(np.float64))
+    nearest = model.classes[probs.argmax(1)]
+    predicted = np.where(score > model.threshold, UNKNOWN, nearest)
+    rot, origin = poses_in_reference_frame(
+        data["rotation"].astype(np.float64), data["origin_angstrom"].astype(np.float64), nearest, read_frames(frames)
+    )
+    table = {"particle_id": data["particle_id"].astype(str)}
+    for i in range(data["latent_mean"].shape[1]):
+        table[f"latent_{i}"] = data["latent_mean"][:, i]
+    angles = matrix_to_relion_euler(rot)
+    table |= {"angle_rot": angles[:, 0], "angle_tilt": angles[:, 1], "angle_psi": angles[:, 2]}
+    table |= {f"origin_{ax}_angstrom": origin[:, i] for i, ax in enumerate("xyz")}
+    table |= {"predicted_class": predicted, "nearest_class": nearest}
+    table |= {f"prob_{c}": probs[:, k] for k, c in enumerate(model.classes)}
+    table |= {"unknown_score": score, "confidence": probs.max(1), "recon_error": data["recon_error"]}
+    with atomic_path(output) as tmp:
+        pd.DataFrame(table).to_csv(tmp, index=False, float_format="%.6f")
+    log.warning("annotate: %d particles, %d called unknown", len(predicted), int((predicted == UNKNOWN).sum()))

@@ -1,0 +1,134 @@
+# From a trained model to answers: classes and unknowns, poses in the reference frame,
+# pose priors for subtomogram averaging, and the evaluation.
+
+
+rule classifier:
+    input:
+        train=f"{OUT}/embeddings/latent/train.npz",
+        val=f"{OUT}/embeddings/latent/val.npz",
+    output:
+        f"{OUT}/model/classifier.npz",
+    params:
+        depends=depends_on("classification"),
+    log:
+        f"{OUT}/logs/classifier.log",
+    threads: 1
+    resources:
+        mem_mb=mem_mb(2000),
+        runtime=10,
+    shell:
+        "cryovae classifier --config {CONFIG_JSON} --train {input.train} --val {input.val} "
+        "--output {output} 2> {log}"
+
+
+rule align:
+    input:
+        model=f"{OUT}/model/model.pt",
+        latents=f"{OUT}/embeddings/latent/train.npz",
+        maps=expand(f"{OUT}/maps/{{cls}}.mrc", cls=SEEN),
+    output:
+        f"{OUT}/model/frames.json",
+    params:
+        depends=depends_on("alignment"),
+    log:
+        f"{OUT}/logs/align.log",
+    threads: 2
+    resources:
+        mem_mb=mem_mb(4000),
+        runtime=30,
+    shell:
+        "cryovae align --config {CONFIG_JSON} --model {input.model} --latents {input.latents} "
+        "--maps {input.maps} --output {output} 2> {log}"
+
+
+rule annotate:
+    input:
+        latents=f"{OUT}/embeddings/latent/{{split}}.npz",
+        classifier=f"{OUT}/model/classifier.npz",
+        frames=f"{OUT}/model/frames.json",
+    output:
+        f"{OUT}/embeddings/{{split}}.csv",
+    params:
+        depends=depends_on("classification", "alignment"),
+    log:
+        f"{OUT}/logs/annotate/{{split}}.log",
+    threads: 1
+    resources:
+        mem_mb=mem_mb(2000),
+        runtime=10,
+    shell:
+        "cryovae annotate --config {CONFIG_JSON} --latents {input.latents} --classifier {input.classifier} "
+        "--frames {input.frames} --output {output} 2> {log}"
+
+
+def priors_inputs(wildcards):
+    inputs = {"embeddings": f"{OUT}/embeddings/{wildcards.split}.csv", "split": split_input(wildcards)}
+    if wildcards.split in SIM_SPLITS:
+        # simulated particles have no tomogram: the priors name their exported subtomograms
+        inputs["export"] = f"{OUT}/export/{wildcards.split}"
+    return inputs
+
+
+rule priors:
+    input:
+        unpack(priors_inputs),
+    output:
+        star=f"{OUT}/priors/{{split}}.star",
+        by_class=directory(f"{OUT}/priors/{{split}}"),
+    params:
+        depends=depends_on("priors"),
+        split_dir=lambda wildcards: split_dir(wildcards.split),
+    log:
+        f"{OUT}/logs/priors/{{split}}.log",
+    threads: 1
+    resources:
+        mem_mb=mem_mb(2000),
+        runtime=10,
+    shell:
+        "cryovae priors --config {CONFIG_JSON} --embeddings {input.embeddings} "
+        "--split-dir {params.split_dir} --output {output.star} 2> {log}"
+
+
+EVAL_PLOTS = [
+    "umap",
+    "confusion",
+    "affinity_vs_latent",
+    "pose_error",
+    "reconstructions",
+    "interpolation",
+    "training_curves",
+]
+
+
+rule evaluate:
+    input:
+        embeddings=f"{OUT}/embeddings/{{split}}.csv",
+        split=split_input,
+        affinity=f"{OUT}/affinity/affinity.csv",
+        model=f"{OUT}/model/model.pt",
+        history=f"{OUT}/model/history.csv",
+    output:
+        metrics=f"{OUT}/evaluation/{{split}}/metrics.json",
+        plots=[
+            report(
+                f"{OUT}/evaluation/{{split}}/{name}.png",
+                caption=f"../report/{name}.rst",
+                category="Evaluation",
+                subcategory="{split}",
+            )
+            for name in EVAL_PLOTS
+        ],
+    params:
+        depends=depends_on("alignment"),
+        split_dir=lambda wildcards: split_dir(wildcards.split),
+        output_dir=lambda wildcards: f"{OUT}/evaluation/{wildcards.split}",
+    log:
+        f"{OUT}/logs/evaluate/{{split}}.log",
+    threads: 1
+    resources:
+        mem_mb=mem_mb(4000),
+        runtime=20,
+    shell:
+        "cryovae evaluate --config {CONFIG_JSON} --embeddings {input.embeddings} "
+        "--split-dir {params.split_dir} --affinity {input.affinity} --model {input.model} "
+        "--history {input.history} --output-dir {params.output_dir} 2> {log}"

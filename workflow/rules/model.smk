@@ -1,0 +1,49 @@
+# Training the affinity-VAE and encoding every split with the final model.
+
+
+rule train:
+    input:
+        train=f"{OUT}/subtomograms/train/particles.star",
+        val=f"{OUT}/subtomograms/val/particles.star",
+        affinity=f"{OUT}/affinity/affinity.csv",
+    output:
+        model=f"{OUT}/model/model.pt",
+        history=f"{OUT}/model/history.csv",
+        curves=report(
+            f"{OUT}/model/loss_curves.png", caption="../report/training_curves.rst", category="Training"
+        ),
+    params:
+        depends=depends_on("simulation", "training", "alignment"),
+        output_dir=f"{OUT}/model",
+    log:
+        f"{OUT}/logs/train.log",
+    threads: CFG.training.threads
+    resources:
+        mem_mb=mem_mb(8000),
+        runtime=240,
+        gpu=1 if CFG.training.device != "cpu" else 0,
+    shell:
+        # The device line tells where the job ran (a cluster's GPU node, or this machine).
+        "(echo CUDA_VISIBLE_DEVICES=${{CUDA_VISIBLE_DEVICES:-unset}}; "
+        "cryovae train --config {CONFIG_JSON} --train-dir {OUT}/subtomograms/train "
+        "--val-dir {OUT}/subtomograms/val --affinity {input.affinity} --output-dir {params.output_dir}) "
+        "> {log} 2>&1"
+
+
+rule embed:
+    input:
+        model=f"{OUT}/model/model.pt",
+        split=split_input,
+    output:
+        f"{OUT}/embeddings/latent/{{split}}.npz",
+    params:
+        split_dir=lambda wildcards: split_dir(wildcards.split),
+    log:
+        f"{OUT}/logs/embed/{{split}}.log",
+    threads: 2
+    resources:
+        mem_mb=mem_mb(4000),
+        runtime=60,
+    shell:
+        "cryovae embed --config {CONFIG_JSON} --model {input.model} --split-dir {params.split_dir} "
+        "--output {output} 2> {log}"

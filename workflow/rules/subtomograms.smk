@@ -1,0 +1,97 @@
+# Reference maps, simulated subtomograms, extraction from tomograms, and the RELION export.
+
+
+rule map:
+    input:
+        map_input,
+    output:
+        f"{OUT}/maps/{{cls}}.mrc",
+    params:
+        depends=depends_on("maps"),
+        structure=lambda wildcards, input: f"--structure {input[0]}" if input else "",
+    log:
+        f"{OUT}/logs/map/{{cls}}.log",
+    threads: 1
+    resources:
+        mem_mb=mem_mb(4000),
+        runtime=30,
+    shell:
+        "cryovae map --config {CONFIG_JSON} --class-name {wildcards.cls} {params.structure} "
+        "--output {output} 2> {log}"
+
+
+rule simulate:
+    input:
+        class_maps,
+    output:
+        shard=f"{OUT}/subtomograms/{{simsplit}}/{{shard}}.npy",
+        star=f"{OUT}/subtomograms/{{simsplit}}/{{shard}}.star",
+    params:
+        depends=depends_on("simulation"),
+        index=lambda wildcards: int(wildcards.shard.split("_")[1]),
+    log:
+        f"{OUT}/logs/simulate/{{simsplit}}_{{shard}}.log",
+    group:
+        "simulation"
+    threads: 1
+    resources:
+        mem_mb=mem_mb(2000),
+        runtime=30,
+    shell:
+        "cryovae simulate --config {CONFIG_JSON} --split {wildcards.simsplit} --shard {params.index} "
+        "--maps {input} --output {output.shard} --star {output.star} 2> {log}"
+
+
+rule gather:
+    input:
+        lambda wildcards: expand(
+            f"{OUT}/subtomograms/{wildcards.simsplit}/{{shard}}.star", shard=shard_names(wildcards.simsplit)
+        ),
+    output:
+        f"{OUT}/subtomograms/{{simsplit}}/particles.star",
+    log:
+        f"{OUT}/logs/gather/{{simsplit}}.log",
+    group:
+        "simulation"
+    threads: 1
+    resources:
+        mem_mb=mem_mb(1000),
+        runtime=10,
+    shell:
+        "cryovae gather --config {CONFIG_JSON} --inputs {input} --output {output} 2> {log}"
+
+
+rule extract:
+    input:
+        tomogram=lambda wildcards: CFG.extraction.tomograms[wildcards.tomo].tomogram,
+        coordinates=lambda wildcards: CFG.extraction.tomograms[wildcards.tomo].coordinates,
+    output:
+        directory(f"{OUT}/extracted/{{tomo}}"),
+    params:
+        depends=depends_on("extraction"),
+    log:
+        f"{OUT}/logs/extract/{{tomo}}.log",
+    threads: 1
+    resources:
+        mem_mb=mem_mb(4000),
+        runtime=60,
+    shell:
+        "cryovae extract --config {CONFIG_JSON} --tomogram {wildcards.tomo} --output-dir {output} 2> {log}"
+
+
+rule export:
+    input:
+        split_input,
+    output:
+        directory(f"{OUT}/export/{{simsplit}}"),
+    params:
+        depends=depends_on("simulation"),
+        split_dir=lambda wildcards: split_dir(wildcards.simsplit),
+    log:
+        f"{OUT}/logs/export/{{simsplit}}.log",
+    threads: 1
+    resources:
+        mem_mb=mem_mb(2000),
+        runtime=30,
+    shell:
+        "cryovae export --config {CONFIG_JSON} --split-dir {params.split_dir} --output-dir {output} 2> {log}"
