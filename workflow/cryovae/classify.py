@@ -124,8 +124,8 @@ def poses_in_reference_frame(
 
     With ``R`` the rotation that takes the canonical frame onto the reference map and
     ``t`` (Å) the reference's offset (``ref(y) = canonical(R^T (y - t))``), a particle
-    ``canonical(A^T (x - d))`` is ``ref(B^T (x - d - B t))`` with ``B = A R^T``: the
-    rotation is ``B`` and the RELION origin moves by ``-B t``.
+    ``canonical(A^T (x - d))`` is ``ref(B^T (x - d + B t))`` with ``B = A R^T``: the
+    rotation is ``B``, the content moves by ``-B t`` and so the RELION origin by ``+B t``.
 
     rotation_model (n, 3, 3), origin_angstrom (n, 3), classes (n,) -> (n, 3, 3), (n, 3).
     """
@@ -137,7 +137,7 @@ def poses_in_reference_frame(
         r = np.asarray(frame["rotation_canonical_to_reference"], dtype=np.float64)
         t = np.asarray(frame["translation_angstrom"], dtype=np.float64)
         rot[sel] = rotation_model[sel] @ r.T
-        origin[sel] = origin_angstrom[sel] - rot[sel] @ t
+        origin[sel] = origin_angstrom[sel] + rot[sel] @ t
     return rot, origin
 
 

@@ -1,0 +1,88 @@
+"""Classes, unknowns and poses in the reference frame, on latents whose answer is known."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cryovae.classify import ClassModel, annotate, fit_classifier, poses_in_reference_frame
+from cryovae.config import validate_config
+from cryovae.errors import InputError
+from cryovae.rotations import geodesic_distance_deg, random_rotations, relion_euler_to_matrix, rotate_volume
+
+CFG = validate_config({"structures": {"a": "demo:x", "b": "demo:y", "c": "demo:z"}, "unseen": ["c"]})
+CENTRES = {"a": [4.0, 0, 0, 0], "b": [0, 4.0, 0, 0], "c": [0, 0, 0, 6.0]}
+
+
+def _latents(path, classes, n, seed):
+    rng = np.random.default_rng(seed)
+    names = np.repeat(classes, n)
+    latent = np.stack([CENTRES[c] for c in names]) + rng.normal(size=(len(names), 4))
+    np.savez(
+        path, particle_id=np.array([f"p{i}" for i in range(len(names))]), class_name=names,
+        latent_mean=latent.astype(np.float32), latent_logvar=np.zeros_like(latent, np.float32),
+        rotation=random_rotations(len(names), rng), origin_angstrom=rng.normal(size=(len(names), 3)),
+        recon_error=rng.random(len(names)),
+    )
+    return path
+
+
+@pytest.fixture()
+def fitted(tmp_path):
+    train = _latents(tmp_path / "train.npz", ["a", "b"], 200, 0)
+    val = _latents(tmp_path / "val.npz", ["a", "b"], 100, 1)
+    fit_classifier(CFG, train, val, tmp_path / "clf.npz")
+    return tmp_path
+
+
+def test_threshold_accepts_the_configured_fraction_of_known_particles(fitted):
+    model = ClassModel.load(fitted / "clf.npz")
+    val = np.load(fitted / "val.npz")
+    probs, score = model.predict(val["latent_mean"].astype(float))
+    assert np.mean(score <= model.threshold) == pytest.approx(0.95, abs=0.01)
+    assert np.mean(model.classes[probs.argmax(1)] == val["class_name"]) > 0.97
+
+
+def test_annotate_flags_unseen_and_keeps_known(fitted):
+    test = _latents(fitted / "test.npz", ["a", "b", "c"], 100, 2)
+    frames = {c: {"rotation_canonical_to_reference": np.eye(3).tolist(), "translation_angstrom": [0, 0, 0],
+                  "symmetry": "C1"} for c in "ab"}
+    (fitted / "frames.json").write_text(json.dumps(frames))
+    annotate(CFG, test, fitted / "clf.npz", fitted / "frames.json", fitted / "test.csv")
+    table = pd.read_csv(fitted / "test.csv")
+    truth = np.load(test)["class_name"]
+    known = truth != "c"
+    assert (table["predicted_class"][~known] == "unknown").mean() > 0.95
+    assert (table["predicted_class"][known] == truth[known]).mean() > 0.9
+    assert np.allclose(table[["prob_a", "prob_b"]].sum(1), 1, atol=1e-5)
+    # with identity frames the written angles are the model's rotations
+    angles = table[["angle_rot", "angle_tilt", "angle_psi"]].to_numpy()
+    assert geodesic_distance_deg(relion_euler_to_matrix(angles), np.load(test)["rotation"]).max() < 1e-3
+
+
+def test_classifier_refuses_unseen_classes_in_training(tmp_path):
+    bad = _latents(tmp_path / "train.npz", ["a", "c"], 10, 0)
+    with pytest.raises(InputError, match="not seen classes"):
+        fit_classifier(CFG, bad, bad, tmp_path / "clf.npz")
+    assert not (tmp_path / "clf.npz").exists()
+
+
+def test_frame_change_composes_like_rotating_volumes():
+    """A particle made from the canonical volume equals the same particle made from the
+    reference with the converted pose (rotation and origin)."""
+    rng = np.random.default_rng(5)
+    z, y, x = np.mgrid[:24, :24, :24]
+    canonical = sum(w * np.exp(-((x - a) ** 2 + (y - b) ** 2 + (z - c) ** 2) / 6.0)
+                    for a, b, c, w in [(12, 12, 12, 1), (16, 12, 12, 0.7), (12, 17, 10, 0.5)])
+    r_frame, a_model = random_rotations(2, rng)
+    t_angstrom = np.array([10.0, -10.0, 0.0])
+    # reference(y) = canonical(R^T (y - t)): rotate by R, then shift by t
+    reference = rotate_volume(canonical, r_frame, -t_angstrom, pixel_size_angstrom=10.0)
+    origin_model = np.array([[0.0, 10.0, -10.0]])
+    particle = rotate_volume(canonical, a_model, origin_model[0], pixel_size_angstrom=10.0)
+    frames = {"k": {"rotation_canonical_to_reference": r_frame.tolist(), "translation_angstrom": t_angstrom.tolist()}}
+    rot, origin = poses_in_reference_frame(a_model[None], origin_model, np.array(["k"]), frames)
+    again = rotate_volume(reference, rot[0], origin[0], pixel_size_angstrom=10.0)
+    core = (slice(6, 18),) * 3
+    assert np.corrcoef(particle[core].ravel(), again[core].ravel())[0, 1] > 0.98
