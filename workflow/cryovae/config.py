@@ -215,6 +215,17 @@ class AlignmentConfig(_Section):
     fine_steps: int = Field(3, ge=0, description="Local refinement rounds, each halving the step.")
 
 
+    @field_validator("symmetry")
+    @classmethod
+    def _point_groups(cls, v):
+        import re
+
+        for name, group in v.items():
+            if not re.fullmatch(r"C[1-9]\d*|D[2-9]\d*|T|O|I", group):
+                raise ValueError(f"class {name!r}: point group {group!r}, expected C1, Cn, Dn (n >= 2), T, O or I")
+        return v
+
+
 class PriorsConfig(_Section):
     """Pose priors for subtomogram averaging."""
 

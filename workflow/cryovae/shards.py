@@ -34,6 +34,7 @@ import starfile
 from cryovae.errors import InputError
 
 REQUIRED_COLUMNS = ("cryovaeParticleId", "cryovaeShard", "cryovaeIndex", "cryovaeClassName", "rlnClassNumber")
+STRING_COLUMNS = ("cryovaeParticleId", "cryovaeClassName", "rlnTomoName", "rlnImageName")
 POSE_COLUMNS = (
     "rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst", "rlnOriginZAngst",
 )
@@ -44,7 +45,7 @@ def read_particles_star(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: particles STAR file does not exist")
-    blocks = starfile.read(path, always_dict=True)
+    blocks = starfile.read(path, always_dict=True, parse_as_string=list(STRING_COLUMNS))
     if "particles" not in blocks:
         raise InputError(f"{path}: expected a data_particles block, found {sorted(blocks)}")
     particles = blocks["particles"]

@@ -1,0 +1,475 @@
+"""Evaluation of one split: metrics.json and the figures of the report.
+
+Inputs are the per-particle table written by ``annotate`` (latents, predicted class,
+unknown score, predicted pose), the split's ``particles.star`` (the ground truth, when
+simulated), the affinity matrix, the trained model (to decode class means) and the
+training history.  Rows of the table and the STAR file are matched by particle id.
+
+Metrics that need ground truth are ``null`` in metrics.json when the split has none
+(extracted data, class ``unknown``).  Definitions:
+
+- ``accuracy``, ``macro_f1``: over particles whose true class was seen in training; a
+  seen particle called ``unknown`` counts as wrong (it is a false negative of its class).
+- ``unseen_auroc``: AUROC of ``unknown_score`` separating unseen-class (positive) from
+  seen-class particles.
+- ``pose_error_*_deg``: geodesic angle between predicted and true
+  ``rotation_matrix_particle_from_reference``, minimised over the class's point group
+  (``config.alignment.symmetry``, default C1), over seen-class particles with true poses.
+- ``affinity_spearman``: Spearman correlation, over the upper triangle, of the cosine
+  similarity of class-mean latents against the affinity matrix, for the true classes
+  present in the split (at least three, so that there are three pairs).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cryovae import __version__, plots
+from cryovae.atomic import write_text_atomic
+from cryovae.errors import InputError
+from cryovae.shards import SubtomogramSet
+
+UNKNOWN = "unknown"
+ANGLE_COLUMNS = ("angle_rot", "angle_tilt", "angle_psi")
+ORIGIN_COLUMNS = ("origin_x_angstrom", "origin_y_angstrom", "origin_z_angstrom")
+TRUE_ANGLE_COLUMNS = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
+TRUE_ORIGIN_COLUMNS = ("rlnOriginXAngst", "rlnOriginYAngst", "rlnOriginZAngst")
+REQUIRED_COLUMNS = ("particle_id", "predicted_class", "nearest_class", "unknown_score", *ANGLE_COLUMNS, *ORIGIN_COLUMNS)
+INTERPOLATION_STEPS = 8
+_LATENT = re.compile(r"^latent_(\d+)$")
+_DECIMALS = 6
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def latent_columns(columns: Sequence[str], path: Path) -> list[str]:
+    """The ``latent_0 … latent_{L-1}`` column names in index order; they must be contiguous."""
+    found = sorted((int(m.group(1)), c) for c in columns if (m := _LATENT.match(c)))
+    if not found:
+        raise InputError(f"{path}: no latent_0 … latent_{{L-1}} columns")
+    if [i for i, _ in found] != list(range(len(found))):
+        raise InputError(f"{path}: latent columns must be latent_0 … latent_{len(found) - 1}, "
+                         f"found indices {[i for i, _ in found]}")
+    return [c for _, c in found]
+
+
+def _id_strings(ids: pd.Series) -> pd.Series:
+    """Particle ids as strings; integer-typed ids (a parser's guess) print without a decimal point."""
+    if pd.api.types.is_float_dtype(ids) and np.all(np.mod(ids.to_numpy(), 1) == 0):
+        ids = ids.astype(np.int64)
+    return ids.astype(str)
+
+
+def read_embeddings(path: Path, config) -> tuple[pd.DataFrame, list[str]]:
+    """Read the annotate table; return (table with string ``particle_id``, latent column names).
+
+    Checks the required columns, unique ids, finite numbers, and that every predicted
+    class is a seen class or ``unknown`` (nearest classes: a seen class).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: embeddings table does not exist")
+    table = pd.read_csv(path, dtype={"predicted_class": str, "nearest_class": str})
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
+    if missing:
+        raise InputError(f"{path}: missing column(s) {missing}")
+    table["particle_id"] = _id_strings(table["particle_id"])
+    dup = table["particle_id"].duplicated()
+    if dup.any():
+        raise InputError(f"{path}: duplicate particle_id {table['particle_id'][dup].iloc[0]!r}")
+    latents = latent_columns(table.columns, path)
+    numeric = [*latents, "unknown_score", *ANGLE_COLUMNS, *ORIGIN_COLUMNS]
+    for col in numeric:
+        values = pd.to_numeric(table[col], errors="coerce")
+        bad = ~np.isfinite(values.to_numpy(dtype=np.float64))
+        if bad.any():
+            pid = table["particle_id"][bad].iloc[0]
+            raise InputError(f"{path}: particle {pid!r}: column {col} must be a finite number, "
+                             f"got {table[col][bad].iloc[0]!r}")
+        table[col] = values.astype(np.float64)
+    _check_labels(table, "predicted_class", set(config.seen_classes) | {UNKNOWN}, path)
+    _check_labels(table, "nearest_class", set(config.seen_classes), path)
+    return table, latents
+
+
+def _check_labels(table: pd.DataFrame, column: str, allowed: set[str], path: Path) -> None:
+    bad = ~table[column].isin(allowed)
+    if bad.any():
+        raise InputError(f"{path}: particle {table['particle_id'][bad].iloc[0]!r}: {column} "
+                         f"{table[column][bad].iloc[0]!r} is not one of {sorted(allowed)}")
+
+
+def read_affinity(path: Path, config) -> pd.DataFrame:
+    """Read the affinity CSV (header of class names, then the N×N matrix) as a labelled frame.
+
+    Returns a (k, k) frame indexed by class name on both axes, restricted to and ordered
+    by ``config.class_names``; every configured class must be in the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: affinity matrix does not exist")
+    raw = pd.read_csv(path, header=None, dtype=str)
+    names = [str(n).strip() for n in raw.iloc[0]]
+    values = raw.iloc[1:]
+    if values.shape != (len(names), len(names)):
+        raise InputError(f"{path}: expected a header of N class names then an N×N matrix, "
+                         f"got {len(names)} names and a {values.shape[0]}×{values.shape[1]} matrix")
+    if len(set(names)) != len(names):
+        raise InputError(f"{path}: class names in the header repeat: {names}")
+    matrix = values.apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
+    if not np.all(np.isfinite(matrix)):
+        row = int(np.argwhere(~np.isfinite(matrix))[0][0])
+        raise InputError(f"{path}: line {row + 2}: expected finite numbers")
+    frame = pd.DataFrame(matrix, index=names, columns=names)
+    absent = [c for c in config.class_names if c not in names]
+    if absent:
+        raise InputError(f"{path}: class(es) {absent} of the config are missing from the header {names}")
+    return frame.loc[config.class_names, config.class_names]
+
+
+def attach_truth(table: pd.DataFrame, particles: pd.DataFrame, table_path: Path, star_path: Path,
+                 config) -> pd.DataFrame:
+    """Join the ground truth onto ``table`` by particle id (never by position).
+
+    Adds ``true_class`` and, when the STAR file has poses, the ``rln*`` pose columns.
+    Both files must hold exactly the same particles; rows come back in STAR order, so
+    every output is independent of the table's row order.
+    """
+    truth = pd.DataFrame({"particle_id": _id_strings(particles["cryovaeParticleId"]),
+                          "true_class": particles["cryovaeClassName"].astype(str)})
+    for col in (*TRUE_ANGLE_COLUMNS, *TRUE_ORIGIN_COLUMNS):
+        if col in particles.columns:
+            truth[col] = pd.to_numeric(particles[col], errors="coerce").to_numpy(dtype=np.float64)
+    dup = truth["particle_id"].duplicated()
+    if dup.any():
+        raise InputError(f"{star_path}: duplicate cryovaeParticleId {truth['particle_id'][dup].iloc[0]!r}")
+    extra = sorted(set(table["particle_id"]) - set(truth["particle_id"]))
+    if extra:
+        raise InputError(f"{table_path}: particle {extra[0]!r} (and {len(extra) - 1} more) is not in {star_path}")
+    lacking = sorted(set(truth["particle_id"]) - set(table["particle_id"]))
+    if lacking:
+        raise InputError(f"{table_path}: particle {lacking[0]!r} of {star_path} (and {len(lacking) - 1} more) "
+                         "has no row")
+    bad = ~truth["true_class"].isin(set(config.class_names) | {UNKNOWN})
+    if bad.any():
+        raise InputError(f"{star_path}: particle {truth['particle_id'][bad].iloc[0]!r}: class "
+                         f"{truth['true_class'][bad].iloc[0]!r} is not a configured class or 'unknown'")
+    return truth.merge(table, on="particle_id", how="left", validate="one_to_one")
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def classification_metrics(true_class: np.ndarray, predicted: np.ndarray, nearest: np.ndarray,
+                           config) -> dict:
+    """Accuracy, macro F1, per-class rates and the confusion matrix; ``None`` where no truth.
+
+    Arrays have shape (n,) of class names.  Only particles whose true class is not
+    ``unknown`` count; rows of the confusion matrix are the true classes present (config
+    order), columns the seen classes then ``unknown``.
+    """
+    from sklearn.metrics import accuracy_score, f1_score
+
+    seen, unseen = config.seen_classes, config.unseen
+    is_seen, is_unseen = np.isin(true_class, seen), np.isin(true_class, unseen)
+    predicted_labels = [*seen, UNKNOWN]
+    rows = [c for c in config.class_names if np.any(true_class == c)]
+    out: dict = {"predicted_labels": predicted_labels, "classes": rows or None}
+    out["confusion_matrix"] = (
+        [[int(np.sum((true_class == r) & (predicted == p))) for p in predicted_labels] for r in rows] or None
+    )
+    present_seen = [c for c in seen if c in rows]
+    t, p = true_class[is_seen], predicted[is_seen]
+    out["accuracy"] = float(accuracy_score(t, p)) if is_seen.any() else None
+    out["macro_f1"] = (float(f1_score(t, p, labels=present_seen, average="macro", zero_division=0))
+                       if is_seen.any() else None)
+    out["nearest_class_accuracy"] = float(np.mean(nearest[is_seen] == t)) if is_seen.any() else None
+    out["seen_unknown_rate"] = float(np.mean(p == UNKNOWN)) if is_seen.any() else None
+    out["per_class_accuracy"] = {c: float(np.mean(predicted[true_class == c] == c)) for c in present_seen} or None
+    out["unseen_flagged_fraction"] = float(np.mean(predicted[is_unseen] == UNKNOWN)) if is_unseen.any() else None
+    out["per_class_unseen_flagged_fraction"] = {
+        c: float(np.mean(predicted[true_class == c] == UNKNOWN)) for c in unseen if c in rows
+    } or None
+    return out
+
+
+def unseen_auroc(true_class: np.ndarray, unknown_score: np.ndarray, config) -> float | None:
+    """AUROC of ``unknown_score`` (n,) for unseen (positive) vs seen particles; None without both."""
+    from sklearn.metrics import roc_auc_score
+
+    is_seen, is_unseen = np.isin(true_class, config.seen_classes), np.isin(true_class, config.unseen)
+    if not (is_seen.any() and is_unseen.any()):
+        return None
+    mask = is_seen | is_unseen
+    return float(roc_auc_score(is_unseen[mask], unknown_score[mask]))
+
+
+def threshold_bounds(predicted: np.ndarray, unknown_score: np.ndarray) -> list[float] | None:
+    """The interval the unknown threshold must lie in, read off the calls: [highest score of a
+    particle given a class, lowest score of a particle called unknown]; None when either set
+    is empty or the calls do not follow one threshold."""
+    flagged = predicted == UNKNOWN
+    if flagged.all() or not flagged.any():
+        return None
+    lo, hi = float(np.max(unknown_score[~flagged])), float(np.min(unknown_score[flagged]))
+    return [lo, hi] if lo <= hi else None
+
+
+def symmetric_pose_error_deg(pred_angles_deg: np.ndarray, true_angles_deg: np.ndarray, symmetry: str) -> np.ndarray:
+    """Rotation error in degrees, (n,), between RELION angles (n, 3), minimised over the point group."""
+    from cryovae.rotations import relion_euler_to_matrix, symmetric_geodesic_distance_deg, symmetry_group
+
+    pred = relion_euler_to_matrix(pred_angles_deg)
+    true = relion_euler_to_matrix(true_angles_deg)
+    return np.asarray(symmetric_geodesic_distance_deg(pred, true, symmetry_group(symmetry)), dtype=np.float64)
+
+
+def pose_errors(merged: pd.DataFrame, config) -> pd.DataFrame:
+    """Per-particle pose errors of seen-class particles with a true pose.
+
+    Returns columns ``particle_id``, ``true_class``, ``correct`` (class called right),
+    ``rotation_error_deg``, ``shift_error_angstrom`` (Euclidean, rlnOrigin convention);
+    empty when the split has no true poses.
+    """
+    columns = ["particle_id", "true_class", "correct", "rotation_error_deg", "shift_error_angstrom"]
+    if not all(c in merged.columns for c in (*TRUE_ANGLE_COLUMNS, *TRUE_ORIGIN_COLUMNS)):
+        return pd.DataFrame(columns=columns)
+    known = np.isfinite(merged[list(TRUE_ANGLE_COLUMNS)].to_numpy(dtype=np.float64)).all(axis=1)
+    rows = merged[known & merged["true_class"].isin(config.seen_classes).to_numpy()]
+    errors = np.zeros(len(rows))
+    for name in rows["true_class"].unique():
+        sel = (rows["true_class"] == name).to_numpy()
+        errors[sel] = symmetric_pose_error_deg(
+            rows.loc[sel, list(ANGLE_COLUMNS)].to_numpy(), rows.loc[sel, list(TRUE_ANGLE_COLUMNS)].to_numpy(),
+            config.alignment.symmetry.get(name, "C1"),
+        )
+    shift = rows[list(ORIGIN_COLUMNS)].to_numpy() - rows[list(TRUE_ORIGIN_COLUMNS)].to_numpy()
+    return pd.DataFrame({
+        "particle_id": rows["particle_id"].to_numpy(), "true_class": rows["true_class"].to_numpy(),
+        "correct": (rows["predicted_class"] == rows["true_class"]).to_numpy(),
+        "rotation_error_deg": errors, "shift_error_angstrom": np.linalg.norm(shift, axis=1),
+    })
+
+
+def pose_metrics(errors: pd.DataFrame) -> dict:
+    """Summary of :func:`pose_errors`: medians and means, ``None`` when there are no errors."""
+    rot, correct = errors["rotation_error_deg"].to_numpy(float), errors["correct"].to_numpy(bool)
+    shift = errors["shift_error_angstrom"].to_numpy(float)
+    has = len(rot) > 0
+    return {
+        "pose_error_median_deg": float(np.median(rot)) if has else None,
+        "pose_error_mean_deg": float(np.mean(rot)) if has else None,
+        "pose_error_n_particles": int(len(rot)),
+        "pose_error_median_deg_correctly_classified": float(np.median(rot[correct])) if correct.any() else None,
+        "shift_error_median_angstrom": float(np.median(shift)) if has else None,
+    }
+
+
+def class_mean_latents(latents: np.ndarray, labels: np.ndarray, classes: Sequence[str]) -> np.ndarray:
+    """Mean latent (k, L) of each class in ``classes``, from latents (n, L) and labels (n,)."""
+    return np.stack([latents[labels == c].mean(axis=0) for c in classes])
+
+
+def cosine_similarity_matrix(vectors: np.ndarray) -> np.ndarray:
+    """Cosine similarity (k, k) between the rows of ``vectors`` (k, L); a zero row gives 0."""
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    unit = np.divide(vectors, norms, out=np.zeros_like(vectors, dtype=np.float64), where=norms > 0)
+    return np.clip(unit @ unit.T, -1.0, 1.0)
+
+
+def upper_triangle_spearman(a: np.ndarray, b: np.ndarray) -> float | None:
+    """Spearman correlation of the strict upper triangles of two (k, k) matrices.
+
+    None for fewer than three classes, or when either triangle is constant (undefined).
+    """
+    from scipy.stats import spearmanr
+
+    iu = np.triu_indices(len(a), k=1)
+    x, y = np.asarray(a)[iu], np.asarray(b)[iu]
+    if len(a) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return None
+    return float(spearmanr(x, y).statistic)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def load_trained_model(path: Path, latent_dims: int):
+    """The trained VAE of ``model.pt`` on the CPU in evaluation mode; its latent size must be
+    ``latent_dims`` (the number of latent columns of the embeddings table)."""
+    from cryovae.model import load_model
+
+    model, meta = load_model(Path(path))
+    if int(meta["latent_dims"]) != latent_dims:
+        raise InputError(f"{path}: the model has {meta['latent_dims']} latent dimensions, "
+                         f"the embeddings table {latent_dims}")
+    return model
+
+
+def decode_latents(model, latents: np.ndarray) -> np.ndarray:
+    """Decode latents (n, L) to canonical volumes (n, D, H, W) with ``model.decode_canonical``."""
+    import torch
+
+    with torch.no_grad():
+        volumes = model.decode_canonical(torch.as_tensor(np.asarray(latents), dtype=torch.float32))
+    if volumes.ndim != 5:
+        raise InputError(f"the model decodes {tuple(volumes.shape[2:])} arrays; evaluation expects 3D volumes "
+                         "(n, 1, D, H, W)")
+    return volumes[:, 0].detach().cpu().numpy().astype(np.float64)
+
+
+def interpolation_pair(classes: Sequence[str], affinity: pd.DataFrame) -> tuple[str, str]:
+    """The two classes (of at least two) with the lowest affinity: the longest walk in shape."""
+    sub = affinity.loc[list(classes), list(classes)].to_numpy()
+    iu = np.triu_indices(len(classes), k=1)
+    best = int(np.argmin(sub[iu]))
+    return classes[iu[0][best]], classes[iu[1][best]]
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def _clean(value):
+    """JSON-ready copy: floats rounded, NaN/inf -> None, NumPy scalars -> Python."""
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_clean(v) for v in value]
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return round(float(value), _DECIMALS) if np.isfinite(value) else None
+    return value
+
+
+def write_metrics(metrics: dict, path: Path) -> None:
+    """Write ``metrics`` as deterministic JSON (sorted keys, rounded floats), atomically."""
+    write_text_atomic(path, json.dumps(_clean(metrics), sort_keys=True, indent=2) + "\n")
+
+
+def compute_metrics(config, merged: pd.DataFrame, latents: np.ndarray, affinity: pd.DataFrame,
+                    errors: pd.DataFrame, split_name: str) -> dict:
+    """Every metric of metrics.json from the truth-joined table (n rows) and latents (n, L)."""
+    true_class = merged["true_class"].to_numpy(dtype=object)
+    predicted = merged["predicted_class"].to_numpy(dtype=object)
+    score = merged["unknown_score"].to_numpy(dtype=np.float64)
+    metrics = classification_metrics(true_class, predicted, merged["nearest_class"].to_numpy(dtype=object), config)
+    metrics["unseen_auroc"] = unseen_auroc(true_class, score, config)
+    metrics.update(pose_metrics(errors))
+    true_groups = [c for c in config.class_names if np.any(true_class == c)]
+    metrics["affinity_spearman"] = (upper_triangle_spearman(
+        cosine_similarity_matrix(class_mean_latents(latents, true_class, true_groups)),
+        affinity.loc[true_groups, true_groups].to_numpy()) if true_groups else None)
+    predicted_groups = [c for c in config.seen_classes if np.any(predicted == c)]
+    metrics["affinity_spearman_predicted_classes"] = (upper_triangle_spearman(
+        cosine_similarity_matrix(class_mean_latents(latents, predicted, predicted_groups)),
+        affinity.loc[predicted_groups, predicted_groups].to_numpy()) if predicted_groups else None)
+    metrics.update({
+        "n_particles": int(len(merged)),
+        "n_seen_particles": int(np.isin(true_class, config.seen_classes).sum()),
+        "n_unseen_particles": int(np.isin(true_class, config.unseen).sum()),
+        "has_ground_truth": bool(np.any(true_class != UNKNOWN)),
+        "predicted_counts": {c: int(np.sum(predicted == c)) for c in [*config.seen_classes, UNKNOWN]},
+        "unknown_threshold_bounds": threshold_bounds(predicted, score),
+        "latent_dims": int(latents.shape[1]),
+        "seen_classes": list(config.seen_classes),
+        "unseen_classes": list(config.unseen),
+        "symmetry": {c: config.alignment.symmetry.get(c, "C1") for c in config.class_names},
+        "split": split_name,
+        "cryovae_version": __version__,
+    })
+    return metrics
+
+
+def write_plots(config, merged: pd.DataFrame, latents: np.ndarray, affinity: pd.DataFrame,
+                errors: pd.DataFrame, metrics: dict, model, history: pd.DataFrame, output_dir: Path) -> None:
+    """All seven figures of the evaluation into ``output_dir``."""
+    has_truth = metrics["has_ground_truth"]
+    labels = merged["true_class" if has_truth else "predicted_class"].to_numpy(dtype=object)
+    kind = "true class" if has_truth else "predicted class"
+    coords, method = plots.embed_2d(latents, config.seed)
+    plots.plot_latent_map(output_dir / "umap.png", coords, method, labels, config.unseen, config.class_names, kind)
+    if has_truth:
+        plots.plot_confusion(output_dir / "confusion.png", np.array(metrics["confusion_matrix"]),
+                             metrics["classes"], metrics["predicted_labels"])
+    else:
+        names = metrics["predicted_labels"]
+        plots.plot_predicted_counts(output_dir / "confusion.png", names, [metrics["predicted_counts"][c] for c in names])
+    _plot_affinity(config, labels, latents, affinity, metrics, kind, output_dir / "affinity_vs_latent.png")
+    _plot_pose(config, errors, output_dir / "pose_error.png")
+    _plot_model(labels, latents, affinity, model, config, kind, output_dir)
+    plots.plot_training_curves(output_dir / "training_curves.png", history)
+
+
+def _plot_affinity(config, labels, latents, affinity, metrics, kind, path: Path) -> None:
+    groups = [c for c in config.class_names if np.any(labels == c)]
+    if len(groups) < 2:
+        plots.plot_message(path, "Latent similarity vs affinity",
+                           f"Only {len(groups)} {kind} in this split: no class pairs to compare.")
+        return
+    similarity = cosine_similarity_matrix(class_mean_latents(latents, labels, groups))
+    rho = metrics["affinity_spearman" if kind == "true class" else "affinity_spearman_predicted_classes"]
+    plots.plot_affinity_vs_latent(path, similarity, affinity.loc[groups, groups].to_numpy(), groups, rho, kind)
+
+
+def _plot_pose(config, errors: pd.DataFrame, path: Path) -> None:
+    if len(errors) == 0:
+        plots.plot_message(path, "Pose error", "No ground-truth poses of seen-class particles in this split.")
+        return
+    groups = sorted({config.alignment.symmetry.get(c, "C1") for c in errors["true_class"]})
+    plots.plot_pose_error(path, errors["rotation_error_deg"].to_numpy(), "point groups: " + ", ".join(groups))
+
+
+def _plot_model(labels, latents, affinity, model, config, kind, output_dir: Path) -> None:
+    groups = [c for c in config.class_names if np.any(labels == c)]
+    if not groups:
+        for name in ("reconstructions.png", "interpolation.png"):
+            plots.plot_message(output_dir / name, "Decoded class means", "No particle was given a class.")
+        return
+    means = class_mean_latents(latents, labels, groups)
+    plots.plot_reconstructions(output_dir / "reconstructions.png", decode_latents(model, means), groups, kind)
+    if len(groups) < 2:
+        plots.plot_message(output_dir / "interpolation.png", "Latent interpolation",
+                           f"Only one {kind} ({groups[0]}) in this split: nothing to interpolate between.")
+        return
+    start, end = interpolation_pair(groups, affinity)
+    weights = np.linspace(0.0, 1.0, INTERPOLATION_STEPS)
+    path_z = (1 - weights)[:, None] * means[groups.index(start)] + weights[:, None] * means[groups.index(end)]
+    plots.plot_interpolation(output_dir / "interpolation.png", decode_latents(model, path_z), weights, start, end)
+
+
+def read_history(path: Path) -> pd.DataFrame:
+    """Training history CSV with an ``epoch`` column and at least one train_/val_ loss column."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: training history does not exist")
+    history = pd.read_csv(path)
+    if "epoch" not in history.columns or not plots.history_components(history):
+        raise InputError(f"{path}: expected columns epoch and train_*/val_* losses, got {list(history.columns)}")
+    return history
+
+
+def evaluate(config, embeddings: Path, split_dir: Path, affinity: Path, model: Path, history: Path,
+             output_dir: Path) -> None:
+    """Write ``metrics.json`` and the seven evaluation PNGs of one split into ``output_dir``."""
+    embeddings, split_dir, output_dir = Path(embeddings), Path(split_dir), Path(output_dir)
+    table, latent_cols = read_embeddings(embeddings, config)
+    split = SubtomogramSet.open(split_dir)
+    merged = attach_truth(table, split.particles, embeddings, split_dir / "particles.star", config)
+    affinity_frame = read_affinity(affinity, config)
+    history_frame = read_history(history)
+    trained = load_trained_model(model, len(latent_cols))
+    latents = merged[latent_cols].to_numpy(dtype=np.float64)
+    errors = pose_errors(merged, config)
+    metrics = compute_metrics(config, merged, latents, affinity_frame, errors, split_dir.name)
+    write_plots(config, merged, latents, affinity_frame, errors, metrics, trained, history_frame, output_dir)
+    write_metrics(metrics, output_dir / "metrics.json")
