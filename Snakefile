@@ -5,13 +5,28 @@ from snakemake.utils import min_version, validate
 min_version("9.0")
 
 
-configfile: "config.yaml"
+# The embedded default, unless the user names config files (`--configfile`): those replace it
+# whole, rather than being merged into it (merging would keep the demo structures).
+if not workflow.overwrite_configfiles:
+
+    configfile: "config.yaml"
+
 
 
 include: "workflow/rules/common.smk"
 
 
 validate(config, "workflow/schemas/config.schema.json")
+
+
+wildcard_constraints:
+    cls="|".join(CLASSES),
+    split="|".join(SIM_SPLITS + TOMOGRAMS),
+    simsplit="|".join(SIM_SPLITS),
+    tomo="|".join(TOMOGRAMS) if TOMOGRAMS else "(?!)",
+    shard=r"shard_\d{3}",
+
+
 
 
 report: "workflow/report/workflow.rst"

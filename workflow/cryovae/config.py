@@ -301,11 +301,53 @@ def validate_config(data: dict[str, Any], source: str = "") -> Config:
         raise InputError(_format_error(err, source)) from None
 
 
+GLOBAL_KEYS = ("output_dir", "seed", "structures", "unseen", "pixel_size_angstrom", "box_size")
+SECTIONS_KEY = "stage_sections"
+
+
+class _Undeclared:
+    """Stands in for a config section a workflow rule did not declare it depends on."""
+
+    def __init__(self, section: str):
+        self._section = section
+
+    def __getattr__(self, name: str):
+        raise RuntimeError(
+            f"config section {self._section!r} (key {self._section}.{name}) is read by a stage whose "
+            f"workflow rule does not declare it: add it to the rule's stage_config(...)"
+        )
+
+
+def stage_config_json(config: Config, *sections: str) -> str:
+    """The part of ``config`` a workflow stage depends on, as JSON for ``--config``.
+
+    The rule passes it as a param, so changing any of it (and nothing else) reruns the
+    rule; :func:`load_config` makes every other section raise when read, so a stage
+    cannot silently depend on a section its rule does not declare.
+    """
+    dump = config.model_dump(mode="json")
+    part = {k: dump[k] for k in (*GLOBAL_KEYS, *sections)}
+    part[SECTIONS_KEY] = list(sections)
+    return json.dumps(part, sort_keys=True)
+
+
+def _from_stage_json(data: dict[str, Any]) -> Config:
+    sections = data.pop(SECTIONS_KEY)
+    config = validate_config(data, "(stage config)")
+    for name in Config.model_fields:
+        if name not in GLOBAL_KEYS and name not in sections:
+            object.__setattr__(config, name, _Undeclared(name))
+    return config
+
+
 def load_config(spec: str | Path) -> Config:
     """Load a config from a YAML/JSON file, or from a JSON string starting with ``{``."""
     text = str(spec)
     if text.lstrip().startswith("{"):
-        return validate_config(json.loads(text), "(inline JSON)")
+        data = json.loads(text)
+        if SECTIONS_KEY in data:
+            return _from_stage_json(data)
+        return validate_config(data, "(inline JSON)")
     path = Path(text)
     if not path.is_file():
         raise InputError(f"config file {path} does not exist")

@@ -9,7 +9,9 @@ rule classifier:
     output:
         f"{OUT}/model/classifier.npz",
     params:
-        depends=depends_on("classification"),
+        config=stage_config("classification"),
+    conda:
+        CONDA_ENV
     log:
         f"{OUT}/logs/classifier.log",
     threads: 1
@@ -17,7 +19,7 @@ rule classifier:
         mem_mb=mem_mb(2000),
         runtime=10,
     shell:
-        "cryovae classifier --config {CONFIG_JSON} --train {input.train} --val {input.val} "
+        "cryovae classifier --config {params.config:q} --train {input.train} --val {input.val} "
         "--output {output} 2> {log}"
 
 
@@ -29,7 +31,9 @@ rule align:
     output:
         f"{OUT}/model/frames.json",
     params:
-        depends=depends_on("alignment"),
+        config=stage_config("alignment", "training"),
+    conda:
+        CONDA_ENV
     log:
         f"{OUT}/logs/align.log",
     threads: 2
@@ -37,7 +41,7 @@ rule align:
         mem_mb=mem_mb(4000),
         runtime=30,
     shell:
-        "cryovae align --config {CONFIG_JSON} --model {input.model} --latents {input.latents} "
+        "cryovae align --config {params.config:q} --model {input.model} --latents {input.latents} "
         "--maps {input.maps} --output {output} 2> {log}"
 
 
@@ -49,7 +53,9 @@ rule annotate:
     output:
         f"{OUT}/embeddings/{{split}}.csv",
     params:
-        depends=depends_on("classification", "alignment"),
+        config=stage_config("classification", "alignment"),
+    conda:
+        CONDA_ENV
     log:
         f"{OUT}/logs/annotate/{{split}}.log",
     threads: 1
@@ -57,16 +63,8 @@ rule annotate:
         mem_mb=mem_mb(2000),
         runtime=10,
     shell:
-        "cryovae annotate --config {CONFIG_JSON} --latents {input.latents} --classifier {input.classifier} "
+        "cryovae annotate --config {params.config:q} --latents {input.latents} --classifier {input.classifier} "
         "--frames {input.frames} --output {output} 2> {log}"
-
-
-def priors_inputs(wildcards):
-    inputs = {"embeddings": f"{OUT}/embeddings/{wildcards.split}.csv", "split": split_input(wildcards)}
-    if wildcards.split in SIM_SPLITS:
-        # simulated particles have no tomogram: the priors name their exported subtomograms
-        inputs["export"] = f"{OUT}/export/{wildcards.split}"
-    return inputs
 
 
 rule priors:
@@ -76,8 +74,10 @@ rule priors:
         star=f"{OUT}/priors/{{split}}.star",
         by_class=directory(f"{OUT}/priors/{{split}}"),
     params:
-        depends=depends_on("priors"),
+        config=stage_config("priors", "simulation", "extraction"),
         split_dir=lambda wildcards: split_dir(wildcards.split),
+    conda:
+        CONDA_ENV
     log:
         f"{OUT}/logs/priors/{{split}}.log",
     threads: 1
@@ -85,7 +85,7 @@ rule priors:
         mem_mb=mem_mb(2000),
         runtime=10,
     shell:
-        "cryovae priors --config {CONFIG_JSON} --embeddings {input.embeddings} "
+        "cryovae priors --config {params.config:q} --embeddings {input.embeddings} "
         "--split-dir {params.split_dir} --output {output.star} 2> {log}"
 
 
@@ -119,9 +119,11 @@ rule evaluate:
             for name in EVAL_PLOTS
         ],
     params:
-        depends=depends_on("alignment"),
+        config=stage_config("alignment", "training"),
         split_dir=lambda wildcards: split_dir(wildcards.split),
         output_dir=lambda wildcards: f"{OUT}/evaluation/{wildcards.split}",
+    conda:
+        CONDA_ENV
     log:
         f"{OUT}/logs/evaluate/{{split}}.log",
     threads: 1
@@ -129,6 +131,6 @@ rule evaluate:
         mem_mb=mem_mb(4000),
         runtime=20,
     shell:
-        "cryovae evaluate --config {CONFIG_JSON} --embeddings {input.embeddings} "
+        "cryovae evaluate --config {params.config:q} --embeddings {input.embeddings} "
         "--split-dir {params.split_dir} --affinity {input.affinity} --model {input.model} "
         "--history {input.history} --output-dir {params.output_dir} 2> {log}"

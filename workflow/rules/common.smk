@@ -1,8 +1,7 @@
 # Input functions, targets and the config passed to every `cryovae` verb.
-import json
-import shlex
+import os
 
-from cryovae.config import validate_config
+from cryovae.config import GLOBAL_KEYS, stage_config_json, validate_config
 from cryovae.simulate import shard_plan
 
 # Validated first with the typed config, whose messages name the bad key.
@@ -12,32 +11,14 @@ CLASSES = CFG.class_names
 SEEN = CFG.seen_classes
 SIM_SPLITS = ["train", "val", "test"]
 TOMOGRAMS = list(CFG.extraction.tomograms)
-# The whole validated config, as the verbs receive it.
-CONFIG_JSON = shlex.quote(CFG.model_dump_json())
-GLOBAL_KEYS = ("seed", "structures", "unseen", "pixel_size_angstrom", "box_size")
+CONDA_ENV = "../../envs/cryovae.yaml"
+ALL_SECTIONS = [k for k in CFG.model_fields if k not in GLOBAL_KEYS]
 
 
-wildcard_constraints:
-    cls="|".join(CLASSES),
-    split="|".join(SIM_SPLITS + TOMOGRAMS),
-    simsplit="|".join(SIM_SPLITS),
-    tomo="|".join(TOMOGRAMS) if TOMOGRAMS else "(?!)",
-    shard=r"shard_\d{3}",
-
-
-def depends_on(*sections, global_keys=GLOBAL_KEYS):
-    """The part of the config a rule depends on, as a params value: changing any of it
-    (and nothing else) reruns the rule."""
-    dump = CFG.model_dump(mode="json")
-    return json.dumps({k: dump[k] for k in (*global_keys, *sections)}, sort_keys=True)
-
-
-def class_source(wildcards):
-    """What one class's structure rule depends on: its own entry only."""
-    return json.dumps(
-        {"source": CFG.structures[wildcards.cls], "options": CFG.structure_options.model_dump()},
-        sort_keys=True,
-    )
+def stage_config(*sections):
+    """The config a rule's verb receives: the global keys and the named sections only.
+    As a param, it triggers a rerun when (and only when) that part changes."""
+    return stage_config_json(CFG, *sections)
 
 
 def shard_names(split):
@@ -52,7 +33,7 @@ def split_dir(split):
 
 
 def split_input(wildcards):
-    """What a rule reading a split waits for: the gathered STAR, or the extraction folder."""
+    """Input of a split: the gathered STAR (simulated), or the extraction folder."""
     split = wildcards.get("simsplit", wildcards.get("split"))
     if split in SIM_SPLITS:
         return f"{OUT}/subtomograms/{split}/particles.star"
@@ -93,3 +74,12 @@ def all_targets():
         *expand(f"{OUT}/evaluation/{{split}}/metrics.json", split=EVAL_SPLITS + TOMOGRAMS),
         f"{OUT}/provenance.json",
     ]
+
+
+def priors_inputs(wildcards):
+    inputs = {"embeddings": f"{OUT}/embeddings/{wildcards.split}.csv", "split": split_input(wildcards)}
+    if wildcards.split in SIM_SPLITS or CFG.priors.format == "relion3":
+        # simulated particles have no tomogram, and RELION 3 reads subtomogram files:
+        # the priors name the exported subtomograms
+        inputs["export"] = f"{OUT}/export/{wildcards.split}"
+    return inputs

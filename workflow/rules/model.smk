@@ -13,8 +13,12 @@ rule train:
             f"{OUT}/model/loss_curves.png", caption="../report/training_curves.rst", category="Training"
         ),
     params:
-        depends=depends_on("simulation", "training", "alignment"),
-        output_dir=f"{OUT}/model",
+        config=stage_config("training", "simulation", "alignment"),
+        train_dir=lambda wildcards, input: os.path.dirname(input.train),
+        val_dir=lambda wildcards, input: os.path.dirname(input.val),
+        output_dir=lambda wildcards, output: os.path.dirname(output.model),
+    conda:
+        CONDA_ENV
     log:
         f"{OUT}/logs/train.log",
     threads: CFG.training.threads
@@ -25,8 +29,8 @@ rule train:
     shell:
         # The device line tells where the job ran (a cluster's GPU node, or this machine).
         "(echo CUDA_VISIBLE_DEVICES=${{CUDA_VISIBLE_DEVICES:-unset}}; "
-        "cryovae train --config {CONFIG_JSON} --train-dir {OUT}/subtomograms/train "
-        "--val-dir {OUT}/subtomograms/val --affinity {input.affinity} --output-dir {params.output_dir}) "
+        "cryovae train --config {params.config:q} --train-dir {params.train_dir} "
+        "--val-dir {params.val_dir} --affinity {input.affinity} --output-dir {params.output_dir}) "
         "> {log} 2>&1"
 
 
@@ -37,7 +41,10 @@ rule embed:
     output:
         f"{OUT}/embeddings/latent/{{split}}.npz",
     params:
+        config=stage_config("training", "simulation"),
         split_dir=lambda wildcards: split_dir(wildcards.split),
+    conda:
+        CONDA_ENV
     log:
         f"{OUT}/logs/embed/{{split}}.log",
     threads: 2
@@ -45,5 +52,5 @@ rule embed:
         mem_mb=mem_mb(4000),
         runtime=60,
     shell:
-        "cryovae embed --config {CONFIG_JSON} --model {input.model} --split-dir {params.split_dir} "
+        "cryovae embed --config {params.config:q} --model {input.model} --split-dir {params.split_dir} "
         "--output {output} 2> {log}"

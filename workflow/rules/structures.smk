@@ -5,7 +5,9 @@ rule structure:
     output:
         f"{OUT}/structures/{{cls}}.cif",
     params:
-        depends=class_source,
+        config=stage_config("structure_options"),
+    conda:
+        CONDA_ENV
     log:
         f"{OUT}/logs/structure/{{cls}}.log",
     group:
@@ -15,7 +17,7 @@ rule structure:
         mem_mb=mem_mb(2000),
         runtime=20,
     shell:
-        "cryovae structure --config {CONFIG_JSON} --class-name {wildcards.cls} --output {output} 2> {log}"
+        "cryovae structure --config {params.config:q} --class-name {wildcards.cls} --output {output} 2> {log}"
 
 
 rule descriptor:
@@ -24,7 +26,9 @@ rule descriptor:
     output:
         f"{OUT}/affinity/soap/{{cls}}.npy",
     params:
-        depends=depends_on("affinity", global_keys=()),
+        config=stage_config("affinity"),
+    conda:
+        CONDA_ENV
     log:
         f"{OUT}/logs/descriptor/{{cls}}.log",
     group:
@@ -34,7 +38,7 @@ rule descriptor:
         mem_mb=mem_mb(2000),
         runtime=20,
     shell:
-        "cryovae descriptor --config {CONFIG_JSON} --structure {input} --output {output} 2> {log}"
+        "cryovae descriptor --config {params.config:q} --structure {input} --output {output} 2> {log}"
 
 
 rule affinity:
@@ -48,7 +52,9 @@ rule affinity:
             category="Affinity",
         ),
     params:
-        depends=depends_on("affinity", global_keys=("structures",)),
+        config=stage_config("affinity"),
+    conda:
+        CONDA_ENV
     log:
         f"{OUT}/logs/affinity.log",
     threads: 1
@@ -56,7 +62,7 @@ rule affinity:
         mem_mb=mem_mb(1000),
         runtime=10,
     shell:
-        "cryovae affinity --config {CONFIG_JSON} --descriptors {input} "
+        "cryovae affinity --config {params.config:q} --descriptors {input} "
         "--csv {output.csv} --plot {output.plot} 2> {log}"
 
 
@@ -64,9 +70,11 @@ rule provenance:
     output:
         f"{OUT}/provenance.json",
     params:
-        depends=depends_on(*[k for k in CFG.model_fields if k not in GLOBAL_KEYS + ("output_dir",)]),
+        config=stage_config(*ALL_SECTIONS),
+    conda:
+        CONDA_ENV
     log:
         f"{OUT}/logs/provenance.log",
     localrule: True
     shell:
-        "cryovae provenance --config {CONFIG_JSON} --output {output} 2> {log}"
+        "cryovae provenance --config {params.config:q} --output {output} 2> {log}"

@@ -7,8 +7,10 @@ rule map:
     output:
         f"{OUT}/maps/{{cls}}.mrc",
     params:
-        depends=depends_on("maps"),
+        config=stage_config("maps"),
         structure=lambda wildcards, input: f"--structure {input[0]}" if input else "",
+    conda:
+        CONDA_ENV
     log:
         f"{OUT}/logs/map/{{cls}}.log",
     threads: 1
@@ -16,7 +18,7 @@ rule map:
         mem_mb=mem_mb(4000),
         runtime=30,
     shell:
-        "cryovae map --config {CONFIG_JSON} --class-name {wildcards.cls} {params.structure} "
+        "cryovae map --config {params.config:q} --class-name {wildcards.cls} {params.structure} "
         "--output {output} 2> {log}"
 
 
@@ -27,8 +29,10 @@ rule simulate:
         shard=f"{OUT}/subtomograms/{{simsplit}}/{{shard}}.npy",
         star=f"{OUT}/subtomograms/{{simsplit}}/{{shard}}.star",
     params:
-        depends=depends_on("simulation"),
+        config=stage_config("simulation"),
         index=lambda wildcards: int(wildcards.shard.split("_")[1]),
+    conda:
+        CONDA_ENV
     log:
         f"{OUT}/logs/simulate/{{simsplit}}_{{shard}}.log",
     group:
@@ -38,7 +42,7 @@ rule simulate:
         mem_mb=mem_mb(2000),
         runtime=30,
     shell:
-        "cryovae simulate --config {CONFIG_JSON} --split {wildcards.simsplit} --shard {params.index} "
+        "cryovae simulate --config {params.config:q} --split {wildcards.simsplit} --shard {params.index} "
         "--maps {input} --output {output.shard} --star {output.star} 2> {log}"
 
 
@@ -49,6 +53,10 @@ rule gather:
         ),
     output:
         f"{OUT}/subtomograms/{{simsplit}}/particles.star",
+    params:
+        config=stage_config(),
+    conda:
+        CONDA_ENV
     log:
         f"{OUT}/logs/gather/{{simsplit}}.log",
     group:
@@ -58,7 +66,7 @@ rule gather:
         mem_mb=mem_mb(1000),
         runtime=10,
     shell:
-        "cryovae gather --config {CONFIG_JSON} --inputs {input} --output {output} 2> {log}"
+        "cryovae gather --config {params.config:q} --inputs {input} --output {output} 2> {log}"
 
 
 rule extract:
@@ -68,7 +76,9 @@ rule extract:
     output:
         directory(f"{OUT}/extracted/{{tomo}}"),
     params:
-        depends=depends_on("extraction"),
+        config=stage_config("extraction"),
+    conda:
+        CONDA_ENV
     log:
         f"{OUT}/logs/extract/{{tomo}}.log",
     threads: 1
@@ -76,22 +86,24 @@ rule extract:
         mem_mb=mem_mb(4000),
         runtime=60,
     shell:
-        "cryovae extract --config {CONFIG_JSON} --tomogram {wildcards.tomo} --output-dir {output} 2> {log}"
+        "cryovae extract --config {params.config:q} --tomogram {wildcards.tomo} --output-dir {output} 2> {log}"
 
 
 rule export:
     input:
         split_input,
     output:
-        directory(f"{OUT}/export/{{simsplit}}"),
+        directory(f"{OUT}/export/{{split}}"),
     params:
-        depends=depends_on("simulation"),
-        split_dir=lambda wildcards: split_dir(wildcards.simsplit),
+        config=stage_config("simulation", "extraction"),
+        split_dir=lambda wildcards: split_dir(wildcards.split),
+    conda:
+        CONDA_ENV
     log:
-        f"{OUT}/logs/export/{{simsplit}}.log",
+        f"{OUT}/logs/export/{{split}}.log",
     threads: 1
     resources:
         mem_mb=mem_mb(2000),
         runtime=30,
     shell:
-        "cryovae export --config {CONFIG_JSON} --split-dir {params.split_dir} --output-dir {output} 2> {log}"
+        "cryovae export --config {params.config:q} --split-dir {params.split_dir} --output-dir {output} 2> {log}"

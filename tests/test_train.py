@@ -1,0 +1,163 @@
+"""Training: outputs, reproducibility, resume after SIGTERM/SIGUSR1 (bitwise on the CPU), learning."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from cryovae.config import validate_config
+from cryovae.errors import InputError
+from cryovae.model import load_model
+from cryovae.model.synthetic import write_affinity_csv, write_split
+from cryovae.train import build_run, evaluate, run_training, train
+
+NAMES = ["alpha", "beta", "gamma"]
+AFFINITY = np.array([[1.0, 0.6, 0.1], [0.6, 1.0, 0.3], [0.1, 0.3, 1.0]])
+
+
+def _config(**training):
+    base = {"epochs": 4, "batch_size": 8, "channels": [4, 8], "latent_dims": 4, "checkpoint_every": 3,
+            "threads": 1, "device": "cpu"}
+    base.update(training)
+    return validate_config({"structures": {n: f"demo:{n}" for n in NAMES}, "box_size": 8, "seed": 5,
+                            "training": base})
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A 3-class split of 8^3 blobs: 36 training and 12 validation particles."""
+    root = tmp_path_factory.mktemp("tiny")
+    write_split(root / "train", NAMES, 12, box=8, seed=1, particles_per_shard=10)
+    write_split(root / "val", NAMES, 4, box=8, seed=2, particles_per_shard=10)
+    write_affinity_csv(root / "affinity.csv", NAMES, AFFINITY)
+    return root
+
+
+def _run(cfg, tiny, out, hook=None):
+    run_training(cfg, tiny / "train", tiny / "val", tiny / "affinity.csv", out, batch_hook=hook)
+
+
+def _state(out):
+    return torch.load(out / "model.pt", weights_only=True)["state_dict"]
+
+
+def _interrupt_at(epoch: int, batch: int, signum: int):
+    def hook(e, b):
+        if (e, b) == (epoch, batch):
+            os.kill(os.getpid(), signum)
+    return hook
+
+
+@pytest.mark.parametrize("signum, at", [(signal.SIGTERM, (1, 2)), (signal.SIGUSR1, (0, 5))])
+def test_resume_after_signal_is_bitwise_identical(tiny, tmp_path, signum, at):
+    cfg = _config()
+    _run(cfg, tiny, tmp_path / "straight")
+
+    out = tmp_path / "interrupted"
+    with pytest.raises(SystemExit) as exc:
+        _run(cfg, tiny, out, hook=_interrupt_at(*at, signum))
+    assert exc.value.code == 128 + signum
+    assert (out / "checkpoint.pt").is_file() and not (out / "model.pt").exists()
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert (ckpt["epoch"], ckpt["batch"]) == at
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL      # handlers restored
+
+    _run(cfg, tiny, out)
+    assert not (out / "checkpoint.pt").exists()
+    a, b = _state(tmp_path / "straight"), _state(out)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ha, hb = (pd.read_csv(p / "history.csv").drop(columns="seconds") for p in (tmp_path / "straight", out))
+    pd.testing.assert_frame_equal(ha, hb)
+
+
+def test_resume_from_periodic_checkpoint_after_a_kill(tiny, tmp_path):
+    """A process killed without warning resumes from the last periodic checkpoint (epoch 3 of 4)."""
+    cfg = _config()
+    _run(cfg, tiny, tmp_path / "straight")
+
+    out = tmp_path / "killed"
+
+    class Killed(Exception):
+        pass
+
+    def hook(e, b):
+        if (e, b) == (3, 1):
+            raise Killed   # stands in for SIGKILL: no handler runs, no checkpoint is written
+    with pytest.raises(Killed):
+        _run(cfg, tiny, out, hook=hook)
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 3
+    _run(cfg, tiny, out)
+    a, b = _state(tmp_path / "straight"), _state(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoint_of_another_config_is_not_resumed(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit):
+        _run(_config(epochs=2), tiny, out, hook=_interrupt_at(0, 1, signal.SIGTERM))
+    _run(_config(epochs=2, learning_rate=5e-4), tiny, out)
+    assert "different configuration" in capsys.readouterr().err
+    _run(_config(epochs=2, learning_rate=5e-4), tiny, tmp_path / "fresh")
+    a, b = _state(out), _state(tmp_path / "fresh")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_outputs(tiny, tmp_path):
+    cfg = _config(epochs=2, beta_schedule={"kind": "ramp", "start": 0.0, "ramp_epochs": 2})
+    train(cfg, tiny / "train", tiny / "val", tiny / "affinity.csv", tmp_path)
+    hist = pd.read_csv(tmp_path / "history.csv")
+    for col in ("epoch", "train_loss", "val_loss", "seconds", "beta", "gamma", "learning_rate",
+                "train_recon", "train_kl", "train_affinity", "train_pose", "val_recon", "val_kl",
+                "val_affinity", "val_pose"):
+        assert col in hist.columns, col
+    assert hist["epoch"].tolist() == [1, 2]
+    assert hist["beta"].tolist() == [0.0, 0.5]
+    assert (hist["seconds"] > 0).all() and (hist["val_pose"] > 0).all()
+    total = hist["val_recon"] + hist["beta"] * hist["val_kl"] + hist["gamma"] * hist["val_affinity"] + hist["val_pose"]
+    np.testing.assert_allclose(hist["val_loss"], total, rtol=1e-5)
+    assert (tmp_path / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "checkpoint.pt").exists()
+    model, meta = load_model(tmp_path / "model.pt")
+    assert meta["class_names"] == NAMES and meta["spatial_shape"] == [8, 8, 8]
+    assert meta["pixel_size_angstrom"] == 10.0 and meta["latent_dims"] == 4 and meta["decoder"] == "cnn"
+    assert meta["config"]["training"]["epochs"] == 2 and meta["epochs_trained"] == 2
+
+
+def test_training_lowers_the_validation_loss(tmp_path):
+    names = NAMES[:2]
+    write_split(tmp_path / "train", names, 48, box=16, seed=3, noise_sd=0.05)
+    write_split(tmp_path / "val", names, 12, box=16, seed=4, noise_sd=0.05)
+    write_affinity_csv(tmp_path / "affinity.csv", names, np.array([[1.0, 0.0], [0.0, 1.0]]))
+    cfg = validate_config({
+        "structures": {n: f"demo:{n}" for n in names}, "box_size": 16, "seed": 0,
+        "training": {"epochs": 6, "batch_size": 16, "channels": [8, 16], "latent_dims": 4, "beta": 0.01,
+                     "pose_weight": 0.0, "learning_rate": 3e-3, "threads": 2, "device": "cpu"},
+    })
+    run = build_run(cfg, tmp_path / "train", tmp_path / "val", tmp_path / "affinity.csv", tmp_path / "out")
+    before = evaluate(run.model, run.val_data, run.setup, 16, run.device)
+    train(cfg, tmp_path / "train", tmp_path / "val", tmp_path / "affinity.csv", tmp_path / "out")
+    hist = pd.read_csv(tmp_path / "out" / "history.csv")
+    assert hist["val_recon"].iloc[-1] < 0.7 * before["recon"]
+    assert hist["val_loss"].iloc[-1] < before["total"]
+
+
+def test_bad_inputs_are_reported(tiny, tmp_path):
+    write_affinity_csv(tmp_path / "two.csv", NAMES[:2], np.eye(2))
+    with pytest.raises(InputError, match="'gamma', which is not in the affinity matrix"):
+        train(_config(), tiny / "train", tiny / "val", tmp_path / "two.csv", tmp_path / "out")
+    (tmp_path / "ragged.csv").write_text("a,b\n1,0.5\n")
+    with pytest.raises(InputError, match="ragged.csv: expected a header of N class names"):
+        train(_config(), tiny / "train", tiny / "val", tmp_path / "ragged.csv", tmp_path / "out")
+    with pytest.raises(InputError, match="particles STAR file does not exist"):
+        train(_config(), tmp_path / "nowhere", tiny / "val", tiny / "affinity.csv", tmp_path / "out")
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="no CUDA device"):
+            train(_config(device="cuda"), tiny / "train", tiny / "val", tiny / "affinity.csv", tmp_path / "out")
+    assert not (tmp_path / "out" / "model.pt").exists()

@@ -1,0 +1,132 @@
+"""The workflow end to end on the tiny config: values in its outputs, reruns, faults.
+
+One run of the tiny config is shared by the module; the reruns compare against it.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import starfile
+import torch
+import yaml
+
+from cryovae.rotations import geodesic_distance_deg, relion_euler_to_matrix
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "tests/configs/tiny.yaml"
+
+
+def snakemake(*args: str, cwd: Path = REPO, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+    """Run the workflow's snakemake with this interpreter's environment on PATH."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    cmd = [str(Path(sys.executable).parent / "snakemake"), "--cores", "2", "--snakefile", str(REPO / "Snakefile"), *args]
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, **kwargs)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def write_config(path: Path, out: Path, **changes) -> Path:
+    data = yaml.safe_load(TINY.read_text())
+    data["output_dir"] = str(out)
+    for dotted, value in changes.items():
+        section, key = dotted.split("__")
+        data.setdefault(section, {})[key] = value
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("wf")
+    config = write_config(base / "tiny.yaml", base / "out")
+    snakemake("--configfile", str(config))
+    return base, config, base / "out"
+
+
+def test_metrics_show_the_method_works(run):
+    _, _, out = run
+    metrics = json.loads((out / "evaluation/test/metrics.json").read_text())
+    for key in ("accuracy", "macro_f1", "unseen_auroc", "pose_error_median_deg", "pose_error_mean_deg",
+                "affinity_spearman", "confusion_matrix", "classes", "n_particles"):
+        assert key in metrics, key
+    assert metrics["n_particles"] == 4 * 24
+    assert metrics["accuracy"] >= 0.6
+    assert metrics["unseen_auroc"] >= 0.6
+    assert 0 <= metrics["pose_error_median_deg"] <= metrics["pose_error_mean_deg"] * 3
+    assert np.array(metrics["confusion_matrix"]).sum() == metrics["n_particles"]
+
+
+def test_affinity_matrix_is_a_similarity(run):
+    _, _, out = run
+    table = pd.read_csv(out / "affinity/affinity.csv")
+    assert list(table.columns) == ["globule_a", "rod_a", "ring_a", "ell_a"]
+    m = table.to_numpy()
+    assert np.allclose(m, m.T) and np.allclose(np.diag(m), 1) and m.min() >= -1
+
+
+def test_priors_star_agrees_with_embeddings(run):
+    _, _, out = run
+    blocks = starfile.read(out / "priors/test.star", always_dict=True)
+    particles = blocks["particles"]
+    emb = pd.read_csv(out / "embeddings/test.csv")
+    assert len(particles) == len(emb)
+    star_rot = relion_euler_to_matrix(particles[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy())
+    emb_rot = relion_euler_to_matrix(emb[["angle_rot", "angle_tilt", "angle_psi"]].to_numpy())
+    assert geodesic_distance_deg(star_rot, emb_rot).max() < 1e-3
+    assert np.allclose(particles["rlnAngleTiltPrior"], particles["rlnAngleTilt"])
+    known = emb["predicted_class"] != "unknown"
+    names = ["globule_a", "rod_a", "ring_a", "ell_a"]
+    expected = [names.index(c) + 1 if c in names else 0 for c in emb["predicted_class"]]
+    assert particles["rlnClassNumber"].tolist() == expected
+    # one file per predicted class, holding exactly that class's particles
+    for cls in set(emb["predicted_class"][known]):
+        per_class = starfile.read(out / f"priors/test/{cls}.star", always_dict=True)["particles"]
+        assert len(per_class) == int((emb["predicted_class"] == cls).sum())
+
+
+def test_second_run_does_nothing(run):
+    base, config, _ = run
+    proc = snakemake("--configfile", str(config), "-n")
+    assert "Nothing to be done" in proc.stdout + proc.stderr
+
+
+def test_changed_parameter_reruns_exactly_what_it_affects(run):
+    base, _, out = run
+    changed = write_config(base / "changed.yaml", out, training__epochs=5)
+    proc = snakemake("--configfile", str(changed), "-n", "--quiet", "rules")
+    text = proc.stdout + proc.stderr
+    for rule in ("train", "embed", "classifier", "align", "annotate", "priors", "evaluate"):
+        assert f"{rule} " in text or f"{rule}\n" in text, rule
+    for rule in ("structure", "descriptor", "affinity", "map", "simulate", "gather"):
+        assert f"\n{rule} " not in text and f"\n{rule}\n" not in text, rule
+
+
+def test_rerun_from_scratch_gives_identical_files(run, tmp_path):
+    base, config, out = run
+    first = tmp_path / "first"
+    shutil.copytree(out, first)
+    shutil.rmtree(out)
+    shutil.rmtree(REPO / ".snakemake" / "metadata", ignore_errors=True)
+    snakemake("--configfile", str(config))
+    for rel in ["affinity/affinity.csv", "subtomograms/train/shard_000.npy", "subtomograms/test/particles.star",
+                "embeddings/test.csv", "priors/test.star", "evaluation/test/metrics.json"]:
+        assert filecmp.cmp(first / rel, out / rel, shallow=False), rel
+    a = torch.load(first / "model/model.pt", weights_only=True)
+    b = torch.load(out / "model/model.pt", weights_only=True)
+    state_a, state_b = a["state_dict"], b["state_dict"]
+    assert state_a.keys() == state_b.keys()
+    assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)

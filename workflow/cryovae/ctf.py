@@ -1,0 +1,148 @@
+"""Fourier-space transfer functions of subtomograms: CTF, missing wedge, low-pass and band-pass.
+
+Every function returns a filter in the ``torch.fft.rfftn`` layout of a cubic box of edge
+``box`` (z, y, x order): shape (box, box, box // 2 + 1), frequency index 0 first (no
+fftshift).  Frequencies are in cycles per pixel (``fftfreq``) unless a name says
+``per_angstrom``.
+
+CTF model (a 3D, isotropic simplification for subtomograms): the 2D phase-contrast CTF
+evaluated at the 3D spatial frequency ``|k|``,
+
+    CTF(k) = sin(gamma(k) + atan(A / sqrt(1 - A^2))),
+    gamma(k) = pi * lambda * dz * k^2 - (pi / 2) * Cs * lambda^3 * k^4,
+
+with ``dz`` > 0 underfocus, ``lambda`` the relativistic electron wavelength, ``Cs`` the
+spherical aberration and ``A`` the amplitude contrast.  This is torch-ctf's (and RELION's)
+sign: positive at low frequency, so a white particle stays white.  It ignores the
+defocus gradient across tilts and the per-tilt dose (a real subtomogram's CTF is a sum
+over the tilt series).
+
+Missing wedge: a tilt ``theta`` about Y images the specimen along (sin theta, 0,
+cos theta) and samples the central Fourier plane normal to it; a single-axis tilt series
+over [min, max] samples the (kx, kz) directions whose angle ``atan2(-kz, kx)`` (folded
+into (-90, 90]) lies in that range.  Everything else (a double wedge about kz) is zero.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch_ctf.ctf_utils import calculate_total_phase_shift
+
+
+def rfft_frequencies(box: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(kz, ky, kx) in cycles/pixel, broadcastable to the rfft shape (box, box, box//2+1)."""
+    k_full = torch.fft.fftfreq(box, dtype=torch.float64)
+    k_half = torch.fft.rfftfreq(box, dtype=torch.float64)
+    return k_full.view(-1, 1, 1), k_full.view(1, -1, 1), k_half.view(1, 1, -1)
+
+
+def frequency_magnitude(box: int) -> torch.Tensor:
+    """|k| in cycles/pixel on the rfft grid, shape (box, box, box//2+1), float64."""
+    kz, ky, kx = rfft_frequencies(box)
+    return torch.sqrt(kz**2 + ky**2 + kx**2)
+
+
+def rfft_weights(box: int) -> torch.Tensor:
+    """Multiplicity of each rfft coefficient in the full spectrum, shape (box, box, box//2+1).
+
+    Columns 1 .. box/2-1 stand for themselves and their Hermitian mates (weight 2);
+    columns 0 and box/2 are self-paired (weight 1).  The DC term gets weight 0, so that
+    ``sum(w * |F|^2) / box**6`` is the variance of the real-space volume (Parseval).
+    """
+    w = torch.full((box, box, box // 2 + 1), 2.0, dtype=torch.float64)
+    w[..., 0] = 1.0
+    if box % 2 == 0:
+        w[..., -1] = 1.0
+    w[0, 0, 0] = 0.0
+    return w
+
+
+def ctf_3d(
+    defocus_um: torch.Tensor,
+    box: int,
+    pixel_size_angstrom: float,
+    voltage_kv: float,
+    spherical_aberration_mm: float,
+    amplitude_contrast: float,
+) -> torch.Tensor:
+    """Isotropic 3D CTF (see the module docstring) per particle: shape (n, box, box, box//2+1), float32.
+
+    ``defocus_um``: shape (n,), positive = underfocus.  The CTF depends on |k|^2 only, an
+    integer in Fourier pixels^2 on this grid, so it is evaluated once per distinct value
+    (torch-ctf's phase) and gathered.
+    """
+    kz, ky, kx = rfft_frequencies(box)
+    k2_px = torch.round((kz**2 + ky**2 + kx**2) * box**2).long()  # integer |k|^2, Fourier pixels^2
+    k2_values = torch.arange(int(k2_px.max()) + 1, dtype=torch.float64)
+    k2_per_angstrom2 = k2_values / (box * pixel_size_angstrom) ** 2
+    defocus = torch.as_tensor(defocus_um, dtype=torch.float64).view(-1, 1)
+    phase = calculate_total_phase_shift(
+        defocus_um=defocus,
+        voltage_kv=torch.tensor(float(voltage_kv), dtype=torch.float64),
+        spherical_aberration_mm=torch.tensor(float(spherical_aberration_mm), dtype=torch.float64),
+        phase_shift_degrees=torch.tensor(0.0, dtype=torch.float64),
+        amplitude_contrast_fraction=torch.tensor(float(amplitude_contrast), dtype=torch.float64),
+        fftfreq_grid_angstrom_squared=k2_per_angstrom2.unsqueeze(0),
+    )
+    table = (-torch.sin(phase)).to(torch.float32)  # (n, max k2 + 1)
+    return table.index_select(1, k2_px.reshape(-1)).reshape(-1, box, box, box // 2 + 1)
+
+
+def missing_wedge_mask(box: int, tilt_range_deg: tuple[float, float]) -> torch.Tensor:
+    """Boolean (box, box, box//2+1): True where a tilt series over ``tilt_range_deg`` about Y samples.
+
+    The k = 0 line along ky (kx = kz = 0) is sampled by every tilt and is always True.
+    """
+    lo, hi = float(tilt_range_deg[0]), float(tilt_range_deg[1])
+    kz, _, kx = rfft_frequencies(box)
+    angle = torch.rad2deg(torch.atan2(-kz, kx))  # (-180, 180]
+    angle = torch.where(angle > 90.0, angle - 180.0, angle)
+    angle = torch.where(angle <= -90.0, angle + 180.0, angle)  # folded into (-90, 90]
+    sampled = (angle >= lo - 1e-9) & (angle <= hi + 1e-9)
+    if lo <= -90.0:  # -90 and 90 are the same direction
+        sampled |= angle >= 90.0 - 1e-9
+    on_axis = (kz == 0) & (kx == 0)
+    return (sampled | on_axis).expand(box, box, box // 2 + 1).contiguous()
+
+
+def _raised_cosine(x: torch.Tensor) -> torch.Tensor:
+    """0 for x <= 0, 1 for x >= 1, a half cosine between."""
+    return 0.5 - 0.5 * torch.cos(math.pi * x.clamp(0.0, 1.0))
+
+
+def lowpass_filter(box: int, pixel_size_angstrom: float, resolution_angstrom: float, edge_px: float = 2.0) -> torch.Tensor:
+    """Low-pass to ``resolution_angstrom`` with a raised-cosine edge ``edge_px`` Fourier pixels wide.
+
+    Transmission 1 below k_c - edge/2, 0 above k_c + edge/2 (k_c = pixel size / resolution
+    in cycles/pixel); shape (box, box, box//2+1), float32.
+    """
+    k_px = frequency_magnitude(box) * box  # Fourier pixels
+    cutoff_px = pixel_size_angstrom / resolution_angstrom * box
+    return _raised_cosine((cutoff_px + edge_px / 2 - k_px) / edge_px).to(torch.float32)
+
+
+def bandpass_filter(
+    box: int, pixel_size_angstrom: float, low_angstrom: float, high_angstrom: float, edge_px: float = 2.0
+) -> torch.Tensor:
+    """Band-pass keeping resolutions between ``low_angstrom`` (coarse) and ``high_angstrom`` (fine).
+
+    Raised-cosine edges ``edge_px`` Fourier pixels wide; the DC term is removed when
+    ``low_angstrom`` is finite.  Shape (box, box, box//2+1), float32.
+    """
+    if not low_angstrom > high_angstrom > 0:
+        raise ValueError(f"band-pass expects low > high > 0 Å, got [{low_angstrom}, {high_angstrom}]")
+    k_px = frequency_magnitude(box) * box
+    low_cut_px = pixel_size_angstrom / low_angstrom * box
+    highpass = _raised_cosine((k_px - low_cut_px + edge_px / 2) / edge_px)
+    highpass[0, 0, 0] = 0.0
+    return (lowpass_filter(box, pixel_size_angstrom, high_angstrom, edge_px) * highpass).to(torch.float32)
+
+
+def fourier_shift_phase(box: int, shift_zyx_px: torch.Tensor) -> torch.Tensor:
+    """Phase ramp that moves volumes by ``shift_zyx_px`` (n, 3) pixels: (n, box, box, box//2+1), complex64."""
+    kz, ky, kx = rfft_frequencies(box)
+    s = torch.as_tensor(shift_zyx_px, dtype=torch.float64).view(-1, 3, 1, 1, 1)
+    phase = -2.0 * math.pi * (s[:, 0] * kz + s[:, 1] * ky + s[:, 2] * kx)
+    return torch.polar(torch.ones_like(phase), phase).to(torch.complex64)

@@ -1,0 +1,87 @@
+"""Encode every particle of a split with the final model (latent means, no sampling).
+
+The output ``.npz`` (written atomically) holds, one row per particle in STAR order:
+
+- ``particle_id`` (n,) str: cryovaeParticleId;
+- ``class_name`` (n,) str: cryovaeClassName (the truth for simulated data, "unknown" for extracted);
+- ``latent_mean``, ``latent_logvar`` (n, L) float32;
+- ``rotation`` (n, 3, 3) float64: particle-from-canonical in RELION's convention (the
+  model's canonical frame; ``align`` relates it to each class's reference map);
+- ``origin_angstrom`` (n, 3) float64: rlnOriginX/Y/ZAngst of the predicted shift;
+- ``recon_error`` (n,) float32: per-particle reconstruction error of the mean latent in the
+  predicted pose, the training reconstruction loss (wedge-masked when the config says so).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from cryovae.atomic import atomic_path
+from cryovae.config import Config
+from cryovae.errors import InputError
+from cryovae.model.data import ParticleData
+from cryovae.model.encoder import rotation_3x3
+from cryovae.model.io import load_model
+from cryovae.model.losses import reconstruction_error, wedge_mask
+from cryovae.train import autocast, choose_device
+
+
+def _check_compatible(data: ParticleData, meta: dict, model_path: Path, split_dir: Path) -> None:
+    if list(data.spatial_shape) != list(meta["spatial_shape"]):
+        raise InputError(f"{split_dir}: particle shape {data.spatial_shape} differs from the model's "
+                         f"{tuple(meta['spatial_shape'])} ({model_path})")
+    if not math.isclose(data.pixel_size_angstrom, meta["pixel_size_angstrom"], rel_tol=1e-4):
+        raise InputError(f"{split_dir}: pixel size {data.pixel_size_angstrom} Å differs from the model's "
+                         f"{meta['pixel_size_angstrom']} Å ({model_path})")
+
+
+@torch.no_grad()
+def encode_split(config: Config, model_path: Path, split_dir: Path) -> dict[str, np.ndarray]:
+    """The arrays of :func:`embed` for one split (see the module docstring)."""
+    device = choose_device(config.training.device)
+    model, meta = load_model(model_path, device)
+    data = ParticleData.open(split_dir, meta["class_names"], require_known=False)
+    _check_compatible(data, meta, Path(model_path), Path(split_dir))
+    use_wedge = (config.training.wedge_masked_loss and config.simulation.tilt_range_deg is not None
+                 and len(data.spatial_shape) == 3)
+    mask = wedge_mask(data.spatial_shape, config.simulation.tilt_range_deg).to(device) if use_wedge else None
+    batches = [np.arange(i, min(i + config.training.batch_size, len(data)))
+               for i in range(0, len(data), config.training.batch_size)]
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in
+                                          ("latent_mean", "latent_logvar", "rotation", "shift", "recon_error")}
+    for vols in tqdm(data.batches(batches), total=len(batches), desc="embed", mininterval=1.0):
+        x = torch.from_numpy(vols).unsqueeze(1).to(device)
+        with autocast(device):
+            out = model(x, sample=False)
+        parts["latent_mean"].append(out["latent_mean"].float().cpu().numpy())
+        parts["latent_logvar"].append(out["latent_logvar"].float().cpu().numpy())
+        parts["rotation"].append(rotation_3x3(out["rotation"].double()).cpu().numpy())
+        parts["shift"].append(out["shift_voxels"].double().cpu().numpy())
+        parts["recon_error"].append(reconstruction_error(out["reconstruction"], x, mask).cpu().numpy())
+    shift = np.concatenate(parts["shift"])
+    shift_xyz = np.zeros((len(shift), 3))
+    shift_xyz[:, : shift.shape[1]] = shift
+    table = data.source.particles
+    return {
+        "particle_id": table["cryovaeParticleId"].astype(str).to_numpy().astype(str),
+        "class_name": table["cryovaeClassName"].astype(str).to_numpy().astype(str),
+        "latent_mean": np.concatenate(parts["latent_mean"]).astype(np.float32),
+        "latent_logvar": np.concatenate(parts["latent_logvar"]).astype(np.float32),
+        "rotation": np.concatenate(parts["rotation"]).astype(np.float64),
+        "origin_angstrom": -shift_xyz * meta["pixel_size_angstrom"],
+        "recon_error": np.concatenate(parts["recon_error"]).astype(np.float32),
+    }
+
+
+def embed(config: Config, model: Path, split_dir: Path, output: Path) -> None:
+    """Encode every particle of ``split_dir`` with ``model``; write the ``.npz`` at ``output``."""
+    torch.set_num_threads(config.training.threads)
+    arrays = encode_split(config, Path(model), Path(split_dir))
+    with atomic_path(output) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)

@@ -1,0 +1,116 @@
+"""A subtomogram split as RELION 3.1 reads it: one MRC per particle and a particles STAR.
+
+``relion_reconstruct --i particles.star --o map.mrc --3d_rot`` (run in the output folder)
+back-projects the particles with their poses; on simulated data it gives back the class
+map, which is how the pose convention of the whole project is checked with RELION itself.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+import pandas as pd
+import starfile
+from tqdm import tqdm
+
+from cryovae.atomic import atomic_path
+from cryovae.errors import InputError
+from cryovae.shards import POSE_COLUMNS, SubtomogramSet
+
+OPTICS_REQUIRED = (
+    "rlnOpticsGroup", "rlnImageDimensionality", "rlnImagePixelSize", "rlnImageSize",
+    "rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast",
+)
+PARTICLES_REQUIRED = ("rlnImageName", *POSE_COLUMNS, "rlnOpticsGroup")
+PARTICLES_FIRST = ("rlnImageName", *POSE_COLUMNS, "rlnOpticsGroup", "rlnClassNumber")
+EXPORT_CHUNK = 256  # particles read from the shards at a time
+
+
+def write_relion3_particles_star(particles: pd.DataFrame, optics: dict | pd.DataFrame, path: str | Path) -> None:
+    """Write a RELION 3.1 STAR file (data_optics + data_particles) of 3D subtomograms, atomically.
+
+    ``particles`` needs ``rlnImageName``, the three angles, the three ``rlnOrigin?Angst``
+    (``rlnOpticsGroup`` defaults to 1); its other columns are kept, after the RELION ones.
+    ``optics``: a one-group mapping or a DataFrame; it needs ``rlnImagePixelSize``,
+    ``rlnImageSize``, ``rlnVoltage``, ``rlnSphericalAberration``, ``rlnAmplitudeContrast``
+    (``rlnOpticsGroup`` defaults to 1, ``rlnImageDimensionality`` to 3).
+    """
+    path = Path(path)
+    optics_df = pd.DataFrame([optics]) if isinstance(optics, dict) else optics.copy()
+    if "rlnOpticsGroup" not in optics_df.columns:
+        optics_df.insert(0, "rlnOpticsGroup", np.arange(1, len(optics_df) + 1))
+    if "rlnImageDimensionality" not in optics_df.columns:
+        optics_df["rlnImageDimensionality"] = 3
+    missing = [c for c in OPTICS_REQUIRED if c not in optics_df.columns]
+    if missing:
+        raise InputError(f"{path}: optics lack {', '.join(missing)} (relion_reconstruct needs them)")
+    table = particles.copy()
+    if "rlnOpticsGroup" not in table.columns:
+        table["rlnOpticsGroup"] = 1
+    missing = [c for c in PARTICLES_REQUIRED if c not in table.columns]
+    if missing:
+        raise InputError(f"{path}: particles lack {', '.join(missing)}")
+    unknown = set(table["rlnOpticsGroup"]) - set(optics_df["rlnOpticsGroup"])
+    if unknown:
+        raise InputError(f"{path}: particles name optics group(s) {sorted(unknown)} absent from data_optics")
+    first = [c for c in PARTICLES_FIRST if c in table.columns]
+    table = table[first + [c for c in table.columns if c not in first]]
+    with atomic_path(path) as tmp:
+        starfile.write({"optics": optics_df, "particles": table}, tmp, overwrite=True)
+
+
+def optics_for_export(config, optics: pd.DataFrame, box: int, pixel_size_angstrom: float) -> dict:
+    """One optics group: the split's own values where present, else the config's microscope."""
+    sim = config.simulation
+    row = optics.iloc[0].to_dict() if len(optics) else {}
+    return {
+        "rlnOpticsGroup": 1,
+        "rlnOpticsGroupName": str(row.get("rlnOpticsGroupName", "opticsGroup1")),
+        "rlnImageDimensionality": 3,
+        "rlnImagePixelSize": float(pixel_size_angstrom),
+        "rlnImageSize": int(box),
+        "rlnVoltage": float(row.get("rlnVoltage", sim.voltage_kv)),
+        "rlnSphericalAberration": float(row.get("rlnSphericalAberration", sim.spherical_aberration_mm)),
+        "rlnAmplitudeContrast": float(row.get("rlnAmplitudeContrast", sim.amplitude_contrast)),
+    }
+
+
+def _write_mrc(volume_zyx: np.ndarray, pixel_size_angstrom: float, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        with mrcfile.new(tmp, overwrite=True) as mrc:
+            mrc.set_data(np.ascontiguousarray(volume_zyx, dtype=np.float32))
+            mrc.voxel_size = pixel_size_angstrom
+
+
+def export_relion3(config, split_dir: Path, output_dir: Path) -> None:
+    """Write a split as ``output_dir/subtomograms/{particle id}.mrc`` + ``output_dir/particles.star``.
+
+    Image names are relative to ``output_dir``.  Without poses (extracted data) the angles
+    and origins are 0.
+    """
+    split_dir, output_dir = Path(split_dir), Path(output_dir)
+    data = SubtomogramSet.open(split_dir)
+    if len(data) == 0:
+        raise InputError(f"{split_dir}/particles.star: no particles to export")
+    pixel = data.pixel_size_angstrom
+    ids = data.particles["cryovaeParticleId"].astype(str)
+    if ids.duplicated().any():
+        raise InputError(f"{split_dir}/particles.star: duplicate particle id {ids[ids.duplicated()].iloc[0]!r}")
+    names = [f"subtomograms/{pid}.mrc" for pid in ids]
+    box = None
+    for start in tqdm(range(0, len(data), EXPORT_CHUNK), desc=f"export {split_dir.name}", unit="chunk"):
+        idx = np.arange(start, min(len(data), start + EXPORT_CHUNK))
+        volumes = data.volumes(idx)
+        box = volumes.shape[-1]
+        for i, volume in zip(idx, volumes):
+            _write_mrc(volume, pixel, output_dir / names[i])
+    table = data.particles.copy()
+    table.insert(0, "rlnImageName", names)
+    if not data.has_poses():
+        for col in POSE_COLUMNS:
+            table[col] = 0.0
+    table["rlnOpticsGroup"] = 1
+    optics = optics_for_export(config, data.optics, box, pixel)
+    write_relion3_particles_star(table, optics, output_dir / "particles.star")

@@ -1,0 +1,166 @@
+"""Training data: a split's particles with their labels, read in shard-grouped chunks.
+
+Also reads the class affinity matrix (CSV: a header row of N class names, then N rows of
+N numbers, no index column).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cryovae.errors import InputError
+from cryovae.rotations import relion_euler_to_matrix
+from cryovae.shards import SubtomogramSet
+
+UNKNOWN = "unknown"
+
+
+def read_affinity_csv(path: str | Path) -> tuple[list[str], np.ndarray]:
+    """The class names (header order) and the (N, N) float64 affinity matrix of a CSV file."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: affinity matrix does not exist")
+    raw = pd.read_csv(path, header=None, dtype=str, keep_default_na=False)
+    names = [str(n).strip() for n in raw.iloc[0]]
+    values = raw.iloc[1:]
+    if values.shape != (len(names), len(names)):
+        raise InputError(
+            f"{path}: expected a header of N class names then an N x N matrix, got {len(names)} names "
+            f"and {values.shape[0]} rows of {values.shape[1]}"
+        )
+    if len(set(names)) != len(names):
+        raise InputError(f"{path}: class names in the header repeat: {names}")
+    matrix = values.apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
+    bad = np.argwhere(~np.isfinite(matrix))
+    if len(bad):
+        raise InputError(f"{path}: line {bad[0][0] + 2}, column {bad[0][1] + 1}: expected a finite number")
+    return names, matrix
+
+
+@dataclass
+class ParticleData:
+    """A split ready for training: volumes by index, class rows of the affinity matrix, true poses.
+
+    class_index (n,) int64: row of each particle's class in ``class_names`` (-1: unknown);
+    true_rotation (n, 3, 3) float32 particle-from-reference and true_shift_voxels (n, 3)
+    float32 (x, y, z; content centre minus voxel N//2 = -rlnOrigin / pixel size), or None
+    when the STAR file has no poses.
+    """
+
+    source: SubtomogramSet
+    spatial_shape: tuple[int, ...]
+    class_index: np.ndarray
+    true_rotation: np.ndarray | None
+    true_shift_voxels: np.ndarray | None
+    _shard_names: np.ndarray
+    _rows: np.ndarray
+
+    @classmethod
+    def open(cls, folder: str | Path, class_names: list[str], require_known: bool = True) -> "ParticleData":
+        """Open a split folder; with ``require_known`` every class must be in ``class_names``."""
+        source = SubtomogramSet.open(folder)
+        if "rlnImagePixelSize" not in source.optics.columns:
+            raise InputError(f"{source.folder / 'particles.star'}: data_optics lacks _rlnImagePixelSize")
+        if len(source) == 0:
+            raise InputError(f"{source.folder / 'particles.star'}: no particles")
+        table = source.particles
+        shard_names = table["cryovaeShard"].astype(str).to_numpy()
+        rows = table["cryovaeIndex"].to_numpy().astype(np.int64)
+        spatial = _check_shards(source, shard_names, rows)
+        class_index = _class_index(source, class_names, require_known)
+        rotation, shift = _true_poses(source)
+        return cls(source, spatial, class_index, rotation, shift, shard_names, rows)
+
+    def __len__(self) -> int:
+        return len(self.class_index)
+
+    @property
+    def pixel_size_angstrom(self) -> float:
+        return self.source.pixel_size_angstrom
+
+    @property
+    def has_poses(self) -> bool:
+        return self.true_rotation is not None
+
+    def read(self, indices: np.ndarray) -> np.ndarray:
+        """Volumes at STAR rows ``indices``, (n, *spatial) float32, read shard by shard in row order."""
+        indices = np.asarray(indices, dtype=np.int64)
+        out = np.empty((len(indices),) + self.spatial_shape, dtype=np.float32)
+        names, rows = self._shard_names[indices], self._rows[indices]
+        for name in np.unique(names):
+            where = np.nonzero(names == name)[0]
+            order = np.argsort(rows[where], kind="stable")
+            out[where[order]] = self.source.shard(str(name))[rows[where[order]]]
+        return out
+
+    def batches(self, batches: list[np.ndarray]) -> Iterator[np.ndarray]:
+        """Volumes of each index array in ``batches``, the next one read in a background thread."""
+        if not batches:
+            return
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(self.read, batches[0])
+            for nxt in batches[1:]:
+                current = pending.result()
+                pending = pool.submit(self.read, nxt)
+                yield current
+            yield pending.result()
+
+
+def _check_shards(source: SubtomogramSet, shard_names: np.ndarray, rows: np.ndarray) -> tuple[int, ...]:
+    """Every named shard exists, has one spatial shape, and holds the rows the STAR names."""
+    spatial = None
+    for name in pd.unique(shard_names):
+        arr = source.shard(str(name))
+        if arr.ndim not in (3, 4):
+            raise InputError(f"{source.folder / name}: expected (n, H, W) or (n, D, H, W), got shape {arr.shape}")
+        if spatial is None:
+            spatial = tuple(int(s) for s in arr.shape[1:])
+        elif tuple(arr.shape[1:]) != spatial:
+            raise InputError(f"{source.folder / name}: particle shape {arr.shape[1:]} differs from {spatial}")
+        mine = rows[shard_names == name]
+        if mine.min() < 0 or mine.max() >= arr.shape[0]:
+            pid = source.particles["cryovaeParticleId"][(shard_names == name) & ((rows < 0) | (rows >= arr.shape[0]))]
+            raise InputError(
+                f"{source.folder / 'particles.star'}: particle {pid.iloc[0]!r}: index outside {name} "
+                f"({arr.shape[0]} particles)"
+            )
+    return spatial
+
+
+def _class_index(source: SubtomogramSet, class_names: list[str], require_known: bool) -> np.ndarray:
+    """Row of each particle's cryovaeClassName in ``class_names``; -1 for unknown ones."""
+    lookup = {name: i for i, name in enumerate(class_names)}
+    names = source.particles["cryovaeClassName"].astype(str).to_numpy()
+    index = np.array([lookup.get(n, -1) for n in names], dtype=np.int64)
+    stray = (index < 0) & (names != UNKNOWN)
+    if require_known and stray.any():
+        first = int(np.nonzero(stray)[0][0])
+        raise InputError(
+            f"{source.folder / 'particles.star'}: particle {source.particles['cryovaeParticleId'].iloc[first]!r} "
+            f"has class {names[first]!r}, which is not in the affinity matrix {class_names}"
+        )
+    return index
+
+
+def _true_poses(source: SubtomogramSet) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(n, 3, 3) particle-from-reference and (n, 3) shifts in voxels from the STAR, or (None, None)."""
+    if not source.has_poses():
+        return None, None
+    table = source.particles
+    angles = table[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy(dtype=np.float64)
+    origins = table[["rlnOriginXAngst", "rlnOriginYAngst", "rlnOriginZAngst"]].to_numpy(dtype=np.float64)
+    if not (np.isfinite(angles).all() and np.isfinite(origins).all()):
+        row = int(np.nonzero(~(np.isfinite(angles).all(1) & np.isfinite(origins).all(1)))[0][0])
+        raise InputError(
+            f"{source.folder / 'particles.star'}: particle {table['cryovaeParticleId'].iloc[row]!r}: "
+            "angles or origins are not finite numbers"
+        )
+    rotation = relion_euler_to_matrix(angles).astype(np.float32)
+    shift = (-origins / source.pixel_size_angstrom).astype(np.float32)
+    return rotation, shift

@@ -1,0 +1,75 @@
+"""``model.pt``: one self-describing file, loadable with ``torch.load(..., weights_only=True)``.
+
+It holds only tensors, dicts, lists, strings and numbers:
+
+- ``format`` ("cryovae-affinity-vae"), ``format_version`` (1), ``package_version``;
+- ``state_dict``: the weights;
+- ``hyperparameters``: the arguments of :class:`~cryovae.model.vae.AffinityVAE`
+  (spatial_shape, channels, latent_dims, decoder, n_splats, hidden, pixel_size_angstrom);
+- ``class_names`` (affinity-matrix order), ``box_size``, ``spatial_shape``,
+  ``pixel_size_angstrom``, ``latent_dims``, ``decoder``, ``ndim``;
+- ``config``: the run's configuration as a plain dict; plus anything passed as ``extra``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cryovae import __version__
+from cryovae.atomic import atomic_path
+from cryovae.errors import InputError
+from cryovae.model.vae import AffinityVAE
+
+FORMAT = "cryovae-affinity-vae"
+FORMAT_VERSION = 1
+
+
+def model_record(model: AffinityVAE, class_names: list[str], config: dict, extra: dict | None = None) -> dict:
+    """The dict written to ``model.pt`` (weights on the CPU)."""
+    hp = model.hyperparameters
+    record: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "package_version": __version__,
+        "hyperparameters": hp,
+        "class_names": list(class_names),
+        "box_size": int(hp["spatial_shape"][-1]),
+        "spatial_shape": list(hp["spatial_shape"]),
+        "ndim": len(hp["spatial_shape"]),
+        "pixel_size_angstrom": float(hp["pixel_size_angstrom"]),
+        "latent_dims": int(hp["latent_dims"]),
+        "decoder": hp["decoder"],
+        "config": config,
+        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+    }
+    record.update(extra or {})
+    return record
+
+
+def save_model(path: str | Path, model: AffinityVAE, class_names: list[str], config: dict, extra: dict | None = None) -> None:
+    """Write ``model.pt`` atomically."""
+    with atomic_path(path) as tmp:
+        torch.save(model_record(model, class_names, config, extra), tmp)
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[AffinityVAE, dict]:
+    """Rebuild the model of a ``model.pt`` on ``device`` in evaluation mode: (model, meta).
+
+    meta is the file's dict without the weights.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: model file does not exist")
+    record = torch.load(path, map_location=device, weights_only=True)
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        raise InputError(f"{path}: not a cryovae model file (expected format {FORMAT!r})")
+    if record.get("format_version") != FORMAT_VERSION:
+        raise InputError(f"{path}: model format version {record.get('format_version')}, expected {FORMAT_VERSION}")
+    model = AffinityVAE(**record["hyperparameters"])
+    model.load_state_dict(record["state_dict"])
+    model.to(device).eval()
+    meta = {k: v for k, v in record.items() if k != "state_dict"}
+    return model, meta

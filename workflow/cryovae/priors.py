@@ -1,0 +1,172 @@
+"""Pose priors for subtomogram averaging: RELION 5, 4 or 3 particle STAR files.
+
+Every particle gets its predicted ``rlnAngleRot/Tilt/Psi`` (relative to its class's
+reference map), ``rlnOriginX/Y/ZAngst``, the priors ``rlnAngleTiltPrior`` and
+``rlnAnglePsiPrior`` (the same angles: local searches start there), ``rlnClassNumber``
+(1-based in config order; 0 for unknown), ``cryovaeClassName`` and ``cryovaeConfidence``.
+
+Particles extracted from tomograms keep their ``rlnTomoName`` and coordinates exactly.
+Simulated particles have no tomogram: each is its own exported subtomogram
+(``{output_dir}/export/{split}``), named in ``rlnImageName`` (relative to the STAR file's
+folder) and, for RELION 4/5, written as a particle at the centre of that subtomogram.
+One file per predicted class goes to ``priors/{split}/{class}.star``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+import pandas as pd
+import starfile
+
+from cryovae.config import Config
+from cryovae.errors import InputError
+from cryovae.shards import STRING_COLUMNS, SubtomogramSet
+from cryovae.star import OpticsInfo, write_relion4_particles, write_relion5_particles
+
+log = logging.getLogger(__name__)
+
+
+def _read_embeddings(path: Path) -> pd.DataFrame:
+    if not Path(path).is_file():
+        raise InputError(f"{path}: embeddings file does not exist")
+    return pd.read_csv(path, dtype={"particle_id": str, "predicted_class": str})
+
+
+def _joined(embeddings: pd.DataFrame, particles: pd.DataFrame, path: Path) -> pd.DataFrame:
+    """Embeddings in the split's STAR order, with the STAR's columns beside them."""
+    table = particles.merge(embeddings, left_on="cryovaeParticleId", right_on="particle_id", how="left")
+    missing = table["particle_id"].isna()
+    if missing.any():
+        raise InputError(f"{path}: no row for particle {table['cryovaeParticleId'][missing].iloc[0]!r}")
+    return table
+
+
+def _export_images(config: Config, split: str, ids: pd.Series, star_dir: Path) -> pd.Series:
+    """``rlnImageName`` of each particle's exported subtomogram, relative to ``star_dir``."""
+    export_dir = Path(config.output_dir) / "export" / split
+    export_star = export_dir / "particles.star"
+    if not export_star.is_file():
+        raise InputError(f"{export_star}: exported subtomograms of split {split!r} are missing")
+    exported = starfile.read(export_star, always_dict=True, parse_as_string=list(STRING_COLUMNS))["particles"]
+    names = dict(zip(exported["cryovaeParticleId"], exported["rlnImageName"]))
+    missing = [p for p in ids if p not in names]
+    if missing:
+        raise InputError(f"{export_star}: particle {missing[0]!r} was not exported")
+    rel = os.path.relpath(export_dir, star_dir)
+    return pd.Series([f"{rel}/{names[p]}" for p in ids], index=ids.index)
+
+
+def _prior_columns(config: Config, table: pd.DataFrame) -> pd.DataFrame:
+    """The standard coordinate-table columns (see :mod:`cryovae.star`) that every format carries."""
+    numbers = {name: i + 1 for i, name in enumerate(config.class_names)}
+    return pd.DataFrame({
+        "rot_deg": table["angle_rot"],
+        "tilt_deg": table["angle_tilt"],
+        "psi_deg": table["angle_psi"],
+        "rlnAngleTiltPrior": table["angle_tilt"],
+        "rlnAnglePsiPrior": table["angle_psi"],
+        "origin_x_angstrom": table["origin_x_angstrom"],
+        "origin_y_angstrom": table["origin_y_angstrom"],
+        "origin_z_angstrom": table["origin_z_angstrom"],
+        "class_number": [numbers.get(c, 0) for c in table["predicted_class"]],
+        "cryovaeClassName": table["predicted_class"],
+        "cryovaeConfidence": table["confidence"],
+        "cryovaeUnknownScore": table["unknown_score"],
+        "cryovaeParticleId": table["cryovaeParticleId"],
+    })
+
+
+def _tomogram_shapes(config: Config, names) -> dict[str, tuple[int, int, int]]:
+    """(nx, ny, nz) of each named tomogram, read from its MRC header."""
+    shapes = {}
+    for name in set(names):
+        path = config.extraction.tomograms[name].tomogram
+        with mrcfile.mmap(path, mode="r", permissive=True) as mrc:
+            nz, ny, nx = mrc.data.shape
+        shapes[name] = (nx, ny, nz)
+    return shapes
+
+
+def _coordinates(config: Config, split: SubtomogramSet, table: pd.DataFrame, star_dir: Path):
+    """(tomo names, x/y/z pixels, tomogram shapes, tilt-series pixel size, image names or None)."""
+    if "rlnTomoName" in table.columns:
+        xyz = table[["rlnCoordinateX", "rlnCoordinateY", "rlnCoordinateZ"]].to_numpy(np.float64)
+        tomo_px = split.pixel_size_angstrom / config.extraction.binning
+        return table["rlnTomoName"].astype(str), xyz, _tomogram_shapes(config, table["rlnTomoName"]), tomo_px, None
+    images = _export_images(config, split.folder.name, table["cryovaeParticleId"], star_dir)
+    box = config.box_size
+    names = images.map(lambda p: Path(p).stem)
+    xyz = np.full((len(table), 3), box / 2)
+    return names, xyz, {n: (box, box, box) for n in names}, config.pixel_size_angstrom, images
+
+
+def write_priors(config: Config, embeddings: Path, split_dir: Path, output: Path) -> None:
+    """Write ``output`` (all particles) and ``output``'s stem folder with one file per predicted class."""
+    split = SubtomogramSet.open(split_dir)
+    table = _joined(_read_embeddings(embeddings), split.particles, embeddings)
+    output = Path(output)
+    tomo, xyz, shapes, tomo_px, images = _coordinates(config, split, table, output.parent)
+    rows = _prior_columns(config, table)
+    rows.insert(0, "tomo_name", tomo.to_numpy())
+    for k, axis in enumerate("xyz"):
+        rows.insert(1 + k, f"{axis}_px", xyz[:, k])
+    if images is not None:
+        rows["rlnImageName"] = images.to_numpy()
+    sim = config.simulation
+    optics = OpticsInfo(
+        tilt_series_pixel_size_angstrom=tomo_px, image_pixel_size_angstrom=split.pixel_size_angstrom,
+        image_size_px=config.box_size, voltage_kv=sim.voltage_kv,
+        spherical_aberration_mm=sim.spherical_aberration_mm, amplitude_contrast=sim.amplitude_contrast,
+    )
+    _write(config, rows, output, optics, shapes)
+    _write_per_class(config, rows, output.with_suffix(""), optics, shapes)
+    log.warning("priors: %d particles written to %s (%s)", len(rows), output, config.priors.format)
+
+
+def _write(config: Config, rows: pd.DataFrame, path: Path, optics: OpticsInfo, shapes) -> None:
+    fmt = config.priors.format
+    if fmt == "relion5":
+        write_relion5_particles(rows, path, optics, shapes)
+    elif fmt == "relion4":
+        write_relion4_particles(rows, path, optics)
+    else:
+        _write_relion3(rows, path, optics)
+
+
+def _write_relion3(rows: pd.DataFrame, path: Path, optics: OpticsInfo) -> None:
+    """RELION 3.1 subtomograms: ``rlnImageName`` required (extracted splits are exported first)."""
+    from cryovae.export import write_relion3_particles_star
+
+    if "rlnImageName" not in rows.columns:
+        raise InputError(f"{path}: relion3 priors need exported subtomograms (rlnImageName)")
+    renamed = rows.drop(columns=["tomo_name", "x_px", "y_px", "z_px"]).rename(columns={
+        "rot_deg": "rlnAngleRot", "tilt_deg": "rlnAngleTilt", "psi_deg": "rlnAnglePsi",
+        "origin_x_angstrom": "rlnOriginXAngst", "origin_y_angstrom": "rlnOriginYAngst",
+        "origin_z_angstrom": "rlnOriginZAngst", "class_number": "rlnClassNumber",
+    })
+    write_relion3_particles_star(renamed, optics.block(), path)
+
+
+def _write_per_class(config: Config, rows: pd.DataFrame, folder: Path, optics: OpticsInfo, shapes) -> None:
+    """One STAR per predicted class (``unknown.star`` too), swapped in as a whole folder."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    try:
+        for name, group in rows.groupby("cryovaeClassName", sort=True):
+            per_class = group.copy()
+            if "rlnImageName" in per_class.columns:  # one folder deeper than the main file
+                per_class["rlnImageName"] = "../" + per_class["rlnImageName"]
+            _write(config, per_class, tmp / f"{name}.star", optics, shapes)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)

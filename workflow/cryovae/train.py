@@ -1,0 +1,484 @@
+"""Training the affinity-VAE: reproducible, checkpointed, resumable after a kill.
+
+``train`` reads a training and a validation split (shards + particles.star) and the
+affinity matrix, and writes into ``output_dir``:
+
+- ``model.pt``: the final model (see :mod:`cryovae.model.io`), written once at the end;
+- ``history.csv``: one row per epoch (losses and their components on train and val, beta,
+  gamma, learning rate, wall seconds of the training pass);
+- ``loss_curves.png``.
+
+While it runs, ``checkpoint.pt`` (model, optimiser, scheduler, RNG states, position,
+history) is written every ``training.checkpoint_every`` epochs and when the process gets
+SIGTERM or SIGUSR1 (SLURM's warning before a time limit or preemption): the handler only
+sets a flag, the loop writes the checkpoint at the next batch boundary and exits with
+status 128 + signal number.  A rerun resumes from it and ends, on the CPU, with weights
+bitwise identical to an uninterrupted run's.  ``checkpoint.pt`` is deleted once
+``model.pt`` is written.
+
+Reproducibility: the model is initialised from ``torch.manual_seed(seed)``; the epoch's
+shuffle comes from ``numpy.random.default_rng([seed, epoch])``; the latent sampling noise
+from a CPU ``torch.Generator`` seeded with ``seed`` whose state is checkpointed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from cryovae.atomic import atomic_path
+from cryovae.config import Config
+from cryovae.errors import InputError
+from cryovae.model.data import ParticleData, read_affinity_csv
+from cryovae.model.encoder import rotation_3x3
+from cryovae.model.io import save_model
+from cryovae.model.losses import affinity_loss, kl_divergence, pose_loss, reconstruction_error, wedge_mask
+from cryovae.model.vae import AffinityVAE
+from cryovae.rotations import symmetry_group
+from cryovae.schedules import schedule_value
+
+HIDDEN_UNITS = 256
+COMPONENTS = ("recon", "kl", "affinity", "pose")
+CHECKPOINT = "checkpoint.pt"
+STOP_SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s)
+
+BatchHook = Callable[[int, int], None]
+
+
+# ----------------------------------------------------------------------------- devices, determinism
+
+
+def choose_device(requested: str) -> torch.device:
+    """``auto``: CUDA when present, else CPU; ``cuda`` without CUDA is an error."""
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise InputError("training.device is 'cuda' but no CUDA device is available")
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(device: torch.device) -> Iterator[None]:
+    """Deterministic kernels for the duration (warn-only on CUDA, whose grid_sample backward is not)."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    previous_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous, warn_only=previous_warn)
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; nothing on the CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------- signals
+
+
+@dataclass
+class StopRequest:
+    """Set by the signal handler; read by the loop at batch boundaries."""
+
+    signum: int | None = None
+
+
+@contextlib.contextmanager
+def stop_on_signals(request: StopRequest) -> Iterator[None]:
+    """Route SIGTERM/SIGUSR1 to ``request`` (main thread only); restore the old handlers after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, _frame):
+        request.signum = signum
+
+    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+# ----------------------------------------------------------------------------- losses on a batch
+
+
+@dataclass
+class LossSetup:
+    """What the loss needs besides the batch (tensors on the training device)."""
+
+    affinity: torch.Tensor                 # (C, C)
+    affinity_kind: str
+    fourier_mask: torch.Tensor | None      # (D, H, W//2+1) bool, or None
+    symmetry_ops: torch.Tensor | None      # (C, G, 3, 3) identity-padded, or None (all C1)
+    pose_weight: float
+    beta: float = 1.0
+    gamma: float = 1.0
+
+
+@dataclass
+class Batch:
+    """One batch on the device: volumes (n, 1, *spatial); class rows (n,); true poses or None."""
+
+    volumes: torch.Tensor
+    class_index: torch.Tensor
+    true_rotation: torch.Tensor | None
+    true_shift_voxels: torch.Tensor | None
+
+
+def batch_losses(model: AffinityVAE, batch: Batch, setup: LossSetup, sample: bool,
+                 generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+    """Loss components and ``total`` (scalars, float32) of one batch."""
+    with autocast(batch.volumes.device):
+        out = model(batch.volumes, generator=generator, sample=sample)
+    losses = {
+        "recon": reconstruction_error(out["reconstruction"], batch.volumes, setup.fourier_mask).mean(),
+        "kl": kl_divergence(out["latent_mean"].float(), out["latent_logvar"].float()),
+        "affinity": affinity_loss(out["latent_mean"].float(), batch.class_index, setup.affinity, setup.affinity_kind),
+    }
+    if setup.pose_weight > 0 and batch.true_rotation is not None:
+        ndim = out["shift_voxels"].shape[1]
+        ops = None if setup.symmetry_ops is None else setup.symmetry_ops[batch.class_index.clamp(min=0)]
+        losses["pose"] = pose_loss(
+            rotation_3x3(out["rotation"].float()), out["shift_voxels"].float(),
+            batch.true_rotation, batch.true_shift_voxels[:, :ndim], ops,
+        )
+    else:
+        losses["pose"] = torch.zeros((), device=batch.volumes.device)
+    losses["total"] = (losses["recon"] + setup.beta * losses["kl"] + setup.gamma * losses["affinity"]
+                       + setup.pose_weight * losses["pose"])
+    return losses
+
+
+def make_batch(data: ParticleData, indices: np.ndarray, volumes: np.ndarray, device: torch.device) -> Batch:
+    """Move a batch to ``device``: volumes get a channel axis."""
+    rot = shift = None
+    if data.has_poses:
+        rot = torch.from_numpy(data.true_rotation[indices]).to(device)
+        shift = torch.from_numpy(data.true_shift_voxels[indices]).to(device)
+    return Batch(
+        torch.from_numpy(volumes).unsqueeze(1).to(device),
+        torch.from_numpy(data.class_index[indices]).to(device),
+        rot, shift,
+    )
+
+
+def symmetry_table(class_names: list[str], symmetry: dict[str, str]) -> torch.Tensor | None:
+    """(C, G, 3, 3) point group of each class padded with identities; None when all are C1."""
+    groups = [symmetry_group(symmetry.get(name, "C1")) for name in class_names]
+    size = max(len(g) for g in groups)
+    if size == 1:
+        return None
+    table = np.tile(np.eye(3), (len(groups), size, 1, 1))
+    for i, g in enumerate(groups):
+        table[i, : len(g)] = g
+    return torch.tensor(table, dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------- epochs
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, shuffle: bool = True) -> list[np.ndarray]:
+    """Index arrays of an epoch's batches (a seeded permutation); a last batch of one is dropped."""
+    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+    batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
+    return [b for b in batches if len(b) >= 2]
+
+
+@dataclass
+class Running:
+    """Sample-weighted sums of the loss components over part of an epoch."""
+
+    sums: dict[str, float] = field(default_factory=lambda: {k: 0.0 for k in ("total",) + COMPONENTS})
+    count: int = 0
+
+    def add(self, losses: dict[str, torch.Tensor], n: int) -> None:
+        for k in self.sums:
+            self.sums[k] += float(losses[k].detach()) * n
+        self.count += n
+
+    def means(self) -> dict[str, float]:
+        return {k: v / max(self.count, 1) for k, v in self.sums.items()}
+
+
+@torch.no_grad()
+def evaluate(model: AffinityVAE, data: ParticleData, setup: LossSetup, batch_size: int, device: torch.device) -> dict:
+    """Mean loss components on a split with the latent means (no sampling)."""
+    model.eval()
+    running = Running()
+    batches = epoch_batches(len(data), batch_size, 0, 0, shuffle=False)
+    for idx, vols in zip(batches, data.batches(batches)):
+        running.add(batch_losses(model, make_batch(data, idx, vols, device), setup, False, None), len(idx))
+    return running.means()
+
+
+# ----------------------------------------------------------------------------- state and checkpoints
+
+
+@dataclass
+class TrainState:
+    """Everything a resumed run needs besides the model, optimiser and scheduler."""
+
+    epoch: int = 0                    # epoch in progress (or next to start)
+    batch: int = 0                    # next batch of that epoch
+    running: Running = field(default_factory=Running)
+    seconds: float = 0.0              # training-pass wall time of the epoch so far
+    history: list[dict] = field(default_factory=list)
+
+
+def _rng_states(noise: torch.Generator) -> dict:
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "noise": noise.get_state(),
+        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "python": {"version": py_state[0], "state": list(py_state[1]), "gauss": py_state[2]},
+    }
+
+
+def _restore_rng_states(states: dict, noise: torch.Generator) -> None:
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    noise.set_state(states["noise"])
+    np_s = states["numpy"]
+    np.random.set_state(("MT19937", np_s["key"].numpy().astype(np.uint32), np_s["pos"], np_s["has_gauss"], np_s["gauss"]))
+    py = states["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+
+
+def save_checkpoint(path: Path, model, optimizer, scheduler, noise: torch.Generator, state: TrainState,
+                    fingerprint: dict) -> None:
+    """Write ``checkpoint.pt`` atomically (plain types and tensors only)."""
+    record = {
+        "format": "cryovae-checkpoint",
+        "fingerprint": fingerprint,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": _rng_states(noise),
+        "epoch": state.epoch,
+        "batch": state.batch,
+        "running": {"sums": dict(state.running.sums), "count": state.running.count},
+        "seconds": state.seconds,
+        "history": list(state.history),
+    }
+    with atomic_path(path) as tmp:
+        torch.save(record, tmp)
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, noise: torch.Generator, fingerprint: dict,
+                    device: torch.device) -> TrainState | None:
+    """Restore a checkpoint of the same run into the given objects; None (and a message) otherwise."""
+    if not path.is_file():
+        return None
+    record = torch.load(path, map_location="cpu", weights_only=True)
+    if record.get("format") != "cryovae-checkpoint" or record.get("fingerprint") != fingerprint:
+        tqdm.write(f"cryovae train: {path} belongs to a different configuration or data; starting afresh",
+                   file=sys.stderr)
+        return None
+    model.load_state_dict(record["model"])
+    optimizer.load_state_dict(record["optimizer"])
+    scheduler.load_state_dict(record["scheduler"])
+    _restore_rng_states(record["rng"], noise)
+    running = Running(dict(record["running"]["sums"]), int(record["running"]["count"]))
+    tqdm.write(f"cryovae train: resuming from {path} at epoch {record['epoch'] + 1}, batch {record['batch']}",
+               file=sys.stderr)
+    return TrainState(record["epoch"], record["batch"], running, float(record["seconds"]), list(record["history"]))
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def write_history(path: Path, history: list[dict]) -> None:
+    """history.csv, atomically."""
+    with atomic_path(path) as tmp:
+        pd.DataFrame(history).to_csv(tmp, index=False)
+
+
+def plot_history(path: Path, history: list[dict]) -> None:
+    """loss_curves.png: total loss and each component, train and val, against the epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = pd.DataFrame(history)
+    fig, axes = plt.subplots(1, 1 + len(COMPONENTS), figsize=(4 * (1 + len(COMPONENTS)), 3.2))
+    for ax, key in zip(axes, ("loss",) + COMPONENTS):
+        for split in ("train", "val"):
+            ax.plot(table["epoch"], table[f"{split}_{key}"], marker=".", label=split)
+        ax.set_title(key)
+        ax.set_xlabel("epoch")
+    axes[0].legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class Run:
+    """The pieces of one training run."""
+
+    config: Config
+    model: AffinityVAE
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    noise: torch.Generator
+    device: torch.device
+    train_data: ParticleData
+    val_data: ParticleData
+    setup: LossSetup
+    checkpoint: Path
+    fingerprint: dict
+
+
+def _open_data(train_dir: Path, val_dir: Path, class_names: list[str]) -> tuple[ParticleData, ParticleData]:
+    train_data = ParticleData.open(train_dir, class_names)
+    val_data = ParticleData.open(val_dir, class_names)
+    if val_data.spatial_shape != train_data.spatial_shape:
+        raise InputError(f"{val_dir}: particle shape {val_data.spatial_shape} differs from the training "
+                         f"split's {train_data.spatial_shape}")
+    if not math.isclose(val_data.pixel_size_angstrom, train_data.pixel_size_angstrom, rel_tol=1e-4):
+        raise InputError(f"{val_dir}: pixel size {val_data.pixel_size_angstrom} Å differs from the training "
+                         f"split's {train_data.pixel_size_angstrom} Å")
+    return train_data, val_data
+
+
+def build_run(config: Config, train_dir: Path, val_dir: Path, affinity: Path, output_dir: Path) -> Run:
+    """Read the data and affinity, build model, optimiser and scheduler (seeded)."""
+    tc = config.training
+    device = choose_device(tc.device)
+    class_names, matrix = read_affinity_csv(affinity)
+    train_data, val_data = _open_data(Path(train_dir), Path(val_dir), class_names)
+    spatial = train_data.spatial_shape
+    torch.manual_seed(config.seed)
+    model = AffinityVAE(spatial, tc.channels, tc.latent_dims, tc.decoder, tc.n_splats, HIDDEN_UNITS,
+                        train_data.pixel_size_angstrom).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=tc.learning_rate)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=tc.epochs, eta_min=0.05 * tc.learning_rate)
+    noise = torch.Generator().manual_seed(config.seed)
+    use_wedge = tc.wedge_masked_loss and config.simulation.tilt_range_deg is not None and len(spatial) == 3
+    sym = symmetry_table(class_names, config.alignment.symmetry)
+    setup = LossSetup(
+        affinity=torch.tensor(matrix, dtype=torch.float32, device=device),
+        affinity_kind=tc.affinity_loss,
+        fourier_mask=wedge_mask(spatial, config.simulation.tilt_range_deg).to(device) if use_wedge else None,
+        symmetry_ops=None if sym is None else sym.to(device),
+        pose_weight=tc.pose_weight,
+    )
+    fingerprint = {"config": config.model_dump(mode="json"), "n_train": len(train_data), "n_val": len(val_data),
+                   "class_names": class_names, "spatial_shape": list(spatial)}
+    return Run(config, model, optimizer, scheduler, noise, device, train_data, val_data, setup,
+               Path(output_dir) / CHECKPOINT, fingerprint)
+
+
+def _train_epoch(run: Run, state: TrainState, stop: StopRequest, hook: BatchHook | None) -> None:
+    """Finish the epoch ``state.epoch`` from batch ``state.batch``; checkpoint and exit on a stop request."""
+    tc = run.config.training
+    batches = epoch_batches(len(run.train_data), tc.batch_size, run.config.seed, state.epoch)
+    todo = batches[state.batch :]
+    run.model.train()
+    bar = tqdm(total=len(batches), initial=state.batch, desc=f"epoch {state.epoch + 1}/{tc.epochs}",
+               leave=False, mininterval=1.0, file=sys.stderr)
+    started = time.perf_counter()
+    for idx, vols in zip(todo, run.train_data.batches(todo)):
+        losses = batch_losses(run.model, make_batch(run.train_data, idx, vols, run.device), run.setup, True, run.noise)
+        run.optimizer.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        run.optimizer.step()
+        state.running.add(losses, len(idx))
+        state.batch += 1
+        bar.update(1)
+        bar.set_postfix({k: f"{v:.4g}" for k, v in state.running.means().items()}, refresh=False)
+        if hook is not None:
+            hook(state.epoch, state.batch)
+        if stop.signum is not None:
+            state.seconds += time.perf_counter() - started
+            bar.close()
+            save_checkpoint(run.checkpoint, run.model, run.optimizer, run.scheduler, run.noise, state, run.fingerprint)
+            name = signal.Signals(stop.signum).name
+            tqdm.write(f"cryovae train: {name} received; checkpoint written to {run.checkpoint} at epoch "
+                       f"{state.epoch + 1}, batch {state.batch}; rerun to resume", file=sys.stderr)
+            raise SystemExit(128 + stop.signum)
+    state.seconds += time.perf_counter() - started
+    bar.close()
+
+
+def _finish_epoch(run: Run, state: TrainState) -> None:
+    """Validate, append the history row, step the scheduler, move to the next epoch."""
+    tc = run.config.training
+    val = evaluate(run.model, run.val_data, run.setup, tc.batch_size, run.device)
+    tr = state.running.means()
+    row = {"epoch": state.epoch + 1, "train_loss": tr["total"], "val_loss": val["total"], "seconds": state.seconds}
+    row.update({f"train_{k}": tr[k] for k in COMPONENTS})
+    row.update({f"val_{k}": val[k] for k in COMPONENTS})
+    row.update({"beta": run.setup.beta, "gamma": run.setup.gamma,
+                "learning_rate": run.optimizer.param_groups[0]["lr"]})
+    state.history.append(row)
+    tqdm.write(
+        f"cryovae train: epoch {row['epoch']}/{tc.epochs}  train {row['train_loss']:.5g}  val {row['val_loss']:.5g}  "
+        f"(recon {val['recon']:.4g}, kl {val['kl']:.4g}, affinity {val['affinity']:.4g}, pose {val['pose']:.4g})  "
+        f"{state.running.count / max(state.seconds, 1e-9):.0f} samples/s", file=sys.stderr,
+    )
+    run.scheduler.step()
+    state.epoch, state.batch, state.running, state.seconds = state.epoch + 1, 0, Running(), 0.0
+
+
+def run_training(config: Config, train_dir: Path, val_dir: Path, affinity: Path, output_dir: Path,
+                 batch_hook: BatchHook | None = None) -> None:
+    """:func:`train` with an optional ``batch_hook(epoch, batches_done)`` called after every batch."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tc = config.training
+    torch.set_num_threads(tc.threads)
+    run = build_run(config, train_dir, val_dir, affinity, output_dir)
+    state = load_checkpoint(run.checkpoint, run.model, run.optimizer, run.scheduler, run.noise,
+                            run.fingerprint, run.device) or TrainState()
+    stop = StopRequest()
+    with deterministic_algorithms(run.device), stop_on_signals(stop):
+        while state.epoch < tc.epochs:
+            run.setup.beta = schedule_value(tc.beta, tc.beta_schedule, state.epoch)
+            run.setup.gamma = schedule_value(tc.gamma, tc.gamma_schedule, state.epoch)
+            _train_epoch(run, state, stop, batch_hook)
+            _finish_epoch(run, state)
+            if state.epoch % tc.checkpoint_every == 0 and state.epoch < tc.epochs:
+                save_checkpoint(run.checkpoint, run.model, run.optimizer, run.scheduler, run.noise, state,
+                                run.fingerprint)
+    extra = {"epochs_trained": state.epoch, "final_val_loss": state.history[-1]["val_loss"],
+             "seed": config.seed}
+    save_model(output_dir / "model.pt", run.model, run.fingerprint["class_names"], run.fingerprint["config"], extra)
+    write_history(output_dir / "history.csv", state.history)
+    plot_history(output_dir / "loss_curves.png", state.history)
+    run.checkpoint.unlink(missing_ok=True)
+
+
+def train(config: Config, train_dir: Path, val_dir: Path, affinity: Path, output_dir: Path) -> None:
+    """Train the affinity-VAE on ``train_dir``, validate on ``val_dir``; write model.pt, history.csv,
+    loss_curves.png into ``output_dir``.  Resumes from ``output_dir/checkpoint.pt`` when present.
+    """
+    run_training(config, train_dir, val_dir, affinity, output_dir)
