@@ -117,5 +117,5 @@ def align_frames(config: Config, model: Path, latents: Path, maps: list[Path], o
             "symmetry": config.alignment.symmetry.get(name, "C1"),
             "correlation": round(score, 6),
         }
-        log.warning("align %s: correlation %.3f, symmetry %s", name, score, frames[name]["symmetry"])
+        log.info("align %s: correlation %.3f, symmetry %s", name, score, frames[name]["symmetry"])
     write_text_atomic(output, json.dumps(frames, indent=2, sort_keys=True) + "\n")

@@ -103,7 +103,7 @@ def fit_classifier(config: Config, train: Path, val: Path, output: Path) -> None
     probs, score = model.predict(va["latent_mean"].astype(np.float64))
     model.threshold = float(np.quantile(score, config.classification.accept_fraction))
     accuracy = float((model.classes[probs.argmax(1)] == val_labels).mean())
-    log.warning(
+    log.info(
         "classifier: %d classes, validation accuracy %.3f, unknown threshold %.3f (accepts %.0f%% of validation)",
         len(model.classes), accuracy, model.threshold, 100 * config.classification.accept_fraction,
     )
@@ -162,4 +162,4 @@ def annotate(config: Config, latents: Path, classifier: Path, frames: Path, outp
     table |= {"unknown_score": score, "confidence": probs.max(1), "recon_error": data["recon_error"]}
     with atomic_path(output) as tmp:
         pd.DataFrame(table).to_csv(tmp, index=False, float_format="%.6f")
-    log.warning("annotate: %d particles, %d called unknown", len(predicted), int((predicted == UNKNOWN).sum()))
+    log.info("annotate: %d particles, %d called unknown", len(predicted), int((predicted == UNKNOWN).sum()))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 import textwrap
 from pathlib import Path
@@ -224,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     verb = args.pop("verb")
     try:
         if verb == "schema":

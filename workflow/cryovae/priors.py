@@ -127,7 +127,7 @@ def write_priors(config: Config, embeddings: Path, split_dir: Path, output: Path
     )
     _write(config, rows, output, optics, shapes)
     _write_per_class(config, rows, output.with_suffix(""), optics, shapes)
-    log.warning("priors: %d particles written to %s (%s)", len(rows), output, config.priors.format)
+    log.info("priors: %d particles written to %s (%s)", len(rows), output, config.priors.format)
 
 
 def _write(config: Config, rows: pd.DataFrame, path: Path, optics: OpticsInfo, shapes) -> None:
