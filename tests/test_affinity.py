@@ -192,6 +192,12 @@ def test_bad_affinity_csv_is_an_input_error(tmp_path):
     (tmp_path / "bad.csv").write_text("a,b\n1.0,0.5\n")
     with pytest.raises(InputError, match=r"bad\.csv: expected a header of N class names"):
         read_affinity_csv(tmp_path / "bad.csv")
+    (tmp_path / "dup.csv").write_text("a,a\n1.0,0.5\n0.5,1.0\n")
+    with pytest.raises(InputError, match=r"dup\.csv: duplicate class names"):
+        read_affinity_csv(tmp_path / "dup.csv")
+    (tmp_path / "nan.csv").write_text("a,b\n1.0,x\n0.5,1.0\n")
+    with pytest.raises(InputError, match=r"nan\.csv: line 2, column 2: expected a finite number"):
+        read_affinity_csv(tmp_path / "nan.csv")
     with pytest.raises(InputError, match=r"missing\.csv: affinity CSV does not exist"):
         read_affinity_csv(tmp_path / "missing.csv")
 
@@ -219,7 +225,6 @@ def test_descriptor_is_deterministic_float64(demo_cifs, tmp_path):
     assert (tmp_path / "one.npy").read_bytes() == (tmp_path / "two.npy").read_bytes()
 
 
-@pytest.mark.slow
 def test_real_hsp70_family_is_nearest_to_itself(shrec_dir, tmp_path):
     """All-atom, the ten SHREC entries: the three Hsp70 nucleotide-binding-domain entries
     (1s3x human Hsp70, 3gl1 Ssb1, 3d2f Sse1 with Hsp70) find each other first."""

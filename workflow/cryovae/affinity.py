@@ -61,7 +61,8 @@ def soap_vector(atoms: StructureAtoms, config: Config, source: str = "structure"
     reach_angstrom = float(params["r_cut"]) + soap.get_cutoff_padding() + CROP_MARGIN_ANGSTROM
     for chunk, near in _centre_chunks(coords_xyz_angstrom, centres, reach_angstrom):
         environment = Atoms(symbols=list(symbols[near]), positions=coords_xyz_angstrom[near])
-        local = soap.create(environment, centers=np.searchsorted(near, chunk), n_jobs=1)
+        # centres as positions (identical to atom indices, without dscribe copying all positions per centre)
+        local = soap.create(environment, centers=coords_xyz_angstrom[chunk], n_jobs=1)
         total += np.asarray(local, dtype=np.float64).reshape(len(chunk), -1).sum(axis=0)
     return total / len(centres)
 
@@ -184,27 +185,27 @@ def write_affinity_csv(path: Path, class_names: list[str], matrix: np.ndarray) -
 
 
 def read_affinity_csv(path: str | Path) -> tuple[list[str], np.ndarray]:
-    """(class names, (N, N) float64 matrix) from an affinity CSV; errors name the file."""
+    """(class names, (N, N) float64 matrix) from an affinity CSV; errors name the file and line."""
     import pandas as pd
 
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: affinity CSV does not exist")
     try:
-        frame = pd.read_csv(path, header=0)
+        raw = pd.read_csv(path, header=None, dtype=str, keep_default_na=False)
     except (ValueError, pd.errors.ParserError) as err:
         raise InputError(f"{path}: not a readable affinity CSV ({err})") from None
-    names = [str(c) for c in frame.columns]
-    if frame.shape != (len(names), len(names)):
-        raise InputError(f"{path}: expected a header of N class names and N rows of N values, got {frame.shape}")
+    names = [str(n).strip() for n in raw.iloc[0]]
+    values = raw.iloc[1:]
+    if values.shape != (len(names), len(names)):
+        raise InputError(f"{path}: expected a header of N class names and N rows of N values, got "
+                         f"{len(names)} names and {values.shape[0]} rows of {values.shape[1]}")
     if len(set(names)) != len(names):
         raise InputError(f"{path}: duplicate class names in the header ({names})")
-    try:
-        matrix = frame.to_numpy(dtype=np.float64)
-    except ValueError as err:
-        raise InputError(f"{path}: non-numeric affinity values ({err})") from None
-    if not np.isfinite(matrix).all():
-        raise InputError(f"{path}: affinity values must be finite numbers")
+    matrix = values.apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
+    bad = np.argwhere(~np.isfinite(matrix))
+    if len(bad):
+        raise InputError(f"{path}: line {bad[0][0] + 2}, column {bad[0][1] + 1}: expected a finite number")
     return names, matrix
 
 

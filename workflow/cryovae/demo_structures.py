@@ -5,13 +5,14 @@ alpha helices (Cα rise 1.5 Å, 100° per residue, radius 2.3 Å: Cα–Cα 3.8 
 beta strands (rise 3.3 Å, pleat 0.95 Å).  Every residue gets ideal peptide-plane
 backbone atoms (N, CA, C, O), a Cβ and a side chain grown from real amino-acid
 topologies (bond 1.39–1.52 Å, angle 111°/120°, staggered torsions), so the element
-composition is that of natural proteins (C ≈ 63 %, N ≈ 17 %, O ≈ 19 %, S ≈ 1 % by count).
-B-factors grow from the tube core outwards (≈ 15–80 Å²).
+composition is that of natural proteins (C ≈ 63 %, N ≈ 17 %, O ≈ 19 %, S ≈ 0.3–0.5 % by count,
+as in the SHREC entries: 0.1–0.7 %).
+B-factors grow from the tube core outwards (≈ 12–65 Å²).
 
 Families differ in shape, secondary structure and composition; variant ``b`` of a
 family is variant ``a`` on a smoothly deformed skeleton (≈ 5 Å) with ~5 % of residues
 mutated, so each variant's closest relative is its sibling.  Shapes are asymmetric and
-span 140–250 Å (poses are defined at 10 Å pixels in a 32³ box).  A name always gives
+span 120 Å (globule) to 240 Å (rod): poses are defined at 10 Å pixels in a 32³ box.  A name always gives
 the same atoms (seeds derive from the name, not from the config).
 """
 

@@ -267,23 +267,33 @@ def read_structure(path: str | Path, model_index: int = 0) -> StructureAtoms:
     st = read_gemmi(path)
     if model_index >= len(st):
         raise InputError(f"{path}: model {model_index} requested but the file has {len(st)} model(s)")
-    rows = [(atom, residue.name, chain.name) for chain in st[model_index] for residue in chain for atom in residue]
-    if not rows:
+    coords, elements, names, residues, chains, b_factors, occupancies = [], [], [], [], [], [], []
+    for chain in st[model_index]:
+        chain_name = chain.name
+        for residue in chain:
+            residue_name = residue.name
+            for atom in residue:
+                pos = atom.pos
+                coords.append((pos.x, pos.y, pos.z))
+                elements.append(atom.element.name)
+                names.append(atom.name)
+                residues.append(residue_name)
+                chains.append(chain_name)
+                b_factors.append(atom.b_iso)
+                occupancies.append(atom.occ)
+    if not coords:
         raise InputError(f"{path}: model {model_index} has no atoms")
-    coords = np.array([[a.pos.x, a.pos.y, a.pos.z] for a, _, _ in rows], dtype=np.float64)
-    elements = np.array([a.element.name for a, _, _ in rows])
-    names = np.array([a.name for a, _, _ in rows])
-    is_calpha = (names == "CA") & (elements == "C")
-    protein_backbone = np.isin(names, list(PROTEIN_BACKBONE)) & np.isin(elements, ["C", "N", "O"])
-    nucleic_backbone = np.isin(names, list(NUCLEIC_BACKBONE)) & np.isin(elements, ["C", "O", "P"])
+    elements_arr, names_arr = np.array(elements), np.array(names)
+    protein_backbone = np.isin(names_arr, list(PROTEIN_BACKBONE)) & np.isin(elements_arr, ["C", "N", "O"])
+    nucleic_backbone = np.isin(names_arr, list(NUCLEIC_BACKBONE)) & np.isin(elements_arr, ["C", "O", "P"])
     return StructureAtoms(
-        coords_xyz_angstrom=coords,
-        elements=elements,
-        atom_names=names,
-        residue_names=np.array([r for _, r, _ in rows]),
-        chain_ids=np.array([c for _, _, c in rows]),
-        is_calpha=is_calpha,
+        coords_xyz_angstrom=np.array(coords, dtype=np.float64),
+        elements=elements_arr,
+        atom_names=names_arr,
+        residue_names=np.array(residues),
+        chain_ids=np.array(chains),
+        is_calpha=(names_arr == "CA") & (elements_arr == "C"),
         is_backbone=protein_backbone | nucleic_backbone,
-        b_factors_angstrom2=np.array([a.b_iso for a, _, _ in rows], dtype=np.float64),
-        occupancies=np.array([a.occ for a, _, _ in rows], dtype=np.float64),
+        b_factors_angstrom2=np.array(b_factors, dtype=np.float64),
+        occupancies=np.array(occupancies, dtype=np.float64),
     )

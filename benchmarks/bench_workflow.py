@@ -1,0 +1,95 @@
+"""End-to-end benchmark: run the workflow on a config, time it, and judge its poses with RELION.
+
+    python benchmarks/bench_workflow.py CONFIG [--output-dir DIR] [--cores N] [--relion]
+
+Prints the wall time of the whole workflow, the test split's metrics, and with
+``--relion`` the correlation of ``relion_reconstruct``'s map from each seen class's
+predicted poses (priors/test/{class}.star, correctly classified particles of that class)
+with the class's reference map (../shared/tools/relion-check/relion_cc.py, the first
+number: spherical averages removed).  Append the printed block to benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import starfile
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+RELION_CC = REPO.parent / "shared" / "tools" / "relion-check" / "relion_cc.py"
+METRICS = ("accuracy", "macro_f1", "unseen_auroc", "pose_error_median_deg", "pose_error_mean_deg",
+           "affinity_spearman", "n_particles")
+
+
+def run_workflow(config: dict, output_dir: Path, cores: int) -> float:
+    """Run the workflow on ``config`` into ``output_dir`` (priors in RELION 3 form); wall seconds."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    config_file = output_dir / "bench_config.yaml"
+    config_file.write_text(yaml.safe_dump({**config, "output_dir": str(output_dir), "priors": {"format": "relion3"}}))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    start = time.perf_counter()
+    subprocess.run(
+        [str(Path(sys.executable).parent / "snakemake"), "--cores", str(cores), "--configfile", str(config_file)],
+        cwd=REPO, env=env, check=True,
+    )
+    return time.perf_counter() - start
+
+
+def relion_correlations(config: dict, output_dir: Path) -> dict[str, float]:
+    """Per seen class: relion_cc's anisotropic correlation of the reconstruction from predicted poses."""
+    results = {}
+    for name in [c for c in config["structures"] if c not in config.get("unseen", [])]:
+        star = output_dir / "priors" / "test" / f"{name}.star"
+        if not star.is_file():
+            continue
+        blocks = starfile.read(star, always_dict=True)
+        truth = starfile.read(output_dir / "subtomograms/test/particles.star", always_dict=True)["particles"]
+        true_class = dict(zip(truth["cryovaeParticleId"].astype(str), truth["cryovaeClassName"].astype(str)))
+        keep = blocks["particles"]["cryovaeParticleId"].astype(str).map(true_class) == name
+        blocks["particles"] = blocks["particles"][keep]
+        with tempfile.NamedTemporaryFile(suffix=".star", dir=star.parent, delete=False) as fh:
+            filtered = Path(fh.name)
+        starfile.write(blocks, filtered, overwrite=True)
+        try:
+            out = subprocess.run(
+                [sys.executable, str(RELION_CC), str(filtered), str(output_dir / "maps" / f"{name}.mrc")],
+                capture_output=True, text=True, check=True,
+            ).stdout.split()
+        finally:
+            filtered.unlink()
+        results[name] = float(out[-2])
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("config", type=Path)
+    ap.add_argument("--output-dir", type=Path, default=None)
+    ap.add_argument("--cores", type=int, default=2)
+    ap.add_argument("--relion", action="store_true")
+    args = ap.parse_args()
+    config = yaml.safe_load(args.config.read_text())
+    output_dir = (args.output_dir or REPO / "benchmarks" / "out" / args.config.stem).resolve()
+    seconds = run_workflow(config, output_dir, args.cores)
+    metrics = json.loads((output_dir / "evaluation/test/metrics.json").read_text())
+    print(f"\n## Workflow end to end: {args.config} ({time.strftime('%Y-%m-%d')}, {platform.machine()}, "
+          f"{os.cpu_count()} cores, --cores {args.cores})")
+    print(f"wall time {seconds:.0f} s; snr {config.get('simulation', {}).get('snr')}")
+    for key in METRICS:
+        print(f"- {key}: {metrics.get(key)}")
+    if args.relion:
+        for name, cc in relion_correlations(config, output_dir).items():
+            print(f"- relion_reconstruct from predicted poses, class {name}: {cc:.3f}")
+
+
+if __name__ == "__main__":
+    main()
