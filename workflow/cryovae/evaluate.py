@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from cryovae import __version__, plots
+from cryovae.affinity import read_affinity_csv
 from cryovae.atomic import write_text_atomic
 from cryovae.errors import InputError
 from cryovae.shards import SubtomogramSet
@@ -112,21 +113,7 @@ def read_affinity(path: Path, config) -> pd.DataFrame:
     Returns a (k, k) frame indexed by class name on both axes, restricted to and ordered
     by ``config.class_names``; every configured class must be in the file.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: affinity matrix does not exist")
-    raw = pd.read_csv(path, header=None, dtype=str)
-    names = [str(n).strip() for n in raw.iloc[0]]
-    values = raw.iloc[1:]
-    if values.shape != (len(names), len(names)):
-        raise InputError(f"{path}: expected a header of N class names then an N×N matrix, "
-                         f"got {len(names)} names and a {values.shape[0]}×{values.shape[1]} matrix")
-    if len(set(names)) != len(names):
-        raise InputError(f"{path}: class names in the header repeat: {names}")
-    matrix = values.apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
-    if not np.all(np.isfinite(matrix)):
-        row = int(np.argwhere(~np.isfinite(matrix))[0][0])
-        raise InputError(f"{path}: line {row + 2}: expected finite numbers")
+    names, matrix = read_affinity_csv(path)
     frame = pd.DataFrame(matrix, index=names, columns=names)
     absent = [c for c in config.class_names if c not in names]
     if absent:
