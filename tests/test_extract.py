@@ -233,6 +233,20 @@ def test_pixel_size_disagreement(tmp_path, tomogram):
     assert SubtomogramSet.open(tmp_path / "c").pixel_size_angstrom == pytest.approx(10.0)
 
 
+def test_pixel_size_from_config_when_header_has_none(tmp_path, tomogram):
+    _, data = tomogram
+    path = tmp_path / "nopix.mrc"
+    with mrcfile.new(path) as mrc:
+        mrc.set_data(data)  # voxel size left at 0
+    coords = _write_coords(tmp_path, "csv")
+    with pytest.raises(InputError, match=r"set extraction\.tomograms\.TS_01\.pixel_size_angstrom"):
+        extract_tomogram(_config(path, coords), "TS_01", tmp_path / "a")
+    config = _config(path, coords)
+    config.extraction.tomograms["TS_01"].pixel_size_angstrom = 7.5
+    extract_tomogram(config, "TS_01", tmp_path / "b")
+    assert SubtomogramSet.open(tmp_path / "b").pixel_size_angstrom == pytest.approx(7.5)
+
+
 # ----------------------------------------------------------------------------- bad input
 
 

@@ -89,7 +89,8 @@ def resolve_pixel_size_angstrom(config_px: float | None, header_px: float | None
     """
     mrc_px = config_px if config_px is not None else header_px
     if config_px is not None and header_px is not None and abs(config_px - header_px) > _PIXEL_RTOL * config_px:
-        log.warning("%s: header voxel size %g Å, config %g Å: using the config's", tomogram_path, header_px, config_px)
+        log.warning("%s: header voxel size %g Å, config %g Å: using the config's",
+                    tomogram_path, header_px, config_px)
     mrc_what = f"extraction.tomograms.{key}.pixel_size_angstrom" if config_px is not None else f"{tomogram_path} header"
     if mrc_px is None and star_px is None:
         raise InputError(
@@ -139,15 +140,22 @@ def boxes_inside(starts_xyz: np.ndarray, extent: int, shape_xyz) -> np.ndarray:
     return np.all((starts_xyz >= 0) & (starts_xyz + extent <= shape), axis=1)
 
 
-def cut_box(data_zyx: np.ndarray, start_xyz: np.ndarray, extent: int, fill: float) -> np.ndarray:
-    """The (extent,)*3 float32 block of ``data_zyx`` from ``start_xyz``; voxels outside get ``fill``."""
+def cut_box(data_zyx: np.ndarray, start_xyz: np.ndarray, extent: int, fill: float,
+            out: np.ndarray | None = None) -> np.ndarray:
+    """The (extent,)*3 float32 block of ``data_zyx`` from ``start_xyz``; voxels outside get ``fill``.
+
+    ``out``: an optional float32 (extent,)*3 array to write into (returned).
+    """
     start = np.asarray(start_xyz[::-1])  # z, y, x
     lo = np.maximum(start, 0)
     hi = np.minimum(start + extent, data_zyx.shape)
     src = tuple(slice(a, b) for a, b in zip(lo, hi))
+    if out is None:
+        out = np.empty((extent,) * 3, dtype=np.float32)
     if np.all(lo == start) and np.all(hi == start + extent):
-        return np.asarray(data_zyx[src], dtype=np.float32)
-    out = np.full((extent,) * 3, fill, dtype=np.float32)
+        out[...] = data_zyx[src]
+        return out
+    out.fill(fill)
     if np.all(hi > lo):
         out[tuple(slice(a - s, b - s) for a, b, s in zip(lo, hi, start))] = data_zyx[src]
     return out
@@ -173,17 +181,23 @@ def bin_volume(volume: np.ndarray, binning: int) -> np.ndarray:
 
 
 def normalise_box(volume: np.ndarray) -> tuple[np.ndarray, bool]:
-    """Zero mean, unit variance (float32); (volume, False) with only the mean removed if it is constant.
+    """Zero mean, unit variance (a float32 copy); (volume, False) with only the mean removed if constant."""
+    flat = volume.astype(np.float32)  # a copy: the caller's array is left alone
+    return flat, _normalise_inplace(flat)
 
-    Two passes in float32 (pairwise sum for the mean, a BLAS dot for the variance).
+
+def _normalise_inplace(volume: np.ndarray) -> bool:
+    """Zero mean, unit variance in place (contiguous float32); False (mean removed only) if constant.
+
+    Two passes in float32: a pairwise sum for the mean, a BLAS dot for the variance.
     """
-    flat = volume.astype(np.float32).ravel()  # a copy: the caller's array is left alone
+    flat = volume.reshape(-1)
     flat -= flat.sum() / np.float32(flat.size)
     std = float(np.sqrt(np.dot(flat, flat) / flat.size))
     if std == 0.0:
-        return flat.reshape(volume.shape), False
+        return False
     flat *= np.float32(1.0 / std)
-    return flat.reshape(volume.shape), True
+    return True
 
 
 def _all_finite(volume: np.ndarray) -> bool:
@@ -240,25 +254,28 @@ def _plan(coords: np.ndarray, shape_xyz, box_size: int, binning: int, out_of_bou
     return _Plan(rows, starts[rows], shifts[rows], int((~inside).sum()))
 
 
-def _cut_boxes(data, plan: _Plan, indices: range, box_size: int, binning: int, fill: float, normalise: bool,
-               where: tuple[Path, Path], progress: tqdm) -> tuple[np.ndarray, int]:
-    """Planned boxes ``indices``, (len, B, B, B) float32, and how many were constant (not normalisable)."""
+def _cut_boxes(data, plan: _Plan, indices: range, binning: int, fill: float, normalise: bool,
+               where: tuple[Path, Path], out: np.ndarray, progress: tqdm) -> int:
+    """Cut the planned boxes ``indices`` into ``out[:len(indices)]`` ((n, B, B, B) float32, reused
+    between shards so its pages are touched once); returns how many were constant (not normalisable)."""
     coords_path, tomogram_path = where
-    out = np.empty((len(indices), box_size, box_size, box_size), dtype=np.float32)
+    box_size = out.shape[1]
     n_constant = 0
     for j, k in enumerate(indices):
-        vol = bin_volume(cut_box(data, plan.starts[k], box_size * binning, fill), binning)
+        if binning == 1:
+            vol = cut_box(data, plan.starts[k], box_size, fill, out=out[j])
+        else:
+            vol = out[j]
+            vol[...] = bin_volume(cut_box(data, plan.starts[k], box_size * binning, fill), binning)
         if not _all_finite(vol):
             raise InputError(
                 f"{tomogram_path}: NaN or infinite values in the box of particle {plan.rows[k] + 1} "
                 f"of {coords_path}"
             )
         if normalise:
-            vol, ok = normalise_box(vol)
-            n_constant += not ok
-        out[j] = vol
+            n_constant += not _normalise_inplace(vol)
         progress.update()
-    return out, n_constant
+    return n_constant
 
 
 # ----------------------------------------------------------------------------- output
@@ -366,13 +383,13 @@ def _write_output(config, job: _Job, data, output_dir: Path) -> tuple[int, int]:
     particles = _particles_table(job.table, job.plan, job.tomogram, per_shard, job.pixel_size_angstrom)
     with _atomic_dir(output_dir) as tmp, tqdm(total=n_rows, desc=f"extract {job.tomogram}", unit="particle",
                                               disable=None, leave=False) as progress:
+        buffer = np.empty((min(per_shard, n_rows), box, box, box), dtype=np.float32)
         for k in range(n_shards):
             indices = range(k * per_shard, min((k + 1) * per_shard, n_rows))
-            volumes, n_const = _cut_boxes(data, job.plan, indices, box, ext.binning, job.fill, ext.normalise,
-                                          (job.coords_path, job.tomo_path), progress)
-            n_constant += n_const
+            n_constant += _cut_boxes(data, job.plan, indices, ext.binning, job.fill, ext.normalise,
+                                     (job.coords_path, job.tomo_path), buffer, progress)
             with atomic_path(tmp / f"shard_{k:03d}.npy") as shard_tmp:
-                np.save(shard_tmp, volumes)
+                np.save(shard_tmp, buffer[: len(indices)])
         # the shards.py layout, written without a timestamp (same config, same bytes)
         optics = _optics_table(job.pixel_size_angstrom, ext.binning, box)
         write_star_blocks({"optics": optics, "particles": particles}, tmp / "particles.star")

@@ -367,7 +367,9 @@ def rotate_volume(
 
         particle(x) = reference(c + A^T (x - c - d))        x, c, d in (x, y, z) voxels
 
-    so reference content at c + p lands at c + A p + d, and the written ``rlnOrigin`` is -d Å.
+    so reference content at c + p lands at c + A p + d, and the particle's ``rlnOriginX/Y/ZAngst``
+    is -d * pixel size (``origin_xyz_angstrom``).  ``relion_reconstruct`` of such particles with
+    their angles and origins gives the reference back (tests/test_rotations.py, marked slow).
     ``scipy.ndimage.affine_transform`` works on (z, y, x) indices, so A^T is permuted to
     P A^T P with P the axis reversal.  Outside the input counts as 0 (``grid-constant``, the
     same as :func:`rotate_volumes_torch`'s zero padding).  ``order``: spline order (1 = trilinear).
@@ -403,6 +405,9 @@ def rotate_volumes_torch(
     - For output voxel x (x, y, z indices), the input index sampled is
       q = c + A^T (x - c - d) with c = S // 2 and d = -origin / pixel size; as a row vector,
       (x - c - d) @ A.  Outside the input counts as 0 (``padding_mode="zeros"``).
+
+    Differentiable with respect to ``volumes``, ``matrices`` and ``origins_angstrom``.  Agrees
+    with :func:`rotate_volume` (order 1) to rounding error.
     """
     n, depth, height, width = volumes.shape
     dtype, device = volumes.dtype, volumes.device

@@ -105,11 +105,10 @@ class SubtomogramSet:
 
 
 def write_particles_star(particles: pd.DataFrame, optics: pd.DataFrame, path: str | Path) -> None:
-    """Write a split's STAR (optics + particles blocks) atomically."""
-    from cryovae.atomic import atomic_path
+    """Write a split's STAR (optics + particles blocks) atomically; same tables, same bytes."""
+    from cryovae.star import write_star_blocks
 
-    with atomic_path(path) as tmp:
-        starfile.write({"optics": optics, "particles": particles}, tmp, overwrite=True)
+    write_star_blocks({"optics": optics, "particles": particles}, path)
 
 
 def gather_star(config, inputs: list[Path], output: Path) -> None:

@@ -160,8 +160,8 @@ def _relion_to_table(path: Path, block: pd.DataFrame, shape: ShapeSpec | None, p
                      default_tomo: str) -> pd.DataFrame:
     """RELION 4 or 5 particle block -> coordinate table."""
     out = pd.DataFrame(index=range(len(block)))
-    names = block["rlnTomoName"].astype(str) if "rlnTomoName" in block.columns else pd.Series([default_tomo] * len(block))
-    out["tomo_name"] = names.to_numpy()
+    has_names = "rlnTomoName" in block.columns
+    out["tomo_name"] = block["rlnTomoName"].astype(str).to_numpy() if has_names else default_tomo
     if _R5_COORDS[0] in block.columns:
         _require(path, block, _R5_COORDS, "RELION 5 centred coordinates in Å")
         if pixel_size is None:
@@ -169,11 +169,10 @@ def _relion_to_table(path: Path, block: pd.DataFrame, shape: ShapeSpec | None, p
         angst = np.stack([_numeric(path, block, c) for c in _R5_COORDS], axis=1)
         sizes = np.stack([_shape_for(path, shape, t) for t in out["tomo_name"]]) if len(block) else np.zeros((0, 3))
         pixels = angst / pixel_size + sizes / 2.0
-        consumed = set(_R5_COORDS)
     else:
         _require(path, block, _R4_COORDS, "RELION 4 coordinates in pixels")
         pixels = np.stack([_numeric(path, block, c) for c in _R4_COORDS], axis=1)
-        consumed = set(_R4_COORDS)
+    consumed = set(_R4_COORDS) | set(_R5_COORDS)  # one representation of the position is kept
     for k, col in enumerate(COORD_COLUMNS):
         out[col] = pixels[:, k]
     for ours, theirs in _RELION_NAMES.items():
