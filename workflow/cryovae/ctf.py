@@ -1,8 +1,7 @@
 """Fourier-space transfer functions of subtomograms: CTF, missing wedge, low-pass and band-pass.
 
-Every function returns a filter in the ``torch.fft.rfftn`` layout of a cubic box of edge
-``box`` (z, y, x order): shape (box, box, box // 2 + 1), frequency index 0 first (no
-fftshift).  Frequencies are in cycles per pixel (``fftfreq``) unless a name says
+Filters and grids come in the ``torch.fft.rfftn`` layout of a cubic box of edge ``box``
+(z, y, x order): shape (box, box, box // 2 + 1), frequency index 0 first (no fftshift).  Frequencies are in cycles per pixel (``fftfreq``) unless a name says
 ``per_angstrom``.
 
 CTF model (a 3D, isotropic simplification for subtomograms): the 2D phase-contrast CTF
@@ -12,8 +11,9 @@ evaluated at the 3D spatial frequency ``|k|``,
     gamma(k) = pi * lambda * dz * k^2 - (pi / 2) * Cs * lambda^3 * k^4,
 
 with ``dz`` > 0 underfocus, ``lambda`` the relativistic electron wavelength, ``Cs`` the
-spherical aberration and ``A`` the amplitude contrast.  This is torch-ctf's (and RELION's)
-sign: positive at low frequency, so a white particle stays white.  It ignores the
+spherical aberration and ``A`` the amplitude contrast.  This is torch-ctf's sign
+(``calculate_ctf_1d``): positive at low frequency, so a white particle (protein bright, as
+RELION expects particles) stays white.  It ignores the
 defocus gradient across tilts and the per-tilt dose (a real subtomogram's CTF is a sum
 over the tilt series).
 
@@ -59,7 +59,13 @@ def rfft_weights(box: int) -> torch.Tensor:
     return w
 
 
-def ctf_3d(
+def integer_k2(box: int) -> torch.Tensor:
+    """|k|^2 in Fourier pixels^2 (an integer) on the rfft grid: (box, box, box//2+1) int64."""
+    kz, ky, kx = rfft_frequencies(box)
+    return torch.round((kz**2 + ky**2 + kx**2) * box**2).long()
+
+
+def ctf_table(
     defocus_um: torch.Tensor,
     box: int,
     pixel_size_angstrom: float,
@@ -67,15 +73,11 @@ def ctf_3d(
     spherical_aberration_mm: float,
     amplitude_contrast: float,
 ) -> torch.Tensor:
-    """Isotropic 3D CTF (see the module docstring) per particle: shape (n, box, box, box//2+1), float32.
+    """The isotropic CTF at every integer |k|^2 (Fourier pixels^2) of the box: (n, 3·(box/2)^2 + 1) float32.
 
-    ``defocus_um``: shape (n,), positive = underfocus.  The CTF depends on |k|^2 only, an
-    integer in Fourier pixels^2 on this grid, so it is evaluated once per distinct value
-    (torch-ctf's phase) and gathered.
+    ``defocus_um``: shape (n,), positive = underfocus.  Index it with :func:`integer_k2`.
     """
-    kz, ky, kx = rfft_frequencies(box)
-    k2_px = torch.round((kz**2 + ky**2 + kx**2) * box**2).long()  # integer |k|^2, Fourier pixels^2
-    k2_values = torch.arange(int(k2_px.max()) + 1, dtype=torch.float64)
+    k2_values = torch.arange(3 * (box // 2) ** 2 + 1, dtype=torch.float64)
     k2_per_angstrom2 = k2_values / (box * pixel_size_angstrom) ** 2
     defocus = torch.as_tensor(defocus_um, dtype=torch.float64).view(-1, 1)
     phase = calculate_total_phase_shift(
@@ -86,8 +88,24 @@ def ctf_3d(
         amplitude_contrast_fraction=torch.tensor(float(amplitude_contrast), dtype=torch.float64),
         fftfreq_grid_angstrom_squared=k2_per_angstrom2.unsqueeze(0),
     )
-    table = (-torch.sin(phase)).to(torch.float32)  # (n, max k2 + 1)
-    return table.index_select(1, k2_px.reshape(-1)).reshape(-1, box, box, box // 2 + 1)
+    return (-torch.sin(phase)).to(torch.float32)
+
+
+def ctf_3d(
+    defocus_um: torch.Tensor,
+    box: int,
+    pixel_size_angstrom: float,
+    voltage_kv: float,
+    spherical_aberration_mm: float,
+    amplitude_contrast: float,
+) -> torch.Tensor:
+    """Isotropic 3D CTF (see the module docstring) per particle: shape (n, box, box, box//2+1), float32.
+
+    ``defocus_um``: shape (n,), positive = underfocus.  Evaluated once per distinct |k|^2
+    (:func:`ctf_table`, torch-ctf's phase) and gathered.
+    """
+    table = ctf_table(defocus_um, box, pixel_size_angstrom, voltage_kv, spherical_aberration_mm, amplitude_contrast)
+    return table.index_select(1, integer_k2(box).reshape(-1)).reshape(-1, box, box, box // 2 + 1)
 
 
 def missing_wedge_mask(box: int, tilt_range_deg: tuple[float, float]) -> torch.Tensor:
@@ -112,7 +130,9 @@ def _raised_cosine(x: torch.Tensor) -> torch.Tensor:
     return 0.5 - 0.5 * torch.cos(math.pi * x.clamp(0.0, 1.0))
 
 
-def lowpass_filter(box: int, pixel_size_angstrom: float, resolution_angstrom: float, edge_px: float = 2.0) -> torch.Tensor:
+def lowpass_filter(
+    box: int, pixel_size_angstrom: float, resolution_angstrom: float, edge_px: float = 2.0
+) -> torch.Tensor:
     """Low-pass to ``resolution_angstrom`` with a raised-cosine edge ``edge_px`` Fourier pixels wide.
 
     Transmission 1 below k_c - edge/2, 0 above k_c + edge/2 (k_c = pixel size / resolution
@@ -139,10 +159,3 @@ def bandpass_filter(
     highpass[0, 0, 0] = 0.0
     return (lowpass_filter(box, pixel_size_angstrom, high_angstrom, edge_px) * highpass).to(torch.float32)
 
-
-def fourier_shift_phase(box: int, shift_zyx_px: torch.Tensor) -> torch.Tensor:
-    """Phase ramp that moves volumes by ``shift_zyx_px`` (n, 3) pixels: (n, box, box, box//2+1), complex64."""
-    kz, ky, kx = rfft_frequencies(box)
-    s = torch.as_tensor(shift_zyx_px, dtype=torch.float64).view(-1, 3, 1, 1, 1)
-    phase = -2.0 * math.pi * (s[:, 0] * kz + s[:, 1] * ky + s[:, 2] * kx)
-    return torch.polar(torch.ones_like(phase), phase).to(torch.complex64)

@@ -12,11 +12,11 @@ from pathlib import Path
 import mrcfile
 import numpy as np
 import pandas as pd
-import starfile
 from tqdm import tqdm
 
 from cryovae.atomic import atomic_path
 from cryovae.errors import InputError
+from cryovae.star import write_star_blocks
 from cryovae.shards import POSE_COLUMNS, SubtomogramSet
 
 OPTICS_REQUIRED = (
@@ -57,8 +57,7 @@ def write_relion3_particles_star(particles: pd.DataFrame, optics: dict | pd.Data
         raise InputError(f"{path}: particles name optics group(s) {sorted(unknown)} absent from data_optics")
     first = [c for c in PARTICLES_FIRST if c in table.columns]
     table = table[first + [c for c in table.columns if c not in first]]
-    with atomic_path(path) as tmp:
-        starfile.write({"optics": optics_df, "particles": table}, tmp, overwrite=True)
+    write_star_blocks({"optics": optics_df, "particles": table}, path)
 
 
 def optics_for_export(config, optics: pd.DataFrame, box: int, pixel_size_angstrom: float) -> dict:

@@ -29,6 +29,7 @@ from scipy import ndimage
 from cryovae.atomic import atomic_path
 from cryovae.ctf import lowpass_filter
 from cryovae.errors import InputError
+from cryovae.structures import read_structure
 
 SIMULATION_VOLTAGE_KV = 300.0
 FINEST_PIXEL_ANGSTROM = 2.5  # structures are simulated at this pixel size or coarser
@@ -59,27 +60,14 @@ def make_map(config, class_name: str, structure: Path | None, output: Path) -> N
     write_map(volume, pixel, output)
 
 
-def read_structure_atoms(path: Path) -> tuple[np.ndarray, list[str], np.ndarray]:
-    """Atoms of the first model of a PDB/mmCIF file, hydrogens dropped.
-
-    Returns (coords_xyz_angstrom (n, 3) float64, elements (n,) upper-case symbols,
-    b_factors_angstrom2 (n,) float64).
-    """
-    if not path.is_file():
-        raise InputError(f"{path}: structure file does not exist")
-    try:
-        st = gemmi.read_structure(str(path))
-    except (RuntimeError, ValueError) as err:
-        raise InputError(f"{path}: cannot read the structure ({err})") from None
-    if len(st) == 0:
-        raise InputError(f"{path}: the structure has no model")
-    atoms = [a for ch in st[0] for res in ch for a in res if not a.is_hydrogen()]
-    if not atoms:
-        raise InputError(f"{path}: the first model has no (non-hydrogen) atoms")
-    coords = np.array([a.pos.tolist() for a in atoms], dtype=np.float64)
-    elements = [a.element.name.upper() for a in atoms]
-    b_factors = np.array([a.b_iso for a in atoms], dtype=np.float64)
-    return coords, elements, b_factors
+def _scattering_atoms(path: Path) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """Non-hydrogen atoms of a structure: coords_xyz_angstrom (n, 3), upper-case elements, B-factors (n,)."""
+    atoms = read_structure(path)
+    keep = ~np.isin(atoms.elements, ["H", "D"])
+    if not keep.any():
+        raise InputError(f"{path}: the structure has no (non-hydrogen) atoms")
+    elements = [str(e).upper() for e in atoms.elements[keep]]
+    return atoms.coords_xyz_angstrom[keep], elements, atoms.b_factors_angstrom2[keep]
 
 
 def centre_of_mass(coords_xyz_angstrom: np.ndarray, elements: list[str]) -> np.ndarray:
@@ -116,7 +104,7 @@ def structure_to_map(path: Path, pixel_size_angstrom: float, box: int, b_factor:
     from ttsim3d.scattering_potential import SCATTERING_PARAMS_A
     from ttsim3d.simulate3d import simulate3d
 
-    coords, elements, b_factors = read_structure_atoms(path)
+    coords, elements, b_factors = _scattering_atoms(path)
     unknown = sorted(set(elements) - set(SCATTERING_PARAMS_A))
     if unknown:
         raise InputError(f"{path}: no scattering factors for element(s) {', '.join(unknown)}")
@@ -202,7 +190,7 @@ def _lowpass_any_shape(data: np.ndarray, cutoff_cycles_per_px: float) -> np.ndar
     kz, ky, kx = np.meshgrid(*freqs, indexing="ij")
     k = np.sqrt(kz**2 + ky**2 + kx**2) / cutoff_cycles_per_px
     transmission = 0.5 + 0.5 * np.cos(np.pi * np.clip((k - 0.8) / 0.2, 0.0, 1.0))
-    return np.fft.irfftn(np.fft.rfftn(data) * transmission, s=data.shape)
+    return np.fft.irfftn(np.fft.rfftn(data) * transmission, s=data.shape, axes=(0, 1, 2))
 
 
 def apply_lowpass(volume_zyx: np.ndarray, pixel_size_angstrom: float, resolution_angstrom: float) -> np.ndarray:

@@ -5,25 +5,32 @@ included).  Per class, train has ``particles_per_class`` particles, val
 ``round(val_fraction × that)`` and test ``round(test_fraction × that)`` (at least 1).
 The split's class sequence (each class repeated, shuffled with a seed of the split) is
 cut into shards of ``particles_per_shard``; each shard draws its particles from its own
-seed, ``SeedSequence([seed, split index, shard])``, so shards are independent jobs and
+seed, ``SeedSequence([seed, split index, shard + 1])``, so shards are independent jobs and
 the same config gives the same bytes.
 
 Each particle, in order:
 
 1. pose: A = rotation_matrix_particle_from_reference, uniform on SO(3); shift d uniform
-   in ±max_shift_px per axis.  The class map (box centre N//2) is resampled as
-   ``particle(x) = map(c + A^T (x - c - d))``: reference content at c + p lands at
-   c + A p + d, so the STAR holds RELION angles of A and ``rlnOriginX/Y/ZAngst = -d ×
-   pixel size``.  Sampling is trilinear from the map oversampled twice by Fourier
-   padding (band-limited, so the interpolation blur is small).
+   in ±max_shift_px per axis.  The particle is ``map(c + A^T (x - c - d))`` with c =
+   N//2: reference content at c + p lands at c + A p + d, so the STAR holds RELION angles
+   of A and ``rlnOriginX/Y/ZAngst = -d × pixel size``.  It is made in Fourier space, as
+   RELION projects: the class spectrum (map zero-padded twice, gridding-corrected) is
+   sampled trilinearly at A^T k and the shift is an exact phase, exp(-2 pi i k·(c+d)/N).
+   Only coefficients inside the Nyquist sphere |k| < N/2 are made (and only inside the
+   wedge and band below): signal and noise are band-limited to that sphere, and content
+   shifted across the box edge wraps around.
 2. CTF (optional): the isotropic 3D model of :mod:`cryovae.ctf`, defocus uniform in
    ``defocus_range_um``.
 3. missing wedge (optional): Fourier components outside the tilt range about Y are zero.
-4. noise (optional): white Gaussian noise, passed through the same wedge (a tomogram has
-   no data there), scaled so that SNR = var(signal) / var(noise) over the box equals
-   ``snr`` exactly for every particle, where the signal is the particle after steps 1–3.
+4. noise (optional): white Gaussian noise (drawn directly as its Fourier transform),
+   through the same wedge and sphere (a tomogram has no data there), scaled so that
+   SNR = var(signal) / var(noise) over the box equals ``snr`` exactly for every particle,
+   where the signal is the particle after steps 1–3.
 5. band-pass (optional) of signal + noise, then per-particle normalisation (optional):
    zero mean, unit variance.  ``cryovaeSnr`` is the SNR before the band-pass.
+
+Cost: about 0.9 CPU-ms per 32³ particle (one core); shards are independent jobs, so a
+simulate job is best run with one thread (see benchmarks/bench_simulate.py).
 """
 
 from __future__ import annotations
@@ -36,17 +43,18 @@ import mrcfile
 import numba
 import numpy as np
 import pandas as pd
+import scipy.fft
 import torch
 
 from cryovae.atomic import atomic_path
-from cryovae.ctf import bandpass_filter, ctf_3d, missing_wedge_mask, rfft_weights
+from cryovae.ctf import bandpass_filter, ctf_table, integer_k2, missing_wedge_mask, rfft_frequencies, rfft_weights
 from cryovae.errors import InputError
 from cryovae.rotations import matrix_to_relion_euler, random_rotations
 from cryovae.shards import write_particles_star
 
 SPLITS = ("train", "val", "test")
-MAX_BATCH_VOXELS = 2**22  # particles are rendered in batches of at most this many voxels
-OVERSAMPLED_MAX_BOX = 96  # maps of larger boxes are sampled without oversampling (memory)
+MAX_BATCH_VOXELS = 2**22  # particles are simulated in batches of at most this many voxels
+OVERSAMPLED_MAX_BOX = 96  # spectra of larger boxes are sampled without padding (memory)
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -143,224 +151,189 @@ def load_class_maps(config, classes: list[str], maps: list[Path]) -> np.ndarray:
     return out
 
 
-def oversample_maps(maps_zyx: np.ndarray, factor: int) -> np.ndarray:
-    """Fourier-pad (C, N, N, N) maps to (C, fN, fN, fN); voxel N//2 -> fN//2, values kept.
+# ----------------------------------------------------------------------------- particles in Fourier space
 
-    The Nyquist planes are dropped (they have no unique mate), so the result is the
-    band-limited interpolant of the map sampled ``factor`` times finer.
+
+def padded_spectra(maps_zyx: np.ndarray, factor: int) -> np.ndarray:
+    """Centred spectra of (C, N, N, N) maps, sampled ``factor`` times finer: (C, L, L, L) complex64.
+
+    Each map is divided by the trilinear-interpolation apodisation (gridding correction:
+    sinc^2(r / (factor·N)) per axis, r = voxel - N//2), zero-padded to factor·N with voxel
+    N//2 at index 0, transformed, fftshifted (frequency 0 at index factor·N/2) and extended
+    by one periodic plane per axis (L = factor·N + 1) so that trilinear sampling needs no
+    wrap.  Entry j holds F(q) = sum_x corrected(x) exp(-2 pi i q·(x - N//2) / N) at
+    q = (j - factor·N/2) / factor.  (The correction raises the DC term by a few percent:
+    a particle's mean is not exactly the map's; normalisation removes it anyway.)
     """
-    if factor == 1:
-        return np.ascontiguousarray(maps_zyx, dtype=np.float32)
     n = maps_zyx.shape[-1]
-    big = factor * n
-    spectrum = torch.fft.rfftn(torch.as_tensor(maps_zyx, dtype=torch.float64), dim=(-3, -2, -1))
-    padded = torch.zeros(maps_zyx.shape[:-3] + (big, big, big // 2 + 1), dtype=spectrum.dtype)
-    half = n // 2
-    for z_src, z_dst in ((slice(0, half), slice(0, half)), (slice(n - half + 1, n), slice(big - half + 1, big))):
-        for y_src, y_dst in ((slice(0, half), slice(0, half)), (slice(n - half + 1, n), slice(big - half + 1, big))):
-            padded[..., z_dst, y_dst, :half] = spectrum[..., z_src, y_src, :half]
-    out = torch.fft.irfftn(padded, s=(big, big, big), dim=(-3, -2, -1)) * factor**3
-    return out.to(torch.float32).numpy()
+    size = factor * n
+    r = torch.arange(n) - n // 2
+    apod = torch.sinc(r / size) ** 2
+    corrected = torch.as_tensor(maps_zyx, dtype=torch.float32) / (
+        apod[:, None, None] * apod[None, :, None] * apod[None, None, :])
+    padded = torch.nn.functional.pad(corrected, (0, size - n) * 3)  # voxel N//2 at index N//2
+    padded = torch.roll(padded, shifts=(-(n // 2),) * 3, dims=(-3, -2, -1))  # ... now at index 0
+    spectrum = torch.fft.fftshift(torch.fft.fftn(padded, dim=(-3, -2, -1)), dim=(-3, -2, -1))
+    out = torch.empty(spectrum.shape[:-3] + (size + 1,) * 3, dtype=torch.complex64)
+    out[..., :size, :size, :size] = spectrum
+    out[..., size, :size, :size] = spectrum[..., 0, :, :]
+    out[..., :, size, :] = out[..., :, 0, :]
+    out[..., :, :, size] = out[..., :, :, 0]
+    return out.numpy()
 
 
-@numba.njit(cache=True, inline="always")
-def _tap(vol, z, y, x):
-    """vol[z, y, x], or 0 outside the volume."""
-    size = vol.shape[0]
-    if 0 <= z < size and 0 <= y < size and 0 <= x < size:
-        return vol[z, y, x]
-    return 0.0
+@numba.njit(parallel=True, cache=True, boundscheck=False, fastmath=True)
+def _sample_spectra(spectra, class_slot, source, freq_x, freq_y, freq_z, index_x, index_y, index_z,
+                    phase_x, phase_y, phase_z, out):
+    """Particle spectra by trilinear sampling of the padded class spectra.
 
-
-@numba.njit(cache=True)
-def _trilinear_edge(vol, x, y, z):
-    """Trilinear value at (x, y, z) with zero outside the volume (``grid_sample``'s zero padding)."""
-    x0, y0, z0 = int(np.floor(x)), int(np.floor(y)), int(np.floor(z))
-    fx, fy, fz = x - x0, y - y0, z - z0
-    c00 = _tap(vol, z0, y0, x0) * (1 - fx) + _tap(vol, z0, y0, x0 + 1) * fx
-    c01 = _tap(vol, z0, y0 + 1, x0) * (1 - fx) + _tap(vol, z0, y0 + 1, x0 + 1) * fx
-    c10 = _tap(vol, z0 + 1, y0, x0) * (1 - fx) + _tap(vol, z0 + 1, y0, x0 + 1) * fx
-    c11 = _tap(vol, z0 + 1, y0 + 1, x0) * (1 - fx) + _tap(vol, z0 + 1, y0 + 1, x0 + 1) * fx
-    return (c00 * (1 - fy) + c01 * fy) * (1 - fz) + (c10 * (1 - fy) + c11 * fy) * fz
-
-
-@numba.njit(parallel=True, cache=True, boundscheck=False)
-def _trilinear_particles(maps_fine, class_slot, source_matrix, source_offset, out):
-    """Render particles by trilinear sampling, zero outside the map (as ``grid_sample``'s zero padding).
-
-    maps_fine (C, M, M, M) float32; class_slot (n,) int64; source_matrix (n, 3, 3) and
-    source_offset (n, 3) float64 map output voxel (x, y, z) to the fine-map index
-    q = source_matrix @ x + source_offset (x, y, z order); out (n, N, N, N) float32 (z, y, x).
+    out[p, a] = F_c(A^T k) · phase_x[p, index_x[a]] · phase_y[p, ...] · phase_z[p, ...] with
+    k = (freq_x, freq_y, freq_z)[a] (signed integers, |k| < N/2) and F_c =
+    spectra[class_slot[p]] (z, y, x) sampled at source[p] @ k + centre, where source[p] =
+    factor · A^T (x, y, z order).  index_* = k mod N index the per-particle phase tables.
     """
-    n, size = out.shape[0], out.shape[1]
-    limit = maps_fine.shape[1] - 1.0
+    n, count = out.shape
+    centre = (spectra.shape[1] - 1) / 2.0
     for p in numba.prange(n):
-        vol = maps_fine[class_slot[p]]
-        m = source_matrix[p]
-        for k in range(size):
-            for j in range(size):
-                x = m[0, 1] * j + m[0, 2] * k + source_offset[p, 0]
-                y = m[1, 1] * j + m[1, 2] * k + source_offset[p, 1]
-                z = m[2, 1] * j + m[2, 2] * k + source_offset[p, 2]
-                for i in range(size):
-                    value = 0.0
-                    if 0.0 <= x < limit and 0.0 <= y < limit and 0.0 <= z < limit:
-                        x0, y0, z0 = int(x), int(y), int(z)
-                        fx, fy, fz = x - x0, y - y0, z - z0
-                        c00 = vol[z0, y0, x0] + fx * (vol[z0, y0, x0 + 1] - vol[z0, y0, x0])
-                        c01 = vol[z0, y0 + 1, x0] + fx * (vol[z0, y0 + 1, x0 + 1] - vol[z0, y0 + 1, x0])
-                        c10 = vol[z0 + 1, y0, x0] + fx * (vol[z0 + 1, y0, x0 + 1] - vol[z0 + 1, y0, x0])
-                        c11 = vol[z0 + 1, y0 + 1, x0] + fx * (vol[z0 + 1, y0 + 1, x0 + 1] - vol[z0 + 1, y0 + 1, x0])
-                        c0 = c00 + fy * (c01 - c00)
-                        value = c0 + fz * (c10 + fy * (c11 - c10) - c0)
-                    elif -1.0 < x < limit + 1.0 and -1.0 < y < limit + 1.0 and -1.0 < z < limit + 1.0:
-                        value = _trilinear_edge(vol, x, y, z)
-                    out[p, k, j, i] = value
-                    x += m[0, 0]
-                    y += m[1, 0]
-                    z += m[2, 0]
-
-
-def render_particles(
-    maps_fine: np.ndarray, factor: int, class_slot: np.ndarray, rotation: np.ndarray, shift_xyz_px: np.ndarray, box: int
-) -> np.ndarray:
-    """Noise-free particles: (n, box, box, box) float32, ``particle(x) = map(c + A^T (x - c - d))``.
-
-    ``maps_fine``: (C, f·box, …) maps oversampled by ``factor`` (centre f·(box//2));
-    ``class_slot`` (n,) indexes them; ``rotation`` (n, 3, 3) is A; ``shift_xyz_px`` (n, 3) is d.
-    """
-    centre = float(box // 2)
-    a_t = np.transpose(np.asarray(rotation, np.float64), (0, 2, 1))
-    matrix = factor * a_t
-    offset = factor * (centre - np.einsum("nij,nj->ni", a_t, centre + np.asarray(shift_xyz_px, np.float64)))
-    out = np.empty((len(class_slot), box, box, box), dtype=np.float32)
-    numba.set_num_threads(max(1, min(numba.config.NUMBA_NUM_THREADS, torch.get_num_threads())))
-    _trilinear_particles(maps_fine, np.asarray(class_slot, np.int64), np.ascontiguousarray(matrix),
-                         np.ascontiguousarray(offset), out)
-    return out
-
-
-# ----------------------------------------------------------------------------- corruption
+        spec = spectra[class_slot[p]]
+        m = source[p]
+        m00, m01, m02 = m[0, 0], m[0, 1], m[0, 2]
+        m10, m11, m12 = m[1, 0], m[1, 1], m[1, 2]
+        m20, m21, m22 = m[2, 0], m[2, 1], m[2, 2]
+        for i in range(count):
+            kx, ky, kz = freq_x[i], freq_y[i], freq_z[i]
+            x = m00 * kx + m01 * ky + m02 * kz + centre
+            y = m10 * kx + m11 * ky + m12 * kz + centre
+            z = m20 * kx + m21 * ky + m22 * kz + centre
+            x0, y0, z0 = int(x), int(y), int(z)
+            tx, ty, tz = np.float32(x - x0), np.float32(y - y0), np.float32(z - z0)
+            c00 = spec[z0, y0, x0] + tx * (spec[z0, y0, x0 + 1] - spec[z0, y0, x0])
+            c01 = spec[z0, y0 + 1, x0] + tx * (spec[z0, y0 + 1, x0 + 1] - spec[z0, y0 + 1, x0])
+            c10 = spec[z0 + 1, y0, x0] + tx * (spec[z0 + 1, y0, x0 + 1] - spec[z0 + 1, y0, x0])
+            c11 = spec[z0 + 1, y0 + 1, x0] + tx * (spec[z0 + 1, y0 + 1, x0 + 1] - spec[z0 + 1, y0 + 1, x0])
+            c0 = c00 + ty * (c01 - c00)
+            value = c0 + tz * (c10 + ty * (c11 - c10) - c0)
+            out[p, i] = value * (phase_x[p, index_x[i]] * phase_y[p, index_y[i]] * phase_z[p, index_z[i]])
 
 
 @dataclass
-class FourierModel:
-    """The static parts of the Fourier-space steps (built once per shard), rfft layout (B, B, B//2+1).
+class FourierSupport:
+    """The rfft coefficients a particle may have (K of them), fixed per config.
 
-    ``transfer`` = wedge × band-pass (× 0 at DC when normalising), applied last;
-    ``signal_weights`` give var(wedge-filtered volume) from its rfft (Parseval, DC excluded);
-    ``total_weights`` give var(transfer × volume).  Weights are interleaved for
-    ``view_as_real`` spectra: shape (2 · B · B · (B//2+1),).
+    Inside the Nyquist sphere (|k| < N/2), inside the sampled wedge, where the band-pass
+    is > 0, and without the DC term when normalising; every other coefficient is zero.
+    Per coefficient: its flat index in the (N, N, N//2+1) rfft layout, its signed integer
+    frequency (x, y, z), |k|^2, the Parseval weight / N^6 (variance = sum w |F|^2), the
+    band-pass value, and for the kx = 0 plane the position of its Hermitian mate -k.
     """
 
     box: int
-    transfer: torch.Tensor | None
-    signal_weights: torch.Tensor
-    total_weights: torch.Tensor
+    flat: torch.Tensor  # (K,) int64
+    freq_xyz: np.ndarray  # (K, 3) int64
+    k2: torch.Tensor  # (K,) int64
+    weights: torch.Tensor  # (K,) float32
+    band: torch.Tensor | None  # (K,) float32
+    plane: torch.Tensor  # (P,) positions with kx = 0
+    mate: torch.Tensor  # (P,) positions of their -k
+
+    @property
+    def weights_interleaved(self) -> torch.Tensor:
+        """(2K,) the weights repeated for the real and imaginary parts."""
+        return self.weights.repeat_interleave(2)
 
     @classmethod
-    def from_config(cls, config) -> "FourierModel":
+    def from_config(cls, config) -> "FourierSupport":
         sim, box = config.simulation, config.box_size
-        transfer = None
-        wedge = torch.ones((box, box, box // 2 + 1))
+        kz, ky, kx = (f * box for f in rfft_frequencies(box))
+        k2 = integer_k2(box)
+        keep = k2 < (box // 2) ** 2
         if sim.tilt_range_deg is not None:
-            wedge = missing_wedge_mask(box, sim.tilt_range_deg).float()
-            transfer = wedge
+            keep &= missing_wedge_mask(box, sim.tilt_range_deg)
+        band_grid = None
         if sim.bandpass_angstrom is not None:
             low, high = sim.bandpass_angstrom
             if not low > high > 0:
                 raise InputError(f"simulation.bandpass_angstrom: expected [low, high] with low > high > 0 Å, "
                                  f"got [{low}, {high}]")
-            band = bandpass_filter(box, config.pixel_size_angstrom, low, high)
-            transfer = band if transfer is None else transfer * band
+            band_grid = bandpass_filter(box, config.pixel_size_angstrom, low, high)
+            keep &= band_grid > 0
         if sim.normalise:
-            transfer = torch.ones_like(wedge) if transfer is None else transfer.clone()
-            transfer[0, 0, 0] = 0.0
-        parseval = (rfft_weights(box) / float(box) ** 6).float()
-        total = parseval if transfer is None else parseval * transfer**2
-        return cls(box, transfer, _interleave(parseval * wedge), _interleave(total))
-
-    @staticmethod
-    def needed(config) -> bool:
-        """True when any step needs Fourier space (else the particles stay in real space)."""
-        sim = config.simulation
-        return sim.tilt_range_deg is not None or sim.bandpass_angstrom is not None or sim.ctf
+            keep[0, 0, 0] = False
+        flat = torch.nonzero(keep.reshape(-1)).squeeze(1)
+        grids = [g.expand(keep.shape).reshape(-1)[flat].round().long() for g in (kx, ky, kz)]
+        freq_xyz = torch.stack(grids, dim=1).numpy()
+        weights = (rfft_weights(box).reshape(-1)[flat] / float(box) ** 6).float()
+        band = None if band_grid is None else band_grid.reshape(-1)[flat]
+        plane, mate = _hermitian_mates(freq_xyz, box)
+        return cls(box, flat, freq_xyz, k2.reshape(-1)[flat], weights, band, plane, mate)
 
 
-def _interleave(weights: torch.Tensor) -> torch.Tensor:
-    """(B, B, B//2+1) weights -> (2·B·B·(B//2+1),), each repeated for the real and imaginary part."""
-    return weights.unsqueeze(-1).expand(*weights.shape, 2).reshape(-1).contiguous()
+def _hermitian_mates(freq_xyz: np.ndarray, box: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions of the kx = 0 coefficients and of their mates -k (mod box) in the support."""
+    def key(freq: np.ndarray) -> np.ndarray:
+        wrapped = freq % box
+        return (wrapped[:, 2] * box + wrapped[:, 1]) * box + wrapped[:, 0]
+
+    position = {int(k): i for i, k in enumerate(key(freq_xyz))}
+    plane = np.flatnonzero(freq_xyz[:, 0] == 0)
+    mate_keys = key(-freq_xyz[plane])
+    missing = [int(k) for k in mate_keys if int(k) not in position]
+    if missing:
+        raise RuntimeError("the Fourier support is not symmetric under k -> -k")
+    mate = np.array([position[int(k)] for k in mate_keys], dtype=np.int64)
+    return torch.from_numpy(plane), torch.from_numpy(mate)
 
 
-def _weighted_power(spectrum: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """sum_k w_k |F_k|^2 per volume: (n,) float64 (a variance, with Parseval weights)."""
-    parts = torch.view_as_real(spectrum).reshape(spectrum.shape[0], -1)
-    return ((parts * parts) @ weights).double()
+def _symmetrise_plane(values: torch.Tensor, support: FourierSupport, scale: float) -> None:
+    """On the kx = 0 plane set F(k) <- scale · (F(k) + conj F(-k)), in place (Hermitian)."""
+    plane_values = values[:, support.plane]
+    mates = values[:, support.mate].conj()
+    values[:, support.plane] = (plane_values + mates) * scale
 
 
-def _hermitian_noise(n: int, box: int, generator: torch.Generator) -> torch.Tensor:
-    """The rfft of n white Gaussian volumes of unit variance, drawn directly: (n, B, B, B//2+1) complex64.
+def particle_spectra(spectra: np.ndarray, factor: int, class_slot: np.ndarray, rotation: np.ndarray,
+                     shift_xyz_px: np.ndarray, support: FourierSupport) -> torch.Tensor:
+    """Noise-free particle spectra on the support: (n, K) complex64.
 
-    Independent complex Gaussians of variance B^3, with the planes kx = 0 and kx = B/2
-    made Hermitian (F(-k) = conj F(k)); exactly the law of ``rfftn`` of real white noise.
+    The particle is ``map(c + A^T (x - c - d))`` (c = N//2): its spectrum is
+    ``exp(-2 pi i k·(c + d) / N) · F(A^T k)``.
     """
-    half = box // 2 + 1
-    parts = torch.randn((n, box, box, half, 2), generator=generator)
+    box = support.box
+    n = len(class_slot)
+    signed = np.fft.fftfreq(box) * box  # frequency of each index mod N
+    offset = box // 2 + np.asarray(shift_xyz_px, np.float64)  # (n, 3): c + d
+    phases = [np.exp(-2j * np.pi * signed[None, :] * offset[:, axis, None] / box).astype(np.complex64)
+              for axis in range(3)]
+    source = factor * np.transpose(np.asarray(rotation, np.float64), (0, 2, 1))
+    out = np.empty((n, len(support.flat)), dtype=np.complex64)
+    freq, index = support.freq_xyz, support.freq_xyz % box
+    numba.set_num_threads(max(1, min(numba.config.NUMBA_NUM_THREADS, torch.get_num_threads())))
+    _sample_spectra(spectra, np.asarray(class_slot, np.int64), np.ascontiguousarray(source),
+                    *(np.ascontiguousarray(freq[:, a]) for a in range(3)),
+                    *(np.ascontiguousarray(index[:, a]) for a in range(3)), *phases, out)
+    values = torch.from_numpy(out)
+    _symmetrise_plane(values, support, 0.5)
+    return values
+
+
+def hermitian_noise(n: int, support: FourierSupport, generator: torch.Generator) -> torch.Tensor:
+    """The rfft of n unit-variance white Gaussian volumes, on the support: (n, K) complex64.
+
+    Independent complex Gaussians of variance N^3, made Hermitian on the kx = 0 plane:
+    the law of ``rfftn`` of real white noise (restricted to the support).
+    """
+    box = support.box
+    parts = torch.randn((n, len(support.flat), 2), generator=generator)
     parts.mul_(math.sqrt(box**3 / 2.0))
-    spectrum = torch.view_as_complex(parts)
-    negative = (-torch.arange(box)) % box
-    for col in (0, box // 2):
-        plane = spectrum[..., col].contiguous()  # (n, B, B)
-        mate = plane[:, negative][:, :, negative].conj()
-        spectrum[..., col] = (plane + mate) * (1.0 / math.sqrt(2.0))
-    return spectrum
+    values = torch.view_as_complex(parts)
+    _symmetrise_plane(values, support, 1.0 / math.sqrt(2.0))
+    return values
 
 
-def corrupt_fourier(signal: torch.Tensor, defocus_um: np.ndarray, config, model: FourierModel,
-                    generator: torch.Generator) -> torch.Tensor:
-    """CTF, wedge, noise at the SNR, band-pass and normalisation, in Fourier space.
-
-    signal (n, B, B, B) float32 -> (n, B, B, B) float32.
-    """
-    sim, box, n = config.simulation, model.box, signal.shape[0]
-    spectrum = torch.fft.rfftn(signal, dim=(-3, -2, -1))
-    if sim.ctf:
-        spectrum *= ctf_3d(torch.as_tensor(defocus_um), box, config.pixel_size_angstrom, sim.voltage_kv,
-                           sim.spherical_aberration_mm, sim.amplitude_contrast)
-    if sim.snr is not None:
-        var_signal = _weighted_power(spectrum, model.signal_weights)
-        _require_signal(var_signal)
-        noise = _hermitian_noise(n, box, generator)
-        var_noise = _weighted_power(noise, model.signal_weights)
-        sigma = torch.sqrt(var_signal / (sim.snr * var_noise)).float()
-        spectrum += noise.mul_(sigma.view(-1, 1, 1, 1))
-    if model.transfer is not None:
-        factor = model.transfer.expand(n, -1, -1, -1)
-        if sim.normalise:
-            variance = _weighted_power(spectrum, model.total_weights)
-            _require_signal(variance)
-            factor = factor * torch.rsqrt(variance).float().view(-1, 1, 1, 1)
-        spectrum *= factor
-    return torch.fft.irfftn(spectrum, s=(box, box, box), dim=(-3, -2, -1))
-
-
-def corrupt_real(signal: torch.Tensor, config, generator: torch.Generator) -> torch.Tensor:
-    """Noise at the SNR and normalisation in real space (no CTF, wedge or band-pass): (n, B, B, B)."""
-    sim = config.simulation
-    out = signal
-    if sim.snr is not None:
-        var_signal = signal.double().var(dim=(1, 2, 3), unbiased=False)
-        _require_signal(var_signal)
-        noise = torch.randn(signal.shape, generator=generator)
-        var_noise = noise.double().var(dim=(1, 2, 3), unbiased=False)
-        sigma = torch.sqrt(var_signal / (sim.snr * var_noise)).float()
-        out = signal + sigma.view(-1, 1, 1, 1) * noise
-    if sim.normalise:
-        mean = out.double().mean(dim=(1, 2, 3))
-        std = out.double().std(dim=(1, 2, 3), unbiased=False)
-        _require_signal(std)
-        out = ((out - mean.float().view(-1, 1, 1, 1)) / std.float().view(-1, 1, 1, 1))
-    return out
+def _variance(values: torch.Tensor, support: FourierSupport) -> torch.Tensor:
+    """Real-space variance of volumes from their support coefficients (Parseval): (n,) float64."""
+    parts = torch.view_as_real(values).reshape(values.shape[0], -1)  # (n, 2K): re, im, re, im, ...
+    return ((parts * parts) @ support.weights_interleaved).double()
 
 
 def _require_signal(variance: torch.Tensor) -> None:
@@ -369,34 +342,64 @@ def _require_signal(variance: torch.Tensor) -> None:
         raise InputError(f"particle {bad} of the batch has no signal in the box (is the map empty?)")
 
 
-# ----------------------------------------------------------------------------- the shard
+def corrupt(values: torch.Tensor, defocus_um: np.ndarray, config, support: FourierSupport,
+            generator: torch.Generator) -> torch.Tensor:
+    """CTF, noise at the SNR, band-pass and normalisation of particle spectra: (n, K) -> (n, K) complex64.
+
+    The wedge and the Nyquist sphere are the support itself.
+    """
+    sim = config.simulation
+    if sim.ctf:
+        table = ctf_table(torch.as_tensor(defocus_um), support.box, config.pixel_size_angstrom, sim.voltage_kv,
+                          sim.spherical_aberration_mm, sim.amplitude_contrast)
+        values = values * table.index_select(1, support.k2)
+    if sim.snr is not None:
+        var_signal = _variance(values, support)
+        _require_signal(var_signal)
+        noise = hermitian_noise(values.shape[0], support, generator)
+        sigma = torch.sqrt(var_signal / (sim.snr * _variance(noise, support))).float()
+        values = values + noise.mul_(sigma.view(-1, 1))
+    if support.band is not None:
+        values = values * support.band
+    if sim.normalise:
+        variance = _variance(values, support)
+        _require_signal(variance)
+        values = values * torch.rsqrt(variance).float().view(-1, 1)
+    return values
+
+
+def to_volumes(values: torch.Tensor, support: FourierSupport) -> torch.Tensor:
+    """Support coefficients (n, K) -> real volumes (n, N, N, N) float32 (zeros elsewhere)."""
+    box, n = support.box, values.shape[0]
+    full = torch.zeros((n, box * box * (box // 2 + 1)), dtype=torch.complex64)
+    full[:, support.flat] = values
+    spectrum = full.view(n, box, box, box // 2 + 1).numpy()
+    # scipy's pocketfft inverts real transforms faster than torch's on CPU (measured 0.16 vs 0.21 ms at 32³)
+    volumes = scipy.fft.irfftn(spectrum, s=(box, box, box), axes=(1, 2, 3), workers=torch.get_num_threads())
+    return torch.from_numpy(volumes)
 
 
 def batch_size(box: int) -> int:
-    """Particles rendered at once: at most MAX_BATCH_VOXELS voxels."""
+    """Particles simulated at once: at most MAX_BATCH_VOXELS voxels."""
     return max(1, MAX_BATCH_VOXELS // box**3)
 
 
 def simulate_volumes(config, class_maps: np.ndarray, class_slot: np.ndarray, draws: ParticleDraws,
                      generator: torch.Generator) -> np.ndarray:
-    """All particles of a shard: (n, B, B, B) float32, rendered in batches (memory ~ the shard)."""
+    """All particles of a shard: (n, B, B, B) float32, made in batches (memory ~ the shard)."""
     box = config.box_size
     factor = 2 if box <= OVERSAMPLED_MAX_BOX else 1
-    maps_fine = oversample_maps(class_maps, factor)
-    model = FourierModel.from_config(config)
-    fourier = model.needed(config)
+    spectra = padded_spectra(class_maps, factor)
+    support = FourierSupport.from_config(config)
     n = len(class_slot)
     out = np.empty((n, box, box, box), dtype=np.float32)
     step = batch_size(box)
     for start in range(0, n, step):
         sel = slice(start, min(n, start + step))
-        clean = render_particles(maps_fine, factor, class_slot[sel], draws.rotation[sel], draws.shift_xyz_px[sel], box)
-        signal = torch.from_numpy(clean)
-        if fourier:
-            result = corrupt_fourier(signal, draws.defocus_um[sel], config, model, generator)
-        else:
-            result = corrupt_real(signal, config, generator)
-        out[sel] = result.numpy()
+        values = particle_spectra(spectra, factor, class_slot[sel], draws.rotation[sel], draws.shift_xyz_px[sel],
+                                  support)
+        values = corrupt(values, draws.defocus_um[sel], config, support, generator)
+        out[sel] = to_volumes(values, support).numpy()
     if not np.all(np.isfinite(out)):
         raise InputError("simulation produced non-finite values (check the maps and simulation settings)")
     return out

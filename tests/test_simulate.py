@@ -1,0 +1,303 @@
+"""Simulated subtomograms: reproducible shards, ground truth that matches the volumes, SNR, wedge, CTF."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+import pytest
+import torch
+
+from cryovae import simulate as sim
+from cryovae.config import validate_config
+from cryovae.ctf import ctf_3d, integer_k2, missing_wedge_mask
+from cryovae.errors import InputError
+from cryovae.rotations import relion_euler_to_matrix, rotate_volume
+from cryovae.shards import read_particles_star
+
+BOX = 24
+PIXEL = 10.0
+
+
+def _blob_map(centres_xyz: list[tuple[float, float, float]], sigma: float = 1.6) -> np.ndarray:
+    """An asymmetric (BOX³) map: Gaussian blobs at offsets (x, y, z) from voxel N//2."""
+    zz, yy, xx = np.indices((BOX, BOX, BOX)).astype(float) - BOX // 2
+    volume = np.zeros((BOX, BOX, BOX))
+    for i, (x, y, z) in enumerate(centres_xyz):
+        volume += (1.0 + 0.3 * i) * np.exp(-((xx - x) ** 2 + (yy - y) ** 2 + (zz - z) ** 2) / (2 * sigma**2))
+    return volume.astype(np.float32)
+
+
+MAP_A = _blob_map([(0, 0, 0), (5, 0, 0), (0, 3, 0), (-2, -2, 4)])
+MAP_B = _blob_map([(0, 0, 0), (-4, 2, 1), (3, -3, -3)])
+MAP_C = _blob_map([(1, 1, 1), (-5, 0, 0)])
+
+
+def _config(simulation: dict | None = None, **top) -> object:
+    data = {
+        "structures": {"a": "demo:a", "b": "demo:b", "c": "demo:c"},
+        "unseen": ["c"],
+        "pixel_size_angstrom": PIXEL,
+        "box_size": BOX,
+        "seed": 5,
+        "simulation": {"particles_per_class": 20, "particles_per_shard": 16, **(simulation or {})},
+    }
+    data.update(top)
+    return validate_config(data)
+
+
+@pytest.fixture(scope="module")
+def map_files(tmp_path_factory) -> list[Path]:
+    folder = tmp_path_factory.mktemp("maps")
+    paths = []
+    for name, volume in (("a", MAP_A), ("b", MAP_B), ("c", MAP_C)):
+        with mrcfile.new(folder / f"{name}.mrc") as mrc:
+            mrc.set_data(volume)
+            mrc.voxel_size = PIXEL
+        paths.append(folder / f"{name}.mrc")
+    return paths
+
+
+def _volumes(config, split="train", shard=0) -> tuple[np.ndarray, sim.ParticleDraws]:
+    classes = sim.split_classes(config, split)
+    maps = np.stack([{"a": MAP_A, "b": MAP_B, "c": MAP_C}[c] for c in classes])
+    draws, generator = sim.draw_particles(config, split, shard)
+    slot = np.array([classes.index(config.class_names[i]) for i in draws.class_index])
+    return sim.simulate_volumes(config, maps, slot, draws, generator), draws
+
+
+CLEAN = {"snr": None, "ctf": False, "tilt_range_deg": None, "normalise": False, "max_shift_px": 2.0}
+
+
+# ----------------------------------------------------------------------------- plan and splits
+
+
+def test_shard_plan_totals_and_split_classes():
+    config = _config({"particles_per_class": 20, "val_fraction": 0.25, "test_fraction": 0.5,
+                      "particles_per_shard": 16})
+    assert sim.shard_plan(config, "train") == [16, 16, 8]  # 2 seen classes × 20
+    assert sim.shard_plan(config, "val") == [10]  # 2 × round(5)
+    assert sim.shard_plan(config, "test") == [16, 14]  # 3 classes × 10
+    for split, classes in (("train", {"a", "b"}), ("val", {"a", "b"}), ("test", {"a", "b", "c"})):
+        names = [config.class_names[i] for i in sim.class_sequence(config, split)]
+        assert set(names) == classes
+        assert len(names) == sum(sim.shard_plan(config, split))
+        counts = {c: names.count(c) for c in classes}
+        assert len(set(counts.values())) == 1  # balanced
+    # the classes are interleaved, not in blocks
+    seq = sim.class_sequence(config, "train")
+    assert 0 < np.mean(seq[:16] == seq[0]) < 1
+
+
+def test_shard_that_does_not_exist_is_an_error():
+    with pytest.raises(InputError, match="shard 3"):
+        sim.draw_particles(_config(), "train", 3)
+
+
+# ----------------------------------------------------------------------------- reproducibility and STAR
+
+
+def test_same_config_same_bytes_and_shards_differ(map_files, tmp_path):
+    config = _config()
+    for name in ("one", "two"):
+        sim.simulate_shard(config, "train", 0, map_files, tmp_path / name / "shard_000.npy",
+                           tmp_path / name / "shard_000.star")
+    sim.simulate_shard(config, "train", 1, map_files, tmp_path / "one" / "shard_001.npy",
+                       tmp_path / "one" / "shard_001.star")
+    first = (tmp_path / "one" / "shard_000.npy").read_bytes()
+    assert first == (tmp_path / "two" / "shard_000.npy").read_bytes()
+    assert (tmp_path / "one" / "shard_000.star").read_text().split("\n", 1)[1] == \
+        (tmp_path / "two" / "shard_000.star").read_text().split("\n", 1)[1]  # line 1 holds a timestamp
+    a = np.load(tmp_path / "one" / "shard_000.npy")
+    b = np.load(tmp_path / "one" / "shard_001.npy")
+    assert a.shape == (16, BOX, BOX, BOX) and a.dtype == np.float32
+    assert abs(np.corrcoef(a.ravel(), b.ravel())[0, 1]) < 0.2
+    other_seed = _config(seed=6)
+    sim.simulate_shard(other_seed, "train", 0, map_files, tmp_path / "s6.npy", tmp_path / "s6.star")
+    assert not np.array_equal(np.load(tmp_path / "s6.npy"), a)
+
+
+def test_star_columns_and_optics(map_files, tmp_path):
+    config = _config()
+    sim.simulate_shard(config, "test", 1, map_files, tmp_path / "shard_001.npy", tmp_path / "shard_001.star")
+    particles, optics = read_particles_star(tmp_path / "shard_001.star")
+    n = sim.shard_plan(config, "test")[1]
+    assert list(particles["cryovaeParticleId"][:2]) == ["test_001_00000", "test_001_00001"]
+    assert set(particles["cryovaeShard"]) == {"shard_001.npy"}
+    assert list(particles["cryovaeIndex"]) == list(range(n))
+    for name, number in zip(particles["cryovaeClassName"], particles["rlnClassNumber"]):
+        assert config.class_names[number - 1] == name
+    np.testing.assert_allclose(particles["cryovaeSnr"], 0.1)
+    lo, hi = config.simulation.defocus_range_um
+    assert particles["rlnDefocusU"].between(lo * 1e4, hi * 1e4).all()
+    origins = particles[["rlnOriginXAngst", "rlnOriginYAngst", "rlnOriginZAngst"]].to_numpy()
+    assert np.abs(origins).max() <= config.simulation.max_shift_px * PIXEL
+    row = optics.iloc[0]
+    assert (row["rlnOpticsGroup"], row["rlnImageDimensionality"], row["rlnImageSize"]) == (1, 3, BOX)
+    assert (row["rlnImagePixelSize"], row["rlnVoltage"], row["rlnSphericalAberration"],
+            row["rlnAmplitudeContrast"]) == (PIXEL, 300.0, 2.7, 0.07)
+
+
+def test_missing_or_wrong_map_is_an_error(map_files, tmp_path):
+    config = _config()
+    with pytest.raises(InputError, match="'b'.*b.mrc"):
+        sim.simulate_shard(config, "train", 0, [map_files[0]], tmp_path / "x.npy", tmp_path / "x.star")
+    wrong = tmp_path / "b.mrc"
+    with mrcfile.new(wrong) as mrc:
+        mrc.set_data(np.ones((8, 8, 8), np.float32))
+        mrc.voxel_size = PIXEL
+    with pytest.raises(InputError, match=r"b\.mrc.*box_size"):
+        sim.simulate_shard(config, "train", 0, [map_files[0], wrong], tmp_path / "x.npy", tmp_path / "x.star")
+    assert not (tmp_path / "x.npy").exists()
+
+
+# ----------------------------------------------------------------------------- the truth
+
+
+def _sphere_band(volume: np.ndarray) -> np.ndarray:
+    """The volume limited to the Nyquist sphere |k| < N/2 (the simulation's Fourier support)."""
+    inside = integer_k2(volume.shape[-1]).numpy() < (volume.shape[-1] // 2) ** 2
+    return np.fft.irfftn(np.fft.rfftn(volume) * inside, s=volume.shape, axes=(0, 1, 2))
+
+
+def test_fourier_rendering_agrees_with_rotations_rotate_volume():
+    """Spectra sampled at A^T k with a phase for the shift = rotations.rotate_volume (order-5 spline)."""
+    rng = np.random.default_rng(0)
+    rotation = sim.random_rotations(6, rng)
+    shift = rng.uniform(-2, 2, (6, 3))
+    support = sim.FourierSupport.from_config(_config(CLEAN))
+    spectra = sim.padded_spectra(MAP_A[None], 2)
+    values = sim.particle_spectra(spectra, 2, np.zeros(6, int), rotation, shift, support)
+    out = sim.to_volumes(values, support).numpy()
+    for i in range(6):
+        ref = _sphere_band(rotate_volume(MAP_A, rotation[i], -shift[i] * PIXEL, PIXEL, order=5))
+        assert np.corrcoef(out[i].ravel(), ref.ravel())[0, 1] > 0.999
+        np.testing.assert_allclose(out[i].sum(), MAP_A.sum(), rtol=0.05)  # gridding correction: +3.5% at DC
+
+
+def test_star_truth_reproduces_the_map(map_files, tmp_path):
+    """Noise-free: the stored angles and origins take each particle back onto its class map."""
+    config = _config(CLEAN)
+    sim.simulate_shard(config, "train", 0, map_files, tmp_path / "s.npy", tmp_path / "s.star")
+    volumes = np.load(tmp_path / "s.npy")
+    particles, _ = read_particles_star(tmp_path / "s.star")
+    maps = {"a": MAP_A, "b": MAP_B}
+    for i, row in particles.iterrows():
+        a = relion_euler_to_matrix(row[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy(float))
+        origin = row[["rlnOriginXAngst", "rlnOriginYAngst", "rlnOriginZAngst"]].to_numpy(float)
+        d = -origin / PIXEL
+        back = rotate_volume(volumes[i], a.T, (a.T @ d) * PIXEL, PIXEL, order=3)
+        reference = maps[row["cryovaeClassName"]]
+        assert np.corrcoef(back.ravel(), reference.ravel())[0, 1] > 0.97
+        forward = rotate_volume(reference, a, origin, PIXEL, order=3)
+        assert np.corrcoef(forward.ravel(), volumes[i].ravel())[0, 1] > 0.995
+        wrong = rotate_volume(reference, a.T, origin, PIXEL, order=3)
+        assert np.corrcoef(wrong.ravel(), volumes[i].ravel())[0, 1] < 0.95
+
+
+# ----------------------------------------------------------------------------- noise, wedge, CTF
+
+
+@pytest.mark.parametrize("ctf", [False, True])
+@pytest.mark.parametrize("tilt", [None, (-60.0, 60.0)])
+def test_snr_is_the_target(ctf, tilt):
+    noisy_cfg = _config({**CLEAN, "snr": 0.3, "ctf": ctf, "tilt_range_deg": tilt})
+    clean_cfg = _config({**CLEAN, "ctf": ctf, "tilt_range_deg": tilt})
+    noisy, _ = _volumes(noisy_cfg)
+    clean, _ = _volumes(clean_cfg)  # same poses: the pose draws do not depend on the noise
+    snr = clean.var(axis=(1, 2, 3)) / (noisy - clean).var(axis=(1, 2, 3))
+    np.testing.assert_allclose(snr, 0.3, rtol=1e-4)
+
+
+def test_missing_wedge_has_no_fourier_power():
+    tilt = (-50.0, 60.0)
+    volumes, _ = _volumes(_config({"snr": 1.0, "tilt_range_deg": tilt, "ctf": True}))
+    power = np.abs(np.fft.rfftn(volumes, axes=(1, 2, 3))) ** 2
+    sampled = missing_wedge_mask(BOX, tilt).numpy()
+    assert power[:, ~sampled].sum() < 1e-10 * power.sum()
+    assert power[:, sampled].mean() > 0
+
+
+def test_wedge_geometry():
+    """atan2(-kz, kx) in the tilt range is sampled: ±60° keeps |kz| <= tan 60° |kx|."""
+    mask = missing_wedge_mask(16, (-60.0, 60.0)).numpy()  # (kz, ky, kx) rfft layout
+    assert mask[0, 3, 0] and mask[0, 0, 1] and mask[1, 0, 1]  # ky axis, kx axis, 45°
+    assert not mask[5, 0, 0] and not mask[2, 4, 1]  # kz axis, 63° off kx
+    asym = missing_wedge_mask(16, (-30.0, 60.0)).numpy()
+    assert asym[-1, 0, 1]  # kz = -1, kx = 1: +45°
+    assert not asym[1, 0, 1]  # kz = +1, kx = 1: -45°
+    full = missing_wedge_mask(16, (-90.0, 90.0)).numpy()
+    assert full.all()
+
+
+def test_ctf_matches_torch_ctf_1d_and_is_positive_at_low_frequency():
+    from torch_ctf import calculate_ctf_1d
+
+    box, pixel = 64, 4.0
+    ctf = ctf_3d(torch.tensor([2.5]), box, pixel, 300.0, 2.7, 0.07)[0]
+    line = calculate_ctf_1d(defocus=2.5, voltage=300.0, spherical_aberration=2.7, amplitude_contrast=0.07,
+                            phase_shift=0.0, pixel_size=pixel, n_samples=box // 2 + 1, oversampling_factor=1)
+    np.testing.assert_allclose(ctf[0, 0, :].numpy(), line.numpy(), atol=2e-5)
+    np.testing.assert_allclose(ctf[0, 5, :], ctf[5, 0, :], atol=1e-6)  # isotropic
+    assert ctf[0, 0, 0] == pytest.approx(0.07, abs=1e-6)
+    assert ctf[0, 0, 1] > 0.07  # first lobe positive: a white particle stays white
+
+
+def test_hermitian_noise_is_the_spectrum_of_real_white_noise():
+    """On the support: Hermitian-consistent, and its Parseval variance is the real-space one."""
+    support = sim.FourierSupport.from_config(_config({**CLEAN, "tilt_range_deg": (-60.0, 60.0)}))
+    noise = sim.hermitian_noise(64, support, torch.Generator().manual_seed(0))
+    real = sim.to_volumes(noise, support)
+    again = torch.fft.rfftn(real, dim=(-3, -2, -1)).reshape(64, -1)[:, support.flat]
+    torch.testing.assert_close(again, noise, atol=2e-3, rtol=1e-4)
+    np.testing.assert_allclose(sim._variance(noise, support).numpy(),
+                               real.double().var(dim=(1, 2, 3), unbiased=False).numpy(), rtol=1e-4)
+    # white noise of unit variance keeps the support's share of the variance
+    share = float(support.weights.sum()) * BOX**3
+    assert real.var().item() == pytest.approx(share, rel=0.02)
+
+
+def test_particles_are_band_limited_to_the_nyquist_sphere():
+    volumes, _ = _volumes(_config({"tilt_range_deg": None}))
+    power = np.abs(np.fft.rfftn(volumes, axes=(1, 2, 3))) ** 2
+    outside = integer_k2(BOX).numpy() >= (BOX // 2) ** 2
+    assert power[:, outside].sum() < 1e-10 * power.sum()
+
+
+@pytest.mark.parametrize("settings", [{}, {"ctf": False, "tilt_range_deg": None},
+                                      {"bandpass_angstrom": [200.0, 30.0]}])
+def test_normalised_particles_have_zero_mean_unit_variance(settings):
+    volumes, _ = _volumes(_config(settings))
+    np.testing.assert_allclose(volumes.mean(axis=(1, 2, 3)), 0.0, atol=1e-5)
+    np.testing.assert_allclose(volumes.std(axis=(1, 2, 3)), 1.0, rtol=1e-4)
+
+
+def test_bandpass_removes_frequencies_outside_the_band():
+    volumes, _ = _volumes(_config({"bandpass_angstrom": [100.0, 40.0], "tilt_range_deg": None}))
+    k_px = BOX * np.sqrt(sum(f**2 for f in np.meshgrid(np.fft.fftfreq(BOX), np.fft.fftfreq(BOX),
+                                                       np.fft.rfftfreq(BOX), indexing="ij")))
+    power = np.abs(np.fft.rfftn(volumes, axes=(1, 2, 3))) ** 2
+    outside = (k_px > PIXEL / 40.0 * BOX + 1.01) | (k_px < PIXEL / 100.0 * BOX - 1.01)
+    assert power[:, outside].sum() < 1e-10 * power.sum()
+
+
+def test_bad_bandpass_is_an_error():
+    with pytest.raises(InputError, match="bandpass_angstrom"):
+        _volumes(_config({"bandpass_angstrom": [20.0, 200.0]}))
+
+
+def test_padded_spectra_hold_the_centred_transform():
+    """Entry factor·q + factor·N/2 holds sum_x map(x) exp(-2 pi i q·(x - N//2) / N) (apodisation undone)."""
+    spectra = sim.padded_spectra(MAP_A[None], 2)[0]
+    centre = BOX  # factor · N / 2
+    assert spectra.shape == (2 * BOX + 1,) * 3
+    assert spectra[centre, centre, centre] == pytest.approx(MAP_A.sum() * 1.0, rel=0.05)
+    grid = np.indices(MAP_A.shape) - BOX // 2
+    apod = np.prod([np.sinc(g / (2 * BOX)) ** 2 for g in grid], axis=0)
+    for q_zyx in ((0, 0, 3), (2, -1, 0), (-4, 5, 1)):
+        phase = np.exp(-2j * np.pi * sum(q * g for q, g in zip(q_zyx, grid)) / BOX)
+        expected = (MAP_A / apod * phase).sum()
+        got = spectra[tuple(centre + 2 * np.array(q_zyx))]
+        assert got == pytest.approx(expected, rel=1e-4, abs=1e-4 * float(MAP_A.sum()))
+    np.testing.assert_allclose(spectra[-1], spectra[0], rtol=1e-6)  # periodic extra plane
