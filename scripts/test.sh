@@ -23,6 +23,7 @@ fi
 
 # shellcheck disable=SC1091
 source .venv/bin/activate
+ruff check --select F,E9 workflow tests benchmarks
 snakemake --lint
 snakemake -n --quiet rules
 python -m pytest "$@"

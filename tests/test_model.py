@@ -125,3 +125,81 @@ def test_load_model_rejects_other_files(tmp_path):
         load_model(tmp_path / "other.pt")
     with pytest.raises(InputError, match="does not exist"):
         load_model(tmp_path / "absent.pt")
+
+
+# ----------------------------------------------------------------------------- a trained tiny model
+
+
+def _train_tiny(root, ndim: int, n_per_class: int, epochs: int, max_angle_deg: float):
+    """Train through ``train`` on a synthetic split with true poses in its STAR: model path."""
+    from cryovae.config import validate_config
+    from cryovae.model.synthetic import write_affinity_csv, write_split
+    from cryovae.train import train
+
+    names = ["one", "two"]
+    kw = dict(ndim=ndim, box=16, noise_sd=0.1, max_angle_deg=max_angle_deg, particles_per_shard=256)
+    write_split(root / "train", names, n_per_class, seed=11, **kw)
+    write_split(root / "val", names, 16, seed=12, **kw)
+    write_affinity_csv(root / "affinity.csv", names, np.eye(2))
+    cfg = validate_config({
+        "structures": {n: f"demo:{n}" for n in names}, "box_size": 16, "seed": 0,
+        "training": {"epochs": epochs, "batch_size": 32, "channels": [8, 16], "latent_dims": 4, "beta": 0.01,
+                     "gamma": 1.0, "pose_weight": 1.0, "learning_rate": 3e-3, "checkpoint_every": 1000,
+                     "threads": 2, "device": "cpu"},
+    })
+    train(cfg, root / "train", root / "val", root / "affinity.csv", root / "out")
+    return root / "out" / "model.pt"
+
+
+def _check_equivariance(model_path, ndim: int, test_rotation: np.ndarray, max_angle_deg: float,
+                        pose_tol_deg: float, equi_tol_deg: float):
+    """Fresh noise-free particles: pose = truth; rotating the input rotates the pose; latent unchanged."""
+    from cryovae.model.synthetic import class_blobs, make_particles, random_poses
+    from cryovae.rotations import geodesic_distance_deg
+
+    model, meta = load_model(model_path)
+    rng = np.random.default_rng(99)
+    n = 48
+    labels = rng.integers(0, 2, n)
+    rot, shift = random_poses(n, ndim, 1.0, rng, max_angle_deg)
+    blobs = class_blobs(2, ndim, 16, 0)
+    x1 = make_particles(blobs, labels, rot, shift, 16, 0.0, rng)
+    x2 = make_particles(blobs, labels, test_rotation @ rot, shift, 16, 0.0, rng)
+    e1, e2 = (model.encode(torch.tensor(x)[:, None]) for x in (x1, x2))
+    r1, r2 = (e["rotation"].double().numpy() for e in (e1, e2))
+    assert np.median(geodesic_distance_deg(r1, rot)) < pose_tol_deg
+    assert np.median(geodesic_distance_deg(r2, test_rotation @ r1)) < equi_tol_deg
+    # origins in RELION's convention: -shift * pixel size
+    err_px = np.abs(e1["origin_angstrom"].numpy() + shift * meta["pixel_size_angstrom"])[:, :ndim] / meta["pixel_size_angstrom"]
+    assert np.median(err_px) < 0.25
+    cos = torch.nn.functional.cosine_similarity
+    same_particle = cos(e1["latent_mean"], e2["latent_mean"]).numpy()
+    pairwise = cos(e1["latent_mean"][:, None], e1["latent_mean"][None], dim=2).numpy()
+    other_class = pairwise[labels[:, None] != labels[None]]
+    assert np.median(same_particle) > 0.95 and np.median(other_class) < 0.5
+
+
+def test_trained_2d_model_is_pose_equivariant_and_shape_invariant(tmp_path):
+    model_path = _train_tiny(tmp_path, ndim=2, n_per_class=512, epochs=20, max_angle_deg=180.0)
+    turn = np.radians(40.0)
+    rz = np.array([[np.cos(turn), -np.sin(turn), 0.0], [np.sin(turn), np.cos(turn), 0.0], [0.0, 0.0, 1.0]])
+    _check_equivariance(model_path, 2, rz, 180.0, pose_tol_deg=10.0, equi_tol_deg=10.0)
+
+
+@pytest.mark.slow
+def test_trained_3d_model_is_pose_equivariant_and_shape_invariant(tmp_path):
+    from scipy.spatial.transform import Rotation
+
+    model_path = _train_tiny(tmp_path, ndim=3, n_per_class=256, epochs=20, max_angle_deg=60.0)
+    small = Rotation.from_rotvec([0.2, -0.25, 0.15]).as_matrix()     # 21 degrees
+    _check_equivariance(model_path, 3, small, 45.0, pose_tol_deg=10.0, equi_tol_deg=10.0)
+
+
+@pytest.mark.parametrize("spatial", [(6, 8, 10), (16, 16, 16), (7, 9)])
+def test_cached_affine_grid_equals_torch_affine_grid(spatial):
+    from cryovae.model.transform import affine_grid
+
+    d = len(spatial)
+    theta = torch.randn(3, d, d + 1, dtype=torch.float64)
+    expected = torch.nn.functional.affine_grid(theta, [3, 1, *spatial], align_corners=False)
+    torch.testing.assert_close(affine_grid(theta, spatial), expected, rtol=1e-12, atol=1e-12)

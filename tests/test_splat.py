@@ -26,7 +26,8 @@ def test_separable_render_equals_dense_evaluation(shape):
     fast = render_splats(centres, weights, sigma, shape)
     dense = render_splats_dense(centres, weights, sigma, shape)
     assert fast.shape == (3,) + shape
-    torch.testing.assert_close(fast, dense, rtol=1e-10, atol=1e-12)
+    # the separable profiles are cut below exp(-20) of their peak: |difference| <= 2e-9 * sum |w|
+    torch.testing.assert_close(fast, dense, rtol=1e-10, atol=2e-9 * float(weights.abs().sum(1).max()))
 
 
 def test_dense_reference_is_a_gaussian_at_the_right_voxel():
@@ -50,7 +51,7 @@ def test_render_gradients_match_dense_gradients():
         ((fn(*params, (8, 8, 8)) - target) ** 2).sum().backward()
         grads.append([p.grad for p in params])
     for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-7)
 
 
 def test_splat_pose_agrees_with_rigidly_moving_the_canonical_rendering():

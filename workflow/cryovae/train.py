@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-import random
+import re
 import signal
 import sys
-import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,21 +39,27 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from cryovae.affinity import read_affinity_csv
 from cryovae.atomic import atomic_path
 from cryovae.config import Config
 from cryovae.errors import InputError
-from cryovae.model.data import ParticleData, read_affinity_csv
+from cryovae.model.checkpoint import (
+    Running, StopRequest, TrainState, load_checkpoint, save_checkpoint, stop_on_signals,
+)
+from cryovae.model.data import ParticleData
 from cryovae.model.encoder import rotation_3x3
 from cryovae.model.io import save_model
-from cryovae.model.losses import affinity_loss, kl_divergence, pose_loss, reconstruction_error, wedge_mask
+from cryovae.model.losses import COMPONENTS, affinity_loss, kl_divergence, pose_loss, reconstruction_error, wedge_mask
 from cryovae.model.vae import AffinityVAE
 from cryovae.rotations import symmetry_group
 from cryovae.schedules import schedule_value
 
-HIDDEN_UNITS = 256
-COMPONENTS = ("recon", "kl", "affinity", "pose")
+
+def hidden_units(channels: list[int]) -> int:
+    """Width of the fully connected layers: 8 x the last encoder stage's channels (512 for [16, 32, 64])."""
+    return max(32, 8 * channels[-1])
+
 CHECKPOINT = "checkpoint.pt"
-STOP_SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s)
 
 BatchHook = Callable[[int, int], None]
 
@@ -87,34 +93,6 @@ def autocast(device: torch.device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-# ----------------------------------------------------------------------------- signals
-
-
-@dataclass
-class StopRequest:
-    """Set by the signal handler; read by the loop at batch boundaries."""
-
-    signum: int | None = None
-
-
-@contextlib.contextmanager
-def stop_on_signals(request: StopRequest) -> Iterator[None]:
-    """Route SIGTERM/SIGUSR1 to ``request`` (main thread only); restore the old handlers after."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, _frame):
-        request.signum = signum
-
-    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
 
 
 # ----------------------------------------------------------------------------- losses on a batch
@@ -202,22 +180,6 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, shuffle: bool 
     return [b for b in batches if len(b) >= 2]
 
 
-@dataclass
-class Running:
-    """Sample-weighted sums of the loss components over part of an epoch."""
-
-    sums: dict[str, float] = field(default_factory=lambda: {k: 0.0 for k in ("total",) + COMPONENTS})
-    count: int = 0
-
-    def add(self, losses: dict[str, torch.Tensor], n: int) -> None:
-        for k in self.sums:
-            self.sums[k] += float(losses[k].detach()) * n
-        self.count += n
-
-    def means(self) -> dict[str, float]:
-        return {k: v / max(self.count, 1) for k, v in self.sums.items()}
-
-
 @torch.no_grad()
 def evaluate(model: AffinityVAE, data: ParticleData, setup: LossSetup, batch_size: int, device: torch.device) -> dict:
     """Mean loss components on a split with the latent means (no sampling)."""
@@ -227,84 +189,6 @@ def evaluate(model: AffinityVAE, data: ParticleData, setup: LossSetup, batch_siz
     for idx, vols in zip(batches, data.batches(batches)):
         running.add(batch_losses(model, make_batch(data, idx, vols, device), setup, False, None), len(idx))
     return running.means()
-
-
-# ----------------------------------------------------------------------------- state and checkpoints
-
-
-@dataclass
-class TrainState:
-    """Everything a resumed run needs besides the model, optimiser and scheduler."""
-
-    epoch: int = 0                    # epoch in progress (or next to start)
-    batch: int = 0                    # next batch of that epoch
-    running: Running = field(default_factory=Running)
-    seconds: float = 0.0              # training-pass wall time of the epoch so far
-    history: list[dict] = field(default_factory=list)
-
-
-def _rng_states(noise: torch.Generator) -> dict:
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "noise": noise.get_state(),
-        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
-        "python": {"version": py_state[0], "state": list(py_state[1]), "gauss": py_state[2]},
-    }
-
-
-def _restore_rng_states(states: dict, noise: torch.Generator) -> None:
-    torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-    noise.set_state(states["noise"])
-    np_s = states["numpy"]
-    np.random.set_state(("MT19937", np_s["key"].numpy().astype(np.uint32), np_s["pos"], np_s["has_gauss"], np_s["gauss"]))
-    py = states["python"]
-    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
-
-
-def save_checkpoint(path: Path, model, optimizer, scheduler, noise: torch.Generator, state: TrainState,
-                    fingerprint: dict) -> None:
-    """Write ``checkpoint.pt`` atomically (plain types and tensors only)."""
-    record = {
-        "format": "cryovae-checkpoint",
-        "fingerprint": fingerprint,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "rng": _rng_states(noise),
-        "epoch": state.epoch,
-        "batch": state.batch,
-        "running": {"sums": dict(state.running.sums), "count": state.running.count},
-        "seconds": state.seconds,
-        "history": list(state.history),
-    }
-    with atomic_path(path) as tmp:
-        torch.save(record, tmp)
-
-
-def load_checkpoint(path: Path, model, optimizer, scheduler, noise: torch.Generator, fingerprint: dict,
-                    device: torch.device) -> TrainState | None:
-    """Restore a checkpoint of the same run into the given objects; None (and a message) otherwise."""
-    if not path.is_file():
-        return None
-    record = torch.load(path, map_location="cpu", weights_only=True)
-    if record.get("format") != "cryovae-checkpoint" or record.get("fingerprint") != fingerprint:
-        tqdm.write(f"cryovae train: {path} belongs to a different configuration or data; starting afresh",
-                   file=sys.stderr)
-        return None
-    model.load_state_dict(record["model"])
-    optimizer.load_state_dict(record["optimizer"])
-    scheduler.load_state_dict(record["scheduler"])
-    _restore_rng_states(record["rng"], noise)
-    running = Running(dict(record["running"]["sums"]), int(record["running"]["count"]))
-    tqdm.write(f"cryovae train: resuming from {path} at epoch {record['epoch'] + 1}, batch {record['batch']}",
-               file=sys.stderr)
-    return TrainState(record["epoch"], record["batch"], running, float(record["seconds"]), list(record["history"]))
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -377,7 +261,7 @@ def build_run(config: Config, train_dir: Path, val_dir: Path, affinity: Path, ou
     train_data, val_data = _open_data(Path(train_dir), Path(val_dir), class_names)
     spatial = train_data.spatial_shape
     torch.manual_seed(config.seed)
-    model = AffinityVAE(spatial, tc.channels, tc.latent_dims, tc.decoder, tc.n_splats, HIDDEN_UNITS,
+    model = AffinityVAE(spatial, tc.channels, tc.latent_dims, tc.decoder, tc.n_splats, hidden_units(tc.channels),
                         train_data.pixel_size_angstrom).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=tc.learning_rate)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=tc.epochs, eta_min=0.05 * tc.learning_rate)
@@ -408,6 +292,10 @@ def _train_epoch(run: Run, state: TrainState, stop: StopRequest, hook: BatchHook
     started = time.perf_counter()
     for idx, vols in zip(todo, run.train_data.batches(todo)):
         losses = batch_losses(run.model, make_batch(run.train_data, idx, vols, run.device), run.setup, True, run.noise)
+        if not math.isfinite(float(losses["total"].detach())):
+            parts = ", ".join(f"{k} {float(v.detach()):.4g}" for k, v in losses.items())
+            raise FloatingPointError(f"non-finite training loss at epoch {state.epoch + 1}, batch {state.batch + 1} "
+                                     f"({parts}); lower training.learning_rate or check the input particles")
         run.optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
         run.optimizer.step()
@@ -445,7 +333,11 @@ def _finish_epoch(run: Run, state: TrainState) -> None:
         f"(recon {val['recon']:.4g}, kl {val['kl']:.4g}, affinity {val['affinity']:.4g}, pose {val['pose']:.4g})  "
         f"{state.running.count / max(state.seconds, 1e-9):.0f} samples/s", file=sys.stderr,
     )
-    run.scheduler.step()
+    with warnings.catch_warnings():
+        # after resuming at the very end of an epoch no optimiser step precedes this one; the
+        # restored scheduler state is right, so PyTorch's order warning does not apply
+        warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
+        run.scheduler.step()
     state.epoch, state.batch, state.running, state.seconds = state.epoch + 1, 0, Running(), 0.0
 
 
@@ -458,7 +350,7 @@ def run_training(config: Config, train_dir: Path, val_dir: Path, affinity: Path,
     torch.set_num_threads(tc.threads)
     run = build_run(config, train_dir, val_dir, affinity, output_dir)
     state = load_checkpoint(run.checkpoint, run.model, run.optimizer, run.scheduler, run.noise,
-                            run.fingerprint, run.device) or TrainState()
+                            run.fingerprint) or TrainState()
     stop = StopRequest()
     with deterministic_algorithms(run.device), stop_on_signals(stop):
         while state.epoch < tc.epochs:

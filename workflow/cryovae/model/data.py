@@ -1,8 +1,4 @@
-"""Training data: a split's particles with their labels, read in shard-grouped chunks.
-
-Also reads the class affinity matrix (CSV: a header row of N class names, then N rows of
-N numbers, no index column).
-"""
+"""Training data: a split's particles with their labels, read in shard-grouped chunks."""
 
 from __future__ import annotations
 
@@ -19,28 +15,6 @@ from cryovae.rotations import relion_euler_to_matrix
 from cryovae.shards import SubtomogramSet
 
 UNKNOWN = "unknown"
-
-
-def read_affinity_csv(path: str | Path) -> tuple[list[str], np.ndarray]:
-    """The class names (header order) and the (N, N) float64 affinity matrix of a CSV file."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: affinity matrix does not exist")
-    raw = pd.read_csv(path, header=None, dtype=str, keep_default_na=False)
-    names = [str(n).strip() for n in raw.iloc[0]]
-    values = raw.iloc[1:]
-    if values.shape != (len(names), len(names)):
-        raise InputError(
-            f"{path}: expected a header of N class names then an N x N matrix, got {len(names)} names "
-            f"and {values.shape[0]} rows of {values.shape[1]}"
-        )
-    if len(set(names)) != len(names):
-        raise InputError(f"{path}: class names in the header repeat: {names}")
-    matrix = values.apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
-    bad = np.argwhere(~np.isfinite(matrix))
-    if len(bad):
-        raise InputError(f"{path}: line {bad[0][0] + 2}, column {bad[0][1] + 1}: expected a finite number")
-    return names, matrix
 
 
 @dataclass

@@ -35,19 +35,13 @@ class Encoder(nn.Module):
     (x, y[, z]), the displacement of the particle's content centre from voxel N//2.
     """
 
-    def __init__(self, spatial_shape: tuple[int, ...], channels: list[int], latent_dims: int, hidden: int,
-                 coordinates: bool = True):
+    def __init__(self, spatial_shape: tuple[int, ...], channels: list[int], latent_dims: int, hidden: int):
         super().__init__()
         self.ndim = len(spatial_shape)
-        self.coordinates = coordinates
-        if coordinates:
-            axes = [torch.linspace(-1.0, 1.0, s) for s in spatial_shape]
-            grid = torch.stack(torch.meshgrid(*axes, indexing="ij")[::-1], dim=0)   # (d, *spatial): x, y[, z]
-            self.register_buffer("coordinate_channels", grid[None], persistent=False)
         self.latent_dims = latent_dims
         conv = conv_layer(self.ndim)
         layers: list[nn.Module] = []
-        c_in = 1 + (self.ndim if coordinates else 0)
+        c_in = 1
         for c_out in channels:
             layers += [conv(c_in, c_out, 3, stride=2, padding=1), nn.SiLU()]
             c_in = c_out
@@ -62,8 +56,6 @@ class Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """x: (n, 1, *spatial) -> latent_mean, latent_logvar (n, L); rotation (n, d, d); shift_voxels (n, d)."""
-        if self.coordinates:
-            x = torch.cat([x, self.coordinate_channels.to(x.dtype).expand((x.shape[0], -1) + x.shape[2:])], dim=1)
         out = self.head(self.hidden(self.features(x))).float()
         lat = self.latent_dims
         pose = out[:, 2 * lat : 2 * lat + self.pose_dims]

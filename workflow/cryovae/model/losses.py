@@ -20,6 +20,8 @@ import torch.nn.functional as F
 
 from cryovae.rotations import geodesic_distance_torch
 
+COMPONENTS = ("recon", "kl", "affinity", "pose")   # the loss terms, in history/log order
+
 
 def kl_divergence(latent_mean: torch.Tensor, latent_logvar: torch.Tensor) -> torch.Tensor:
     """KL(N(mean, exp(logvar)) || N(0, I)) for (n, L) inputs, summed over L, mean over n: scalar."""
@@ -54,22 +56,15 @@ def affinity_loss(
 def wedge_mask(spatial_shape: tuple[int, ...], tilt_range_deg: tuple[float, float]) -> torch.Tensor:
     """Fourier components a tilt series measures, in ``torch.fft.rfftn`` layout: bool (D, H, W//2+1).
 
-    Tilt about Y, beam along Z: the specimen turned right-handedly about +Y by theta is
-    seen along (-sin theta, 0, cos theta), so the measured central section holds the
-    frequencies with kz / kx = tan theta.  A frequency (kx, ky, kz) is measured when
-    atan2(kz, kx) (kx >= 0 in the rfft half) lies in the tilt range; the ky axis
-    (kx = kz = 0) always is.  Symmetric ranges do not depend on the sense of the tilt.
+    The simulation's own mask (:func:`cryovae.ctf.missing_wedge_mask`: tilt about Y, beam
+    along Z, a tilt theta images along (sin theta, 0, cos theta)), so that the loss ignores
+    exactly what the simulated particles lack.  Cubic boxes only.
     """
-    if len(spatial_shape) != 3:
-        raise ValueError(f"the missing wedge needs a 3D shape, got {spatial_shape}")
-    depth, height, width = spatial_shape
-    kz = torch.fft.fftfreq(depth, dtype=torch.float64)[:, None, None]
-    kx = torch.fft.rfftfreq(width, dtype=torch.float64)[None, None, :]
-    angle_deg = torch.rad2deg(torch.atan2(kz, kx)).expand(depth, height, width // 2 + 1)
-    lo, hi = tilt_range_deg
-    measured = (angle_deg >= lo - 1e-9) & (angle_deg <= hi + 1e-9)
-    on_y_axis = (kz == 0) & (kx == 0)
-    return measured | on_y_axis.expand_as(measured)
+    from cryovae.ctf import missing_wedge_mask
+
+    if len(spatial_shape) != 3 or len(set(spatial_shape)) != 1:
+        raise ValueError(f"the missing-wedge mask needs a cubic 3D box, got {spatial_shape}")
+    return missing_wedge_mask(int(spatial_shape[0]), tilt_range_deg)
 
 
 def rfft_weights(spatial_shape: tuple[int, ...]) -> torch.Tensor:

@@ -7,7 +7,8 @@ w_k exp(-|r - mu_k|^2 / (2 sigma_k^2)).  Isotropic Gaussians factor over the axe
     vol[b, z, y, x] = sum_k w[b, k] gz[b, k, z] gy[b, k, y] gx[b, k, x]
 
 is two contractions of 1D profiles: no (batch x voxels x K) tensor is ever formed; the
-largest intermediate is (batch, K, D, H).
+largest intermediate is (batch, K, D, H).  Each 1D profile is cut to zero below exp(-20)
+of its peak (see :func:`gaussian_profiles`).
 """
 
 from __future__ import annotations
@@ -20,10 +21,19 @@ def axis_coordinates(size: int, dtype: torch.dtype, device: torch.device) -> tor
     return torch.arange(size, dtype=dtype, device=device) - float(size // 2)
 
 
+PROFILE_CUTOFF = 20.0   # exp(-20) = 2e-9: profile values below it are exactly zero
+
+
 def gaussian_profiles(centre: torch.Tensor, sigma: torch.Tensor, size: int) -> torch.Tensor:
-    """1D profiles exp(-(t - centre)^2 / (2 sigma^2)): centre, sigma (B, K) -> (B, K, size)."""
+    """1D profiles exp(-(t - centre)^2 / (2 sigma^2)): centre, sigma (B, K) -> (B, K, size).
+
+    Values below exp(-20) (beyond 6.3 sigma) are set to exactly 0: the far tails would
+    otherwise be denormal floats, on which CPU arithmetic (and the renderer's matrix
+    products) runs many times slower.
+    """
     t = axis_coordinates(size, centre.dtype, centre.device)
-    return torch.exp(-0.5 * ((t - centre[..., None]) / sigma[..., None]) ** 2)
+    arg = 0.5 * ((t - centre[..., None]) / sigma[..., None]) ** 2
+    return torch.exp(-arg.clamp(max=PROFILE_CUTOFF)) * (arg < PROFILE_CUTOFF)
 
 
 def render_splats(

@@ -14,10 +14,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy.spatial.transform import Rotation
 
+from cryovae.affinity import write_affinity_csv
 from cryovae.atomic import atomic_path
 from cryovae.rotations import matrix_to_relion_euler, random_rotations
 from cryovae.shards import write_particles_star
+
+__all__ = ["class_blobs", "render_blobs", "random_poses", "make_particles", "write_split", "write_affinity_csv"]
 
 
 def class_blobs(n_classes: int, ndim: int, box: int, seed: int = 0, n_blobs: int = 4) -> np.ndarray:
@@ -37,12 +41,22 @@ def render_blobs(positions: np.ndarray, box: int, sigma_voxels: float = 1.5) -> 
     return out
 
 
-def random_poses(n: int, ndim: int, max_shift_voxels: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """(n, 3, 3) particle-from-reference rotations (2D: about z) and (n, 3) shifts in voxels (2D: z = 0)."""
-    if ndim == 3:
+def random_poses(n: int, ndim: int, max_shift_voxels: float, rng: np.random.Generator,
+                 max_angle_deg: float = 180.0) -> tuple[np.ndarray, np.ndarray]:
+    """(n, 3, 3) particle-from-reference rotations (2D: about z) and (n, 3) shifts in voxels (2D: z = 0).
+
+    Rotations are uniform on SO(3) (2D: uniform angles); with ``max_angle_deg`` < 180 they
+    are rotations by a uniform angle up to it about a uniform random axis (2D: uniform angle
+    within +-max_angle_deg).
+    """
+    if ndim == 3 and max_angle_deg >= 180.0:
         rot = random_rotations(n, rng)
+    elif ndim == 3:
+        axis = rng.standard_normal((n, 3))
+        axis /= np.linalg.norm(axis, axis=1, keepdims=True)
+        rot = Rotation.from_rotvec(axis * np.radians(rng.uniform(0.0, max_angle_deg, (n, 1)))).as_matrix()
     else:
-        ang = rng.uniform(-np.pi, np.pi, n)
+        ang = rng.uniform(-np.radians(max_angle_deg), np.radians(max_angle_deg), n)
         rot = np.zeros((n, 3, 3))
         rot[:, 0, 0], rot[:, 0, 1], rot[:, 1, 0], rot[:, 1, 1], rot[:, 2, 2] = (
             np.cos(ang), -np.sin(ang), np.sin(ang), np.cos(ang), 1.0)
@@ -66,15 +80,15 @@ def make_particles(blobs: np.ndarray, labels: np.ndarray, rotations: np.ndarray,
 
 def write_split(folder: str | Path, class_names: list[str], n_per_class: int, *, ndim: int = 3, box: int = 16,
                 pixel_size_angstrom: float = 10.0, noise_sd: float = 0.1, max_shift_voxels: float = 1.0,
-                seed: int = 0, particles_per_shard: int = 64, blob_seed: int = 0) -> None:
+                seed: int = 0, particles_per_shard: int = 64, blob_seed: int = 0,
+                max_angle_deg: float = 180.0) -> None:
     """Write a synthetic split: shard_*.npy + particles.star with true classes and poses."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     blobs = class_blobs(len(class_names), ndim, box, blob_seed)
     labels = rng.permutation(np.repeat(np.arange(len(class_names)), n_per_class))
-    rot, shift = random_poses(len(labels), ndim, max_shift_voxels, rng)
-    vols = make_particles(blobs, labels, rot, shift, box, noise_sd, rng)
+    rot, shift = random_poses(len(labels), ndim, max_shift_voxels, rng, max_angle_deg)
     angles = matrix_to_relion_euler(rot)
     rows = []
     for i, lab in enumerate(labels):
@@ -86,14 +100,10 @@ def write_split(folder: str | Path, class_names: list[str], n_per_class: int, *,
             "rlnOriginXAngst": -shift[i, 0] * pixel_size_angstrom, "rlnOriginYAngst": -shift[i, 1] * pixel_size_angstrom,
             "rlnOriginZAngst": -shift[i, 2] * pixel_size_angstrom,
         })
-    for start in range(0, len(vols), particles_per_shard):
+    for start in range(0, len(labels), particles_per_shard):
+        part = slice(start, start + particles_per_shard)
+        vols = make_particles(blobs, labels[part], rot[part], shift[part], box, noise_sd, rng)
         with atomic_path(folder / f"shard_{start // particles_per_shard:03d}.npy") as tmp:
-            np.save(tmp, vols[start : start + particles_per_shard])
+            np.save(tmp, vols)
     optics = pd.DataFrame({"rlnOpticsGroup": [1], "rlnImagePixelSize": [pixel_size_angstrom], "rlnImageSize": [box]})
     write_particles_star(pd.DataFrame(rows), optics, folder / "particles.star")
-
-
-def write_affinity_csv(path: str | Path, class_names: list[str], matrix: np.ndarray) -> None:
-    """An affinity CSV: header of class names, then the matrix rows."""
-    with atomic_path(path) as tmp:
-        pd.DataFrame(np.asarray(matrix, float), columns=class_names).to_csv(tmp, index=False)

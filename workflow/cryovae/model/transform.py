@@ -22,6 +22,8 @@ The normalised affine that samples ``ref`` at A^T (q - c - d) + c is therefore
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -59,6 +61,23 @@ def normalised_affine(
     return torch.cat([linear, (shift / half)[..., None]], dim=-1)
 
 
+@functools.lru_cache(maxsize=8)
+def _base_grid(spatial_shape: tuple[int, ...], device: str, dtype: torch.dtype) -> torch.Tensor:
+    """Normalised voxel centres (align_corners=False) plus a 1, (x, y[, z], 1), voxels in array order: (V, d+1)."""
+    axes = [(2.0 * torch.arange(n, dtype=torch.float64) + 1.0) / n - 1.0 for n in spatial_shape]
+    mesh = torch.meshgrid(*axes, indexing="ij")[::-1]                      # x, y[, z]
+    flat = torch.stack([m.reshape(-1) for m in mesh] + [torch.ones(mesh[0].numel(), dtype=torch.float64)], -1)
+    return flat.to(device=device, dtype=dtype)
+
+
+def affine_grid(theta: torch.Tensor, spatial_shape: tuple[int, ...]) -> torch.Tensor:
+    """``F.affine_grid(theta, (n, C, *spatial), align_corners=False)`` as one batched matmul on a cached
+    base grid (cheaper on the CPU): theta (n, d, d+1) -> grid (n, *spatial, d)."""
+    base = _base_grid(tuple(spatial_shape), str(theta.device), theta.dtype)
+    grid = torch.matmul(base, theta.transpose(1, 2))                       # (n, V, d)
+    return grid.view((theta.shape[0],) + tuple(spatial_shape) + (len(spatial_shape),))
+
+
 def rigid_transform(volume: torch.Tensor, rotation: torch.Tensor, shift_voxels: torch.Tensor) -> torch.Tensor:
     """Move canonical volumes into the particle frame (trilinear/bilinear, zeros outside).
 
@@ -66,6 +85,7 @@ def rigid_transform(volume: torch.Tensor, rotation: torch.Tensor, shift_voxels: 
     reference; shift_voxels: (n, 3) or (n, 2) in (x, y[, z]).  Returns the volume's shape.
     """
     spatial = tuple(volume.shape[2:])
-    theta = normalised_affine(rotation.to(volume.dtype), shift_voxels.to(volume.dtype), spatial)
-    grid = F.affine_grid(theta, list(volume.shape), align_corners=False)
-    return F.grid_sample(volume, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    dtype = torch.float64 if volume.dtype == torch.float64 else torch.float32   # never a half-precision grid
+    theta = normalised_affine(rotation.to(dtype), shift_voxels.to(dtype), spatial)
+    grid = affine_grid(theta, spatial)
+    return F.grid_sample(volume.to(dtype), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
