@@ -80,7 +80,8 @@ def _run_shards(args: tuple) -> tuple[float, int, float]:
     """Simulate ``shards`` (after one untimed warm-up shard); returns (seconds, particles, CPU seconds)."""
     ctf, box, threads, shards, maps, folder = args
     _set_threads(threads)
-    from cryovae.simulate import shard_plan, simulate_shard
+    from cryovae.simulate import simulate_shard
+    from cryovae.splits import shard_plan
 
     config = _config(ctf, box, particles_per_class=2000)
     plan = shard_plan(config, "train")
@@ -114,7 +115,8 @@ def throughput(ctf: bool, box: int, threads: int, workers: int, shards_per_worke
 
 def memory(total: int, box: int, maps, folder) -> dict:
     """Simulate ``total`` particles shard by shard in this process; peak RSS after each shard."""
-    from cryovae.simulate import shard_plan, simulate_shard
+    from cryovae.simulate import simulate_shard
+    from cryovae.splits import shard_plan
 
     config = _config(False, box, particles_per_class=-(-total // N_CLASSES))
     plan = shard_plan(config, "train")

@@ -18,7 +18,8 @@ from cryovae.errors import InputError
 from cryovae.export import export_relion3, write_relion3_particles_star
 from cryovae.maps import make_map
 from cryovae.shards import POSE_COLUMNS, gather_star, write_particles_star
-from cryovae.simulate import shard_plan, simulate_shard
+from cryovae.simulate import simulate_shard
+from cryovae.splits import shard_plan
 
 REPO = Path(__file__).resolve().parents[1]
 RELION_CC = REPO.parent / "shared" / "tools" / "relion-check" / "relion_cc.py"

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from cryovae import simulate as sim
+from cryovae import splits
 from cryovae.config import validate_config
 from cryovae.ctf import ctf_3d, integer_k2, missing_wedge_mask
 from cryovae.errors import InputError
@@ -60,7 +61,7 @@ def map_files(tmp_path_factory) -> list[Path]:
 
 
 def _volumes(config, split="train", shard=0) -> tuple[np.ndarray, sim.ParticleDraws]:
-    classes = sim.split_classes(config, split)
+    classes = splits.split_classes(config, split)
     maps = np.stack([{"a": MAP_A, "b": MAP_B, "c": MAP_C}[c] for c in classes])
     draws, generator = sim.draw_particles(config, split, shard)
     slot = np.array([classes.index(config.class_names[i]) for i in draws.class_index])
@@ -76,17 +77,17 @@ CLEAN = {"snr": None, "ctf": False, "tilt_range_deg": None, "normalise": False, 
 def test_shard_plan_totals_and_split_classes():
     config = _config({"particles_per_class": 20, "val_fraction": 0.25, "test_fraction": 0.5,
                       "particles_per_shard": 16})
-    assert sim.shard_plan(config, "train") == [16, 16, 8]  # 2 seen classes × 20
-    assert sim.shard_plan(config, "val") == [10]  # 2 × round(5)
-    assert sim.shard_plan(config, "test") == [16, 14]  # 3 classes × 10
+    assert splits.shard_plan(config, "train") == [16, 16, 8]  # 2 seen classes × 20
+    assert splits.shard_plan(config, "val") == [10]  # 2 × round(5)
+    assert splits.shard_plan(config, "test") == [16, 14]  # 3 classes × 10
     for split, classes in (("train", {"a", "b"}), ("val", {"a", "b"}), ("test", {"a", "b", "c"})):
-        names = [config.class_names[i] for i in sim.class_sequence(config, split)]
+        names = [config.class_names[i] for i in splits.class_sequence(config, split)]
         assert set(names) == classes
-        assert len(names) == sum(sim.shard_plan(config, split))
+        assert len(names) == sum(splits.shard_plan(config, split))
         counts = {c: names.count(c) for c in classes}
         assert len(set(counts.values())) == 1  # balanced
     # the classes are interleaved, not in blocks
-    seq = sim.class_sequence(config, "train")
+    seq = splits.class_sequence(config, "train")
     assert 0 < np.mean(seq[:16] == seq[0]) < 1
 
 
@@ -122,7 +123,7 @@ def test_star_columns_and_optics(map_files, tmp_path):
     config = _config()
     sim.simulate_shard(config, "test", 1, map_files, tmp_path / "shard_001.npy", tmp_path / "shard_001.star")
     particles, optics = read_particles_star(tmp_path / "shard_001.star")
-    n = sim.shard_plan(config, "test")[1]
+    n = splits.shard_plan(config, "test")[1]
     assert list(particles["cryovaeParticleId"][:2]) == ["test_001_00000", "test_001_00001"]
     assert set(particles["cryovaeShard"]) == {"shard_001.npy"}
     assert list(particles["cryovaeIndex"]) == list(range(n))

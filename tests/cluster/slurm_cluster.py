@@ -30,6 +30,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ CLIENTS = ("sbatch", "srun", "squeue", "sinfo", "scontrol", "scancel", "munge")
 # MinJobAge keeps finished jobs visible to squeue; the snakemake SLURM plugin needs it
 # >= 3 x slurm-init-seconds-before-status-checks when it polls with squeue.
 MIN_JOB_AGE_S = 600
+PIDS_FILE = "daemons.pids"  # "name=pid" per daemon this harness started, in state_dir/run
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 15.0
 
@@ -57,10 +59,10 @@ def skip_reason() -> str | None:
     """Why no test cluster can be started on this machine, or None when one can."""
     if os.geteuid() != 0:
         return "the SLURM test cluster needs root (it starts slurmctld, slurmd and munged)"
-    missing = [p for p in DAEMONS + CLIENTS + ("slurmd",) if _which(p) is None]
+    missing = [p for p in DAEMONS + CLIENTS if _which(p) is None]
     if missing:
         return (
-            f"SLURM/munge programs not installed: {', '.join(sorted(set(missing)))} "
+            f"SLURM/munge programs not installed: {', '.join(missing)} "
             "(Debian: apt-get install slurm-wlm munge)"
         )
     try:
@@ -71,7 +73,12 @@ def skip_reason() -> str | None:
     if conf.exists() and not conf.is_symlink():
         return f"{conf} is a real SLURM configuration; the test cluster will not replace it"
     if conf.is_symlink() and _controller_answers():
-        return f"a SLURM controller already answers for {conf} -> {os.readlink(conf)}"
+        pids = Path(os.readlink(conf)).parent.parent / "run" / PIDS_FILE
+        started = pids.read_text().split() if pids.is_file() else []
+        return (
+            f"a SLURM controller already answers for {conf} -> {os.readlink(conf)}"
+            + (f" (daemons started by this harness: {' '.join(started)})" if started else "")
+        )
     return None
 
 
@@ -236,8 +243,9 @@ def _link_into_etc(cluster: SlurmCluster, name: str) -> None:
     target = ETC_SLURM / name
     if target.exists() and not target.is_symlink():
         raise RuntimeError(f"{target} is a real file; refusing to replace it")
-    previous = os.readlink(target) if target.is_symlink() else None
-    if previous is not None:
+    previous = None
+    if target.is_symlink():  # a link to a live config is put back; a dangling one is dropped
+        previous = os.readlink(target) if target.exists() else None
         target.unlink()
     cluster.replaced_links.append(_ReplacedLink(target, previous))
     target.symlink_to(cluster.state_dir / "etc" / name)
@@ -260,6 +268,8 @@ def _spawn(cluster: SlurmCluster, name: str, argv: list[str], user: str | None =
         )
     finally:
         out.close()
+    with open(cluster.state_dir / "run" / PIDS_FILE, "a") as pids:
+        pids.write(f"{name}={cluster.processes[name].pid}\n")
 
 
 def _wait_until(predicate, what: str, cluster: SlurmCluster, timeout_s: float) -> None:
@@ -355,8 +365,10 @@ def start_cluster(state_dir: Path) -> SlurmCluster:
 
 def _cancel_all_jobs(cluster: SlurmCluster) -> None:
     """scancel every job of this (private) cluster and wait briefly until none is left."""
-    if cluster.processes.get("slurmctld") is None or cluster.processes["slurmctld"].poll() is not None:
+    ctld = cluster.processes.get("slurmctld")
+    if ctld is None or ctld.poll() is not None:
         return
+    # a controller that does not answer any more is stopped below all the same
     with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
         cluster.run("scancel", "--full", f"--user={pwd.getpwuid(os.geteuid()).pw_name}")
         deadline = time.monotonic() + STOP_TIMEOUT_S
@@ -394,14 +406,30 @@ def stop_cluster(cluster: SlurmCluster) -> None:
             shutil.rmtree(cluster.munge_dir)
 
 
+def _interrupt_on_sigterm(signum: int, frame: object) -> None:
+    """SIGTERM (a CI timeout, ``kill``) becomes KeyboardInterrupt, so that cleanup runs."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 @contextlib.contextmanager
 def running_cluster(state_dir: Path) -> Iterator[SlurmCluster]:
-    """``start_cluster`` ... ``stop_cluster`` around the body, even when it raises."""
-    cluster = start_cluster(state_dir)
+    """``start_cluster`` ... ``stop_cluster`` around the body, even when it raises.
+
+    While the cluster runs, SIGTERM to this (main) thread raises KeyboardInterrupt, so
+    the daemons are stopped when the test run is terminated too (not when it is SIGKILLed:
+    then ``skip_reason`` reports the cluster left running, with its PIDs).
+    """
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt_on_sigterm) if in_main_thread else None
     try:
-        yield cluster
+        cluster = start_cluster(state_dir)
+        try:
+            yield cluster
+        finally:
+            stop_cluster(cluster)
     finally:
-        stop_cluster(cluster)
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 @pytest.fixture(scope="module")
@@ -412,3 +440,28 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmClu
         pytest.skip(reason)
     with running_cluster(tmp_path_factory.mktemp("slurm")) as cluster:
         yield cluster
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python tests/cluster/slurm_cluster.py [STATE_DIR]``: a cluster until Ctrl-C / SIGTERM."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("state_dir", nargs="?", type=Path, help="default: a new folder in /tmp")
+    args = parser.parse_args(argv)
+    reason = skip_reason()
+    if reason is not None:
+        print(f"cannot start a test cluster: {reason}")
+        return 2
+    state_dir = args.state_dir or Path(tempfile.mkdtemp(prefix="cryovae-slurm-"))
+    with running_cluster(state_dir) as cluster:
+        print(cluster.run("sinfo", "-N", "-o", "%N %P %t %c %m %G"), end="")
+        print(f"state and logs in {state_dir}; Ctrl-C stops every daemon", flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            while all(p.poll() is None for p in cluster.processes.values()):
+                time.sleep(1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -180,7 +180,9 @@ class TrainingConfig(_Section):
     decoder: Literal["cnn", "splat"] = Field("cnn", description="cnn: volume decoder; splat: Gaussian splats.")
     channels: list[int] = Field([16, 32, 64], description="Encoder channels per stage (depth = length).")
     n_splats: int = Field(128, ge=1, description="Gaussians in the splat decoder.")
-    beta: float = Field(1.0, ge=0, description="KL weight.")
+    beta: float = Field(
+        0.01, ge=0, description="KL weight (the reconstruction term is a per-voxel mean, the KL a sum over latents)."
+    )
     beta_schedule: Schedule = Field(default_factory=Schedule, description="How beta changes with epoch.")
     gamma: float = Field(2.0, ge=0, description="Affinity loss weight.")
     gamma_schedule: Schedule = Field(default_factory=Schedule, description="How gamma changes with epoch.")

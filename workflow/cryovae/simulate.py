@@ -51,44 +51,10 @@ from cryovae.ctf import bandpass_filter, ctf_table, integer_k2, missing_wedge_ma
 from cryovae.errors import InputError
 from cryovae.rotations import matrix_to_relion_euler, random_rotations
 from cryovae.shards import write_particles_star
+from cryovae.splits import SPLITS, class_sequence, shard_plan, split_classes
 
-SPLITS = ("train", "val", "test")
 MAX_BATCH_VOXELS = 2**22  # particles are simulated in batches of at most this many voxels
 OVERSAMPLED_MAX_BOX = 96  # spectra of larger boxes are sampled without padding (memory)
-
-
-# ----------------------------------------------------------------------------- the plan
-
-
-def split_classes(config, split: str) -> list[str]:
-    """Classes of a split: the seen ones for train/val, all for test."""
-    if split not in SPLITS:
-        raise InputError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
-    return list(config.class_names) if split == "test" else list(config.seen_classes)
-
-
-def particles_per_class(config, split: str) -> int:
-    """Particles of each class in a split (at least 1)."""
-    sim = config.simulation
-    base = sim.particles_per_class
-    factor = {"train": 1.0, "val": sim.val_fraction, "test": sim.test_fraction}[split]
-    return max(1, round(factor * base))
-
-
-def class_sequence(config, split: str) -> np.ndarray:
-    """Index (into ``config.class_names``) of every particle of a split, in particle order."""
-    names = list(config.class_names)
-    indices = np.array([names.index(c) for c in split_classes(config, split)], dtype=np.int64)
-    sequence = np.repeat(indices, particles_per_class(config, split))
-    rng = np.random.default_rng(np.random.SeedSequence([config.seed, SPLITS.index(split)]))
-    return rng.permutation(sequence)
-
-
-def shard_plan(config, split: str) -> list[int]:
-    """Particle count of each shard of a split (cheap: needs only the config)."""
-    total = len(split_classes(config, split)) * particles_per_class(config, split)
-    per = config.simulation.particles_per_shard
-    return [min(per, total - start) for start in range(0, total, per)]
 
 
 def shard_seed(config, split: str, shard: int) -> np.random.SeedSequence:

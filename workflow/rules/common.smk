@@ -2,7 +2,7 @@
 import os
 
 from cryovae.config import GLOBAL_KEYS, stage_config_json, validate_config
-from cryovae.simulate import shard_plan
+from cryovae.splits import shard_plan
 
 # Validated first with the typed config, whose messages name the bad key.
 CFG = validate_config(config, "(workflow config)")

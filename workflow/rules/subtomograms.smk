@@ -59,8 +59,6 @@ rule gather:
         CONDA_ENV
     log:
         f"{OUT}/logs/gather/{{simsplit}}.log",
-    group:
-        "simulation"
     threads: 1
     resources:
         mem_mb=mem_mb(1000),
