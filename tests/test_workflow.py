@@ -9,8 +9,10 @@ import filecmp
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -128,3 +130,65 @@ def test_rerun_from_scratch_gives_identical_files(run, tmp_path):
     state_a, state_b = a["state_dict"], b["state_dict"]
     assert state_a.keys() == state_b.keys()
     assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+
+
+def _train_pid(out: Path) -> int | None:
+    """PID of the `cryovae train` process writing into ``out``, if it runs."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"train" in cmd and str(out / "model").encode() in cmd and any(c.endswith(b"cryovae") for c in cmd):
+            return int(proc.name)
+    return None
+
+
+def test_training_killed_by_sigterm_resumes_through_the_workflow(run, tmp_path):
+    """SLURM's time limit sends SIGTERM: the job checkpoints and fails; the rerun resumes and
+    finishes with the weights an uninterrupted run gives."""
+    _, _, reference = run
+    out = tmp_path / "out"
+    config = write_config(tmp_path / "tiny.yaml", out)
+    target = str(out / "model/model.pt")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "snakemake"), "--cores", "2", "--snakefile", str(REPO / "Snakefile"),
+         "--configfile", str(config), target],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    log = out / "logs/train.log"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None:
+        pid = _train_pid(out)
+        if pid and log.is_file() and "epoch 2/" in log.read_text():
+            os.kill(pid, signal.SIGTERM)
+            break
+        time.sleep(0.2)
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode != 0, output[-2000:]
+    assert (out / "model/checkpoint.pt").is_file()
+    assert not (out / "model/model.pt").exists()
+    snakemake("--configfile", str(config), target, cwd=tmp_path)
+    assert "resum" in log.read_text().lower()
+    a = torch.load(reference / "model/model.pt", weights_only=True)["state_dict"]
+    b = torch.load(out / "model/model.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_keep_going_finishes_independent_branches_and_names_the_bad_file(tmp_path):
+    data = yaml.safe_load(TINY.read_text())
+    data["output_dir"] = str(tmp_path / "out")
+    data["structures"]["rod_a"] = str(tmp_path / "missing_rod.pdb")
+    config = tmp_path / "bad.yaml"
+    config.write_text(yaml.safe_dump(data))
+    targets = [str(tmp_path / f"out/affinity/soap/{c}.npy") for c in data["structures"]]
+    proc = snakemake("--configfile", str(config), "--keep-going", *targets, cwd=tmp_path, check=False)
+    assert proc.returncode != 0
+    message = (tmp_path / "out/logs/structure/rod_a.log").read_text()
+    assert "missing_rod.pdb" in message and "does not exist" in message
+    assert not (tmp_path / "out/structures/rod_a.cif").exists()
+    for cls in ("globule_a", "ring_a", "ell_a"):
+        assert np.load(tmp_path / f"out/affinity/soap/{cls}.npy").ndim == 1
