@@ -110,7 +110,7 @@ def test_checkpoint_of_another_config_is_not_resumed(tiny, tmp_path, capsys):
 
 
 def test_outputs(tiny, tmp_path):
-    cfg = _config(epochs=2, beta_schedule={"kind": "ramp", "start": 0.0, "ramp_epochs": 2})
+    cfg = _config(epochs=2, beta=1.0, beta_schedule={"kind": "ramp", "start": 0.0, "ramp_epochs": 2})
     train(cfg, tiny / "train", tiny / "val", tiny / "affinity.csv", tmp_path)
     hist = pd.read_csv(tmp_path / "history.csv")
     for col in ("epoch", "train_loss", "val_loss", "seconds", "beta", "gamma", "learning_rate",
