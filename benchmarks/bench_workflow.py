@@ -34,7 +34,7 @@ def run_workflow(config: dict, output_dir: Path, cores: int) -> float:
     """Run the workflow on ``config`` into ``output_dir`` (priors in RELION 3 form); wall seconds."""
     output_dir.mkdir(parents=True, exist_ok=True)
     config_file = output_dir / "bench_config.yaml"
-    config_file.write_text(yaml.safe_dump({**config, "output_dir": str(output_dir), "priors": {"format": "relion3"}}))
+    config_file.write_text(yaml.safe_dump({**config, "output_dir": str(output_dir), "priors": {"format": "relion3"}}, sort_keys=False))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     start = time.perf_counter()
     subprocess.run(

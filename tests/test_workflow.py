@@ -45,7 +45,7 @@ def write_config(path: Path, out: Path, **changes) -> Path:
     for dotted, value in changes.items():
         section, key = dotted.split("__")
         data.setdefault(section, {})[key] = value
-    path.write_text(yaml.safe_dump(data))
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 
 
@@ -63,9 +63,9 @@ def test_metrics_show_the_method_works(run):
     for key in ("accuracy", "macro_f1", "unseen_auroc", "pose_error_median_deg", "pose_error_mean_deg",
                 "affinity_spearman", "confusion_matrix", "classes", "n_particles"):
         assert key in metrics, key
-    assert metrics["n_particles"] == 4 * 24
-    assert metrics["accuracy"] >= 0.6
-    assert metrics["unseen_auroc"] >= 0.6
+    assert metrics["n_particles"] == 4 * 100
+    assert metrics["accuracy"] >= 0.75
+    assert metrics["unseen_auroc"] >= 0.65
     assert 0 <= metrics["pose_error_median_deg"] <= metrics["pose_error_mean_deg"] * 3
     assert np.array(metrics["confusion_matrix"]).sum() == metrics["n_particles"]
 
@@ -155,8 +155,8 @@ def test_training_killed_by_sigterm_resumes_through_the_workflow(run, tmp_path):
     target = str(out / "model/model.pt")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "snakemake"), "--cores", "2", "--snakefile", str(REPO / "Snakefile"),
-         "--configfile", str(config), target],
+        [str(Path(sys.executable).parent / "snakemake"), target, "--cores", "2", "--snakefile",
+         str(REPO / "Snakefile"), "--configfile", str(config)],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     log = out / "logs/train.log"
@@ -171,7 +171,7 @@ def test_training_killed_by_sigterm_resumes_through_the_workflow(run, tmp_path):
     assert proc.returncode != 0, output[-2000:]
     assert (out / "model/checkpoint.pt").is_file()
     assert not (out / "model/model.pt").exists()
-    snakemake("--configfile", str(config), target, cwd=tmp_path)
+    snakemake(target, "--configfile", str(config), cwd=tmp_path)
     assert "resum" in log.read_text().lower()
     a = torch.load(reference / "model/model.pt", weights_only=True)["state_dict"]
     b = torch.load(out / "model/model.pt", weights_only=True)["state_dict"]
@@ -183,12 +183,12 @@ def test_keep_going_finishes_independent_branches_and_names_the_bad_file(tmp_pat
     data["output_dir"] = str(tmp_path / "out")
     data["structures"]["rod_a"] = str(tmp_path / "missing_rod.pdb")
     config = tmp_path / "bad.yaml"
-    config.write_text(yaml.safe_dump(data))
+    config.write_text(yaml.safe_dump(data, sort_keys=False))
     targets = [str(tmp_path / f"out/affinity/soap/{c}.npy") for c in data["structures"]]
-    proc = snakemake("--configfile", str(config), "--keep-going", *targets, cwd=tmp_path, check=False)
+    proc = snakemake(*targets, "--keep-going", "--configfile", str(config), cwd=tmp_path, check=False)
     assert proc.returncode != 0
     message = (tmp_path / "out/logs/structure/rod_a.log").read_text()
-    assert "missing_rod.pdb" in message and "does not exist" in message
+    assert "missing_rod.pdb" in message and "expected an existing PDB/mmCIF file" in message
     assert not (tmp_path / "out/structures/rod_a.cif").exists()
     for cls in ("globule_a", "ring_a", "ell_a"):
         assert np.load(tmp_path / f"out/affinity/soap/{cls}.npy").ndim == 1

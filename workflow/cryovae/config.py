@@ -330,7 +330,7 @@ def stage_config_json(config: Config, *sections: str) -> str:
     dump = config.model_dump(mode="json")
     part = {k: dump[k] for k in (*GLOBAL_KEYS, *sections)}
     part[SECTIONS_KEY] = list(sections)
-    return json.dumps(part, sort_keys=True)
+    return json.dumps(part)  # insertion order: the order of structures is the class order
 
 
 def _from_stage_json(data: dict[str, Any]) -> Config:
