@@ -24,6 +24,7 @@ plus a ``data_optics`` block with ``rlnImagePixelSize`` and ``rlnImageSize``.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,17 +88,29 @@ class SubtomogramSet:
             self._shards[name] = np.load(path, mmap_mode="r")
         return self._shards[name]
 
+    @functools.cached_property
+    def shard_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """(shard file name, row within it) of every particle, in STAR order: (n,) str, (n,) int64."""
+        table = self.particles
+        return table["cryovaeShard"].astype(str).to_numpy(), table["cryovaeIndex"].to_numpy().astype(np.int64)
+
     def volumes(self, indices: np.ndarray) -> np.ndarray:
-        """Particles at row ``indices`` of the STAR table, shape (n, D, H, W), float32."""
-        rows = self.particles.iloc[np.asarray(indices)]
-        out = None
-        for pos, (shard, idx) in enumerate(zip(rows["cryovaeShard"], rows["cryovaeIndex"])):
-            vol = self.shard(shard)[int(idx)]
-            if out is None:
-                out = np.empty((len(rows),) + vol.shape, dtype=np.float32)
-            out[pos] = vol
-        if out is None:
+        """Particles at row ``indices`` of the STAR table, shape (n, D, H, W), float32.
+
+        Read shard by shard, in row order within a shard (sequential memory-mapped reads).
+        """
+        indices = np.asarray(indices, dtype=np.int64)
+        if not len(indices):
             raise InputError(f"{self.folder}: no particles requested")
+        names, rows = (column[indices] for column in self.shard_rows)
+        out = None
+        for name in pd.unique(names):
+            where = np.nonzero(names == name)[0]
+            order = where[np.argsort(rows[where], kind="stable")]
+            block = self.shard(str(name))[rows[order]]
+            if out is None:
+                out = np.empty((len(indices),) + block.shape[1:], dtype=np.float32)
+            out[order] = block
         return out
 
     def has_poses(self) -> bool:

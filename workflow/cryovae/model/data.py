@@ -32,8 +32,6 @@ class ParticleData:
     class_index: np.ndarray
     true_rotation: np.ndarray | None
     true_shift_voxels: np.ndarray | None
-    _shard_names: np.ndarray
-    _rows: np.ndarray
 
     @classmethod
     def open(cls, folder: str | Path, class_names: list[str], require_known: bool = True) -> "ParticleData":
@@ -43,13 +41,10 @@ class ParticleData:
             raise InputError(f"{source.folder / 'particles.star'}: data_optics lacks _rlnImagePixelSize")
         if len(source) == 0:
             raise InputError(f"{source.folder / 'particles.star'}: no particles")
-        table = source.particles
-        shard_names = table["cryovaeShard"].astype(str).to_numpy()
-        rows = table["cryovaeIndex"].to_numpy().astype(np.int64)
-        spatial = _check_shards(source, shard_names, rows)
+        spatial = _check_shards(source, *source.shard_rows)
         class_index = _class_index(source, class_names, require_known)
         rotation, shift = _true_poses(source)
-        return cls(source, spatial, class_index, rotation, shift, shard_names, rows)
+        return cls(source, spatial, class_index, rotation, shift)
 
     def __len__(self) -> int:
         return len(self.class_index)
@@ -63,15 +58,10 @@ class ParticleData:
         return self.true_rotation is not None
 
     def read(self, indices: np.ndarray) -> np.ndarray:
-        """Volumes at STAR rows ``indices``, (n, *spatial) float32, read shard by shard in row order."""
-        indices = np.asarray(indices, dtype=np.int64)
-        out = np.empty((len(indices),) + self.spatial_shape, dtype=np.float32)
-        names, rows = self._shard_names[indices], self._rows[indices]
-        for name in np.unique(names):
-            where = np.nonzero(names == name)[0]
-            order = np.argsort(rows[where], kind="stable")
-            out[where[order]] = self.source.shard(str(name))[rows[where[order]]]
-        return out
+        """Volumes at STAR rows ``indices``, (n, *spatial) float32 (see ``SubtomogramSet.volumes``)."""
+        if not len(indices):
+            return np.empty((0,) + self.spatial_shape, dtype=np.float32)
+        return self.source.volumes(indices)
 
     def batches(self, batches: list[np.ndarray]) -> Iterator[np.ndarray]:
         """Volumes of each index array in ``batches``, the next one read in a background thread."""
