@@ -27,6 +27,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 RELION_CC = REPO.parent / "shared" / "tools" / "relion-check" / "relion_cc.py"
 METRICS = ("accuracy", "macro_f1", "unseen_auroc", "pose_error_median_deg", "pose_error_mean_deg",
+           "network_pose_error_median_deg", "shift_error_median_angstrom", "per_class_pose_error_median_deg",
            "affinity_spearman", "n_particles")
 
 

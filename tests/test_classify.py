@@ -11,7 +11,8 @@ from cryovae.config import validate_config
 from cryovae.errors import InputError
 from cryovae.rotations import geodesic_distance_deg, random_rotations, relion_euler_to_matrix, rotate_volume
 
-CFG = validate_config({"structures": {"a": "demo:x", "b": "demo:y", "c": "demo:z"}, "unseen": ["c"]})
+CFG_BOTH = validate_config({"structures": {"a": "demo:x", "b": "demo:y", "c": "demo:z"}, "unseen": ["c"]})
+CFG = CFG_BOTH.model_copy(update={"classification": CFG_BOTH.classification.model_copy(update={"features": ["latent"]})})
 CENTRES = {"a": [4.0, 0, 0, 0], "b": [0, 4.0, 0, 0], "c": [0, 0, 0, 6.0]}
 
 
@@ -86,3 +87,61 @@ def test_frame_change_composes_like_rotating_volumes():
     again = rotate_volume(reference, rot[0], origin[0], pixel_size_angstrom=10.0)
     core = (slice(6, 18),) * 3
     assert np.corrcoef(particle[core].ravel(), again[core].ravel())[0, 1] > 0.98
+
+
+def _matches(path, latents_path, seed):
+    """A ``match`` output for a latent file: class a/b scores that say the truth, a pose per class."""
+    data = np.load(latents_path)
+    rng = np.random.default_rng(seed)
+    names = data["class_name"].astype(str)
+    scores = rng.normal(0.2, 0.02, size=(len(names), 2))
+    for k, c in enumerate("ab"):
+        scores[names == c, k] += 0.1
+    np.savez(path, particle_id=data["particle_id"], classes=np.array(["a", "b"]), scores=scores,
+             rotation=random_rotations(2 * len(names), rng).reshape(len(names), 2, 3, 3),
+             origin_angstrom=rng.normal(size=(len(names), 2, 3)), refined=np.ones((len(names), 2), bool),
+             fit=np.where(np.arange(2) == (names == "b")[:, None], 0.5, np.nan) + rng.normal(0, 0.02, (len(names), 1)))
+    return path
+
+
+def test_template_scores_join_the_latents_and_give_the_written_poses(fitted):
+    tmp = fitted
+    train_m = _matches(tmp / "train_m.npz", tmp / "train.npz", 5)
+    val_m = _matches(tmp / "val_m.npz", tmp / "val.npz", 6)
+    fit_classifier(CFG_BOTH, tmp / "train.npz", tmp / "val.npz", tmp / "clf2.npz", train_m, val_m)
+    assert ClassModel.load(tmp / "clf2.npz").means.shape == (2, 4 + 2 + 1)  # 4 latents, 2 scores, the fit
+    test = _latents(tmp / "test.npz", ["a", "b"], 50, 7)
+    test_m = _matches(tmp / "test_m.npz", test, 8)
+    frames = {c: {"rotation_canonical_to_reference": np.eye(3).tolist(), "translation_angstrom": [0, 0, 0],
+                  "symmetry": "C1"} for c in "ab"}
+    (tmp / "frames.json").write_text(json.dumps(frames))
+    annotate(CFG_BOTH, test, tmp / "clf2.npz", tmp / "frames.json", tmp / "test.csv", test_m)
+    table = pd.read_csv(tmp / "test.csv")
+    m = np.load(test_m)
+    k = np.where(table["nearest_class"] == "a", 0, 1)
+    chosen = m["rotation"][np.arange(len(k)), k]
+    angles = table[["angle_rot", "angle_tilt", "angle_psi"]].to_numpy()
+    assert geodesic_distance_deg(relion_euler_to_matrix(angles), chosen).max() < 1e-3
+    np.testing.assert_allclose(table[["origin_x_angstrom", "origin_y_angstrom", "origin_z_angstrom"]],
+                               m["origin_angstrom"][np.arange(len(k)), k], atol=1e-5)
+    network = table[["network_angle_rot", "network_angle_tilt", "network_angle_psi"]].to_numpy()
+    assert geodesic_distance_deg(relion_euler_to_matrix(network), np.load(test)["rotation"]).max() < 1e-3
+    np.testing.assert_allclose(table["template_score_b"], m["scores"][:, 1], atol=1e-6)
+
+
+def test_match_file_of_other_particles_is_refused(fitted):
+    other = _latents(fitted / "other.npz", ["a", "b"], 30, 9)
+    m = _matches(fitted / "other_m.npz", other, 10)
+    with pytest.raises(InputError, match="particles differ"):
+        fit_classifier(CFG_BOTH, fitted / "train.npz", fitted / "val.npz", fitted / "clf3.npz", m, m)
+    with pytest.raises(InputError, match="no template-matching file"):
+        fit_classifier(CFG_BOTH, fitted / "train.npz", fitted / "val.npz", fitted / "clf3.npz")
+
+
+def test_template_features_need_matching():
+    with pytest.raises(InputError, match="matching.enabled is false"):
+        validate_config({"structures": {"a": "demo:x", "b": "demo:y"}, "matching": {"enabled": False},
+                         "classification": {"features": ["latent", "fit"]}})
+    cfg = validate_config({"structures": {"a": "demo:x", "b": "demo:y"}, "matching": {"enabled": False},
+                           "classification": {"features": ["latent"]}})
+    assert cfg.classification.features == ["latent"]

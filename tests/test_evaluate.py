@@ -114,13 +114,22 @@ def write_history(path: Path) -> Path:
     return path
 
 
+def write_frames(path: Path, config) -> Path:
+    """``align`` output with identity frames and each class's group about RELION's axes."""
+    frames = {c: {"rotation_canonical_to_reference": np.eye(3).tolist(), "translation_angstrom": [0.0] * 3,
+                  "symmetry": config.alignment.symmetry.get(c, "C1"), "symmetry_axes": np.eye(3).tolist()}
+              for c in config.seen_classes}
+    path.write_text(json.dumps(frames))
+    return path
+
+
 def run_evaluate(tmp: Path, config, table: pd.DataFrame, split_dir: Path, affinity: Path, out: Path) -> dict:
     """evaluate() with the stand-in model; returns the parsed metrics.json."""
     table.to_csv(tmp / "embeddings.csv", index=False)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ev, "load_trained_model", lambda path, dims: TinyModel(dims).eval())
         ev.evaluate(config, tmp / "embeddings.csv", split_dir, affinity, tmp / "model.pt",
-                    write_history(tmp / "history.csv"), out)
+                    write_history(tmp / "history.csv"), write_frames(tmp / "frames.json", config), out)
     return json.loads((out / "metrics.json").read_text())
 
 
@@ -284,6 +293,20 @@ def test_c2_class_predicted_rotated_by_its_twofold_has_zero_error():
     np.testing.assert_allclose(errors[3:], 180.0, atol=1e-5)  # C1: the 2-fold is a 180° error
 
 
+def test_symmetry_axes_located_in_the_map_are_used():
+    """A C2 whose axis lies along x in the map: a flip about x is no error, a flip about z is."""
+    config = make_config()
+    axes = relion_euler_to_matrix(np.array([0.0, 90.0, 0.0]))  # takes z onto a horizontal axis
+    frames = {"beta": {"symmetry": "C2", "symmetry_axes": axes.tolist()}}
+    twofold_in_map = axes @ symmetry_group("C2")[1] @ axes.T
+    true = random_rotations(4, np.random.default_rng(4))
+    pred = np.concatenate([true[:2] @ twofold_in_map, true[2:] @ symmetry_group("C2")[1]])
+    frame = _pose_frame(["beta"] * 4, matrix_to_relion_euler(pred), matrix_to_relion_euler(true))
+    errors = ev.pose_errors(frame, config, frames)["rotation_error_deg"].to_numpy()
+    np.testing.assert_allclose(errors[:2], 0.0, atol=1e-5)
+    np.testing.assert_allclose(errors[2:], 180.0, atol=1e-5)
+
+
 def test_pose_error_equals_the_applied_rotation():
     config = make_config()
     rng = np.random.default_rng(2)
@@ -407,7 +430,8 @@ def test_history_components_pair_train_and_val():
 def _cli_args(config: dict, tmp: Path, split_dir: Path, affinity: Path, out: Path) -> list[str]:
     return ["evaluate", "--config", json.dumps(config), "--embeddings", str(tmp / "embeddings.csv"),
             "--split-dir", str(split_dir), "--affinity", str(affinity), "--model", str(tmp / "model.pt"),
-            "--history", str(write_history(tmp / "history.csv")), "--output-dir", str(out)]
+            "--history", str(write_history(tmp / "history.csv")),
+            "--frames", str(write_frames(tmp / "frames.json", validate_config(config))), "--output-dir", str(out)]
 
 
 def test_cli_with_a_saved_model(tmp_path):

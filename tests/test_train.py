@@ -177,3 +177,23 @@ def test_non_finite_particles_stop_training_with_a_message(tiny, tmp_path):
     with pytest.raises(FloatingPointError, match="non-finite training loss at epoch 1"):
         train(_config(), bad, tiny / "val", tiny / "affinity.csv", tmp_path / "out")
     assert not (tmp_path / "out" / "model.pt").exists()
+
+
+def test_symmetry_table_locates_the_axes_in_each_map(tmp_path):
+    """A C2 class whose 2-fold lies along x in its map: the pose loss gets that 2-fold, not z's."""
+    import mrcfile
+
+    from cryovae.train import symmetry_table
+
+    vol = np.zeros((24, 24, 24), np.float32)
+    vol[12, 12, 4:20] = 1.0  # a rod along x with two side blobs related by a 2-fold about x
+    vol[12, 15, 8], vol[12, 9, 8] = 2.0, 2.0
+    with mrcfile.new(tmp_path / "b.mrc") as m:
+        m.set_data(vol.astype(np.float32))
+    table = symmetry_table(["a", "b"], {"b": "C2"}, [tmp_path / "b.mrc"])
+    twofold = table[1, 1].numpy()
+    assert np.allclose(table[0, 1].numpy(), np.eye(3))  # C1 padded with identities
+    assert abs(np.trace(twofold) + 1) < 1e-3  # a 180° rotation ...
+    assert abs(abs(twofold[0, 0]) - 1) < 0.02  # ... about x
+    with pytest.raises(InputError, match="reference map is needed"):
+        symmetry_table(["a", "b"], {"b": "C2"}, [])

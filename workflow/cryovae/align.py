@@ -6,6 +6,10 @@ grid, then local grids of halving steps; the best translation of each rotation f
 FFT cross-correlation) finds the rotation ``R`` and offset ``t`` with
 ``reference(y) ≈ canonical(R^T (y - t))``.  ``classify.poses_in_reference_frame`` turns
 model poses into poses relative to the map a user averages against.
+
+A class's point group (``alignment.symmetry``) is given in RELION's standard orientation;
+:func:`orient_symmetry` finds where its axes lie in the reference map, so that
+symmetry-aware pose errors compare poses of the map a user actually has.
 """
 
 from __future__ import annotations
@@ -22,16 +26,16 @@ from cryovae.atomic import write_text_atomic
 from cryovae.classify import load_latents
 from cryovae.config import Config
 from cryovae.errors import InputError
-from cryovae.rotations import local_grid, rotate_volumes_torch, so3_grid
+from cryovae.rotations import (
+    local_grid, orient_symmetry, rotate_volumes_torch, so3_grid, standardise_volumes, symmetry_group,
+)
 
 log = logging.getLogger(__name__)
 
 
 def _standardise(volumes: torch.Tensor) -> torch.Tensor:
     """Zero mean, unit norm per volume; (n, D, H, W)."""
-    flat = volumes.reshape(len(volumes), -1)
-    flat = flat - flat.mean(1, keepdim=True)
-    return (flat / (flat.norm(dim=1, keepdim=True) + 1e-12)).reshape(volumes.shape)
+    return standardise_volumes(volumes).reshape(volumes.shape)
 
 
 def score_rotations(
@@ -82,6 +86,12 @@ def search_rotation(
     return rotation, offset, score
 
 
+def symmetry_operators(frame: dict) -> np.ndarray:
+    """A ``frames.json`` entry's point group in the reference map's frame: (G, 3, 3)."""
+    axes = np.asarray(frame.get("symmetry_axes", np.eye(3)), dtype=np.float64)
+    return axes @ symmetry_group(frame.get("symmetry", "C1")) @ axes.T
+
+
 def _class_means(latents: dict[str, np.ndarray], classes: list[str], path: Path) -> np.ndarray:
     names = latents["class_name"].astype(str)
     missing = [c for c in classes if not (names == c).any()]
@@ -91,7 +101,9 @@ def _class_means(latents: dict[str, np.ndarray], classes: list[str], path: Path)
 
 
 def align_frames(config: Config, model: Path, latents: Path, maps: list[Path], output: Path) -> None:
-    """Write ``frames.json``: per seen class the canonical-to-reference rotation, offset, symmetry."""
+    """Write ``frames.json``: per seen class the canonical-to-reference rotation, offset, and the
+    assumed point group with its axes in the reference map (``symmetry_axes``: the O of
+    :func:`orient_symmetry`)."""
     from cryovae.model import load_model
 
     classes = config.seen_classes
@@ -111,11 +123,19 @@ def align_frames(config: Config, model: Path, latents: Path, maps: list[Path], o
         rotation, offset, score = search_rotation(
             volume, reference, config.alignment.coarse_step_deg, config.alignment.fine_steps
         )
+        group = config.alignment.symmetry.get(name, "C1")
+        axes, self_cc = orient_symmetry(reference, group)
         frames[name] = {
             "rotation_canonical_to_reference": np.round(rotation, 8).tolist(),
             "translation_angstrom": np.round(offset * config.pixel_size_angstrom, 6).tolist(),
-            "symmetry": config.alignment.symmetry.get(name, "C1"),
+            "symmetry": group,
+            "symmetry_axes": np.round(axes, 8).tolist(),
+            "symmetry_correlation": round(self_cc, 6),
             "correlation": round(score, 6),
         }
-        log.info("align %s: correlation %.3f, symmetry %s", name, score, frames[name]["symmetry"])
+        log.info("align %s: correlation %.3f, symmetry %s (map self-correlation under it %.3f)",
+                 name, score, group, self_cc)
+        if self_cc < 0.8:
+            log.warning("align %s: the map correlates only %.3f with itself under %s; is the symmetry right?",
+                        name, self_cc, group)
     write_text_atomic(output, json.dumps(frames, indent=2, sort_keys=True) + "\n")

@@ -1,11 +1,18 @@
-"""Classes and unknowns from latents, and the per-particle answer table.
+"""Classes and unknowns from latents (and template-matching scores), and the per-particle answer table.
 
 The class model is a Gaussian per seen class with one shared, shrunk covariance
-(Ledoit–Wolf) in standardised latent space: class probabilities are its posteriors,
+(Ledoit–Wolf) in standardised feature space: class probabilities are its posteriors,
 and the unknown score is the smallest squared Mahalanobis distance to a class mean.
-It is fitted on the training split's latents (re-encoded with the final model) and the
+Features are the latent means re-encoded with the final model and, with
+``matching.enabled``, each particle's best global template-matching score per seen class
+and its ``fit`` (the full-size matched-filter correlation at the refined pose of its best
+class; ``classification.features``).  The model is fitted on the training split and the
 unknown threshold is calibrated on the validation split, so that a fraction
 ``classification.accept_fraction`` of known validation particles is accepted.
+
+Poses written out are the template-matching poses of the nearest class when matching is
+enabled (already relative to the reference map), else the network's poses moved into
+the reference frame by ``align``'s frames; the network's poses are kept beside them.
 """
 
 from __future__ import annotations
@@ -87,6 +94,34 @@ class ClassModel:
         return cls(**fields)
 
 
+def load_matches(path: Path, particle_id: np.ndarray, classes: list[str]) -> dict[str, np.ndarray]:
+    """A ``match`` output checked against the latents' particle order and the seen classes."""
+    if not Path(path).is_file():
+        raise InputError(f"{path}: template-matching file does not exist")
+    with np.load(path, allow_pickle=False) as data:
+        match = {k: data[k] for k in data.files}
+    if list(match["classes"].astype(str)) != list(classes):
+        raise InputError(f"{path}: matched classes {list(match['classes'])}, expected {list(classes)}")
+    if not np.array_equal(match["particle_id"].astype(str), particle_id.astype(str)):
+        raise InputError(f"{path}: particles differ from the latent file's (re-run match and embed on one split)")
+    return match
+
+
+def features(config: Config, data: dict[str, np.ndarray], match: dict[str, np.ndarray] | None) -> np.ndarray:
+    """Classifier features per ``classification.features``: (n, F) float64."""
+    parts = []
+    for name in config.classification.features:
+        if name == "latent":
+            parts.append(data["latent_mean"].astype(np.float64))
+        elif match is None:
+            raise InputError(f"classification.features lists {name!r} but no template-matching file was given")
+        elif name == "template":
+            parts.append(match["scores"].astype(np.float64))
+        else:  # "fit": how well the best refined class explains the particle
+            parts.append(np.nanmax(match["fit"].astype(np.float64), axis=1, keepdims=True))
+    return np.concatenate(parts, axis=1)
+
+
 def _known_labels(data: dict[str, np.ndarray], config: Config, path: Path) -> np.ndarray:
     labels = data["class_name"].astype(str)
     bad = sorted(set(labels.tolist()) - set(config.seen_classes))
@@ -95,12 +130,21 @@ def _known_labels(data: dict[str, np.ndarray], config: Config, path: Path) -> np
     return labels
 
 
-def fit_classifier(config: Config, train: Path, val: Path, output: Path) -> None:
-    """Fit :class:`ClassModel` on training latents; calibrate its unknown threshold on validation."""
-    tr, va = load_latents(train), load_latents(val)
-    model = ClassModel.fit(tr["latent_mean"].astype(np.float64), _known_labels(tr, config, train))
+def _split_features(config: Config, latents: Path, match: Path | None) -> tuple[dict, dict | None, np.ndarray]:
+    data = load_latents(latents)
+    matches = None if match is None else load_matches(match, data["particle_id"], config.seen_classes)
+    return data, matches, features(config, data, matches)
+
+
+def fit_classifier(
+    config: Config, train: Path, val: Path, output: Path, train_match: Path | None = None, val_match: Path | None = None
+) -> None:
+    """Fit :class:`ClassModel` on the training split; calibrate its unknown threshold on validation."""
+    tr, _, train_x = _split_features(config, train, train_match)
+    va, _, val_x = _split_features(config, val, val_match)
+    model = ClassModel.fit(train_x, _known_labels(tr, config, train))
     val_labels = _known_labels(va, config, val)
-    probs, score = model.predict(va["latent_mean"].astype(np.float64))
+    probs, score = model.predict(val_x)
     model.threshold = float(np.quantile(score, config.classification.accept_fraction))
     accuracy = float((model.classes[probs.argmax(1)] == val_labels).mean())
     log.info(
@@ -141,22 +185,40 @@ def poses_in_reference_frame(
     return rot, origin
 
 
-def annotate(config: Config, latents: Path, classifier: Path, frames: Path, output: Path) -> None:
-    """Write the per-particle CSV: latent, pose in the reference frame, class, probabilities, unknown score."""
-    data = load_latents(latents)
+def _pose_columns(prefix: str, rotation: np.ndarray, origin: np.ndarray) -> dict[str, np.ndarray]:
+    angles = matrix_to_relion_euler(rotation)
+    table = {f"{prefix}angle_{name}": angles[:, i] for i, name in enumerate(("rot", "tilt", "psi"))}
+    return table | {f"{prefix}origin_{ax}_angstrom": origin[:, i] for i, ax in enumerate("xyz")}
+
+
+def annotate(
+    config: Config, latents: Path, classifier: Path, frames: Path, output: Path, match: Path | None = None
+) -> None:
+    """Write the per-particle CSV: latent, pose in the reference frame, class, probabilities, unknown score.
+
+    With a ``match`` file the pose columns are the template-matching pose of the nearest
+    class and ``network_angle_*``/``network_origin_*`` hold the network's pose in the same frame.
+    """
+    data, matches, x = _split_features(config, latents, match)
     model = ClassModel.load(classifier)
-    probs, score = model.predict(data["latent_mean"].astype(np.float64))
+    probs, score = model.predict(x)
     nearest = model.classes[probs.argmax(1)]
     predicted = np.where(score > model.threshold, UNKNOWN, nearest)
-    rot, origin = poses_in_reference_frame(
+    network_rot, network_origin = poses_in_reference_frame(
         data["rotation"].astype(np.float64), data["origin_angstrom"].astype(np.float64), nearest, read_frames(frames)
     )
     table = {"particle_id": data["particle_id"].astype(str)}
     for i in range(data["latent_mean"].shape[1]):
         table[f"latent_{i}"] = data["latent_mean"][:, i]
-    angles = matrix_to_relion_euler(rot)
-    table |= {"angle_rot": angles[:, 0], "angle_tilt": angles[:, 1], "angle_psi": angles[:, 2]}
-    table |= {f"origin_{ax}_angstrom": origin[:, i] for i, ax in enumerate("xyz")}
+    if matches is None:
+        table |= _pose_columns("", network_rot, network_origin)
+    else:
+        column = {c: j for j, c in enumerate(config.seen_classes)}
+        k = np.array([column[c] for c in nearest], dtype=np.int64)
+        rows = np.arange(len(nearest))
+        table |= _pose_columns("", matches["rotation"][rows, k], matches["origin_angstrom"][rows, k])
+        table |= _pose_columns("network_", network_rot, network_origin)
+        table |= {f"template_score_{c}": matches["scores"][:, j] for j, c in enumerate(config.seen_classes)}
     table |= {"predicted_class": predicted, "nearest_class": nearest}
     table |= {f"prob_{c}": probs[:, k] for k, c in enumerate(model.classes)}
     table |= {"unknown_score": score, "confidence": probs.max(1), "recon_error": data["recon_error"]}

@@ -100,11 +100,14 @@ VERBS: dict[str, tuple[str, str, str, list[tuple[tuple[str, ...], dict]]]] = {
         "cryovae.train:train",
         "Train the affinity-VAE; resumes from the last checkpoint in the output folder.",
         "cryovae train --config config.yaml --train-dir results/subtomograms/train "
-        "--val-dir results/subtomograms/val --affinity results/affinity/affinity.csv --output-dir results/model",
+        "--val-dir results/subtomograms/val --affinity results/affinity/affinity.csv --maps results/maps/*.mrc "
+        "--output-dir results/model",
         [
             (("--train-dir",), {"type": _P, "required": True}),
             (("--val-dir",), {"type": _P, "required": True}),
             (("--affinity",), {"type": _P, "required": True}),
+            (("--maps",), {"type": _P, "nargs": "*", "default": None,
+                           "help": "reference maps of the seen classes (symmetric classes need theirs)"}),
             (("--output-dir",), {"type": _P, "required": True}),
         ],
     ),
@@ -127,6 +130,19 @@ VERBS: dict[str, tuple[str, str, str, list[tuple[tuple[str, ...], dict]]]] = {
         [
             (("--train",), {"type": _P, "required": True}),
             (("--val",), {"type": _P, "required": True}),
+            (("--train-match",), {"type": _P, "default": None, "help": "match output of the training split"}),
+            (("--val-match",), {"type": _P, "default": None, "help": "match output of the validation split"}),
+            (("--output",), {"type": _P, "required": True}),
+        ],
+    ),
+    "match": (
+        "cryovae.match:match_split",
+        "Template-match every particle of a split against the seen classes' maps: scores and poses.",
+        "cryovae match --config config.yaml --split-dir results/subtomograms/test --maps results/maps/*.mrc "
+        "--output results/embeddings/match/test.npz",
+        [
+            (("--split-dir",), {"type": _P, "required": True}),
+            (("--maps",), {"type": _P, "nargs": "+", "required": True}),
             (("--output",), {"type": _P, "required": True}),
         ],
     ),
@@ -152,6 +168,7 @@ VERBS: dict[str, tuple[str, str, str, list[tuple[tuple[str, ...], dict]]]] = {
             (("--latents",), {"type": _P, "required": True}),
             (("--classifier",), {"type": _P, "required": True}),
             (("--frames",), {"type": _P, "required": True}),
+            (("--match",), {"type": _P, "default": None, "help": "match output of the same split"}),
             (("--output",), {"type": _P, "required": True}),
         ],
     ),
@@ -171,13 +188,15 @@ VERBS: dict[str, tuple[str, str, str, list[tuple[tuple[str, ...], dict]]]] = {
         "Metrics (metrics.json) and plots of one split against its ground truth.",
         "cryovae evaluate --config config.yaml --embeddings results/embeddings/test.csv "
         "--split-dir results/subtomograms/test --affinity results/affinity/affinity.csv "
-        "--model results/model/model.pt --history results/model/history.csv --output-dir results/evaluation/test",
+        "--model results/model/model.pt --history results/model/history.csv --frames results/model/frames.json "
+        "--output-dir results/evaluation/test",
         [
             (("--embeddings",), {"type": _P, "required": True}),
             (("--split-dir",), {"type": _P, "required": True}),
             (("--affinity",), {"type": _P, "required": True}),
             (("--model",), {"type": _P, "required": True}),
             (("--history",), {"type": _P, "required": True}),
+            (("--frames",), {"type": _P, "required": True}),
             (("--output-dir",), {"type": _P, "required": True}),
         ],
     ),

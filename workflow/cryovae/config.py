@@ -200,11 +200,43 @@ class TrainingConfig(_Section):
 
 
 class ClassificationConfig(_Section):
-    """Classes and unknowns from latents."""
+    """Classes and unknowns from latents (and template-matching scores)."""
 
+    features: list[Literal["latent", "template", "fit"]] = Field(
+        ["latent", "template", "fit"], min_length=1, description="What the classifier sees: the VAE's latent "
+        "means, the best global template-matching score per seen class, the full-size correlation at the "
+        "refined pose of the best class (template and fit need matching.enabled)."
+    )
     accept_fraction: float = Field(
         0.95, gt=0, lt=1, description="Fraction of known validation particles the unknown threshold accepts."
     )
+
+
+class MatchingConfig(_Section):
+    """Per-particle poses (and class scores) by template matching against the seen classes' maps."""
+
+    enabled: bool = Field(
+        True, description="Match every particle against every seen reference map; the poses written "
+        "out come from matching, the network's poses are kept beside them. false: network poses only."
+    )
+    coarse_step_deg: float = Field(15.0, gt=0, description="Angular step of the global rotation grid.")
+    coarse_binning: int = Field(2, ge=1, description="Fourier-crop factor of the global search (box / factor even).")
+    refine_steps_deg: list[float] = Field(
+        [6.0, 2.5], description="Steps of the local refinement grids (5 x 5 x 5 rotations each), coarse to fine."
+    )
+    refine_top: int = Field(2, ge=1, description="Classes per particle refined (the best global scores).")
+    tilt_range_deg: tuple[float, float] | None = Field(
+        (-60.0, 60.0), description="Missing wedge of extracted particles (tilt about Y); simulated particles "
+        "use simulation.tilt_range_deg.  null: no wedge."
+    )
+    threads: int = Field(2, ge=1, description="CPU threads per matching job.")
+
+    @field_validator("refine_steps_deg")
+    @classmethod
+    def _positive_steps(cls, v):
+        if any(not step > 0 for step in v):
+            raise ValueError(f"refinement steps must be positive degrees, got {v}")
+        return v
 
 
 class AlignmentConfig(_Section):
@@ -254,6 +286,7 @@ class Config(_Section):
     extraction: ExtractionConfig = Field(default_factory=ExtractionConfig, description="Extraction.")
     training: TrainingConfig = Field(default_factory=TrainingConfig, description="Training.")
     classification: ClassificationConfig = Field(default_factory=ClassificationConfig, description="Classes.")
+    matching: MatchingConfig = Field(default_factory=MatchingConfig, description="Template matching.")
     alignment: AlignmentConfig = Field(default_factory=AlignmentConfig, description="Frame alignment.")
     priors: PriorsConfig = Field(default_factory=PriorsConfig, description="Pose priors.")
 
@@ -271,6 +304,9 @@ class Config(_Section):
                 raise ValueError(f"unseen class {name!r} is not a key of structures")
         if len(self.seen_classes) < 2:
             raise ValueError("at least two classes must be seen in training")
+        needs_matching = sorted({"template", "fit"} & set(self.classification.features))
+        if needs_matching and not self.matching.enabled:
+            raise ValueError(f"classification.features lists {needs_matching} but matching.enabled is false")
         for section, names in (("alignment.symmetry", self.alignment.symmetry), ("maps.files", self.maps.files)):
             for name in names:
                 if name not in self.structures:

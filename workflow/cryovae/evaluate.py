@@ -3,7 +3,8 @@
 Inputs are the per-particle table written by ``annotate`` (latents, predicted class,
 unknown score, predicted pose), the split's ``particles.star`` (the ground truth, when
 simulated), the affinity matrix, the trained model (to decode class means) and the
-training history.  Rows of the table and the STAR file are matched by particle id.
+training history and ``align``'s frames (where each class's symmetry axes lie in its
+map).  Rows of the table and the STAR file are matched by particle id.
 
 Metrics that need ground truth are ``null`` in metrics.json when the split has none
 (extracted data, class ``unknown``).  Definitions:
@@ -14,7 +15,9 @@ Metrics that need ground truth are ``null`` in metrics.json when the split has n
   seen-class particles.
 - ``pose_error_*_deg``: geodesic angle between predicted and true
   ``rotation_matrix_particle_from_reference``, minimised over the class's point group
-  (``config.alignment.symmetry``, default C1), over seen-class particles with true poses.
+  (``config.alignment.symmetry``, default C1, its axes located in the map by ``align``),
+  over seen-class particles with true poses.  ``network_pose_error_median_deg``: the same
+  for the network's own poses, when template matching gave the written ones.
 - ``affinity_spearman``: Spearman correlation, over the upper triangle, of the cosine
   similarity of class-mean latents against the affinity matrix, for the true classes
   present in the split (at least three, so that there are three pairs).
@@ -33,6 +36,7 @@ import pandas as pd
 from cryovae import __version__, plots
 from cryovae.affinity import read_affinity_csv
 from cryovae.atomic import write_text_atomic
+from cryovae.classify import read_frames
 from cryovae.errors import InputError
 from cryovae.shards import SubtomogramSet
 
@@ -209,35 +213,49 @@ def threshold_bounds(predicted: np.ndarray, unknown_score: np.ndarray) -> list[f
     return [lo, hi] if lo <= hi else None
 
 
-def symmetric_pose_error_deg(pred_angles_deg: np.ndarray, true_angles_deg: np.ndarray, symmetry: str) -> np.ndarray:
-    """Rotation error in degrees, (n,), between RELION angles (n, 3), minimised over the point group."""
+def symmetric_pose_error_deg(pred_angles_deg: np.ndarray, true_angles_deg: np.ndarray,
+                             symmetry: str | np.ndarray) -> np.ndarray:
+    """Rotation error in degrees, (n,), between RELION angles (n, 3), minimised over the point group.
+
+    ``symmetry``: a point-group name (RELION's standard orientation) or its operators (G, 3, 3)
+    in the reference map's frame (``align.symmetry_operators``).
+    """
     from cryovae.rotations import relion_euler_to_matrix, symmetric_geodesic_distance_deg, symmetry_group
 
+    group = symmetry_group(symmetry) if isinstance(symmetry, str) else np.asarray(symmetry, dtype=np.float64)
     pred = relion_euler_to_matrix(pred_angles_deg)
     true = relion_euler_to_matrix(true_angles_deg)
-    return np.asarray(symmetric_geodesic_distance_deg(pred, true, symmetry_group(symmetry)), dtype=np.float64)
+    return np.asarray(symmetric_geodesic_distance_deg(pred, true, group), dtype=np.float64)
 
 
-def pose_errors(merged: pd.DataFrame, config) -> pd.DataFrame:
+def pose_errors(merged: pd.DataFrame, config, frames: dict[str, dict] | None = None, prefix: str = "") -> pd.DataFrame:
     """Per-particle pose errors of seen-class particles with a true pose.
 
     Returns columns ``particle_id``, ``true_class``, ``correct`` (class called right),
     ``rotation_error_deg``, ``shift_error_angstrom`` (Euclidean, rlnOrigin convention);
-    empty when the split has no true poses.
+    empty when the split has no true poses (or no ``prefix`` pose columns: ``network_``
+    for the network's own poses).  Point groups come from ``frames`` (``align`` output,
+    axes located in each map) or, without it, ``alignment.symmetry`` about RELION's axes.
     """
+    from cryovae.align import symmetry_operators
+
     columns = ["particle_id", "true_class", "correct", "rotation_error_deg", "shift_error_angstrom"]
-    if not all(c in merged.columns for c in (*TRUE_ANGLE_COLUMNS, *TRUE_ORIGIN_COLUMNS)):
+    angle_cols = [prefix + c for c in ANGLE_COLUMNS]
+    origin_cols = [prefix + c for c in ORIGIN_COLUMNS]
+    needed = (*TRUE_ANGLE_COLUMNS, *TRUE_ORIGIN_COLUMNS, *angle_cols, *origin_cols)
+    if not all(c in merged.columns for c in needed):
         return pd.DataFrame(columns=columns)
     known = np.isfinite(merged[list(TRUE_ANGLE_COLUMNS)].to_numpy(dtype=np.float64)).all(axis=1)
     rows = merged[known & merged["true_class"].isin(config.seen_classes).to_numpy()]
     errors = np.zeros(len(rows))
     for name in rows["true_class"].unique():
         sel = (rows["true_class"] == name).to_numpy()
+        group = symmetry_operators(frames[name]) if frames else config.alignment.symmetry.get(name, "C1")
         errors[sel] = symmetric_pose_error_deg(
-            rows.loc[sel, list(ANGLE_COLUMNS)].to_numpy(), rows.loc[sel, list(TRUE_ANGLE_COLUMNS)].to_numpy(),
-            config.alignment.symmetry.get(name, "C1"),
+            rows.loc[sel, angle_cols].to_numpy(dtype=np.float64),
+            rows.loc[sel, list(TRUE_ANGLE_COLUMNS)].to_numpy(), group,
         )
-    shift = rows[list(ORIGIN_COLUMNS)].to_numpy() - rows[list(TRUE_ORIGIN_COLUMNS)].to_numpy()
+    shift = rows[origin_cols].to_numpy(dtype=np.float64) - rows[list(TRUE_ORIGIN_COLUMNS)].to_numpy()
     return pd.DataFrame({
         "particle_id": rows["particle_id"].to_numpy(), "true_class": rows["true_class"].to_numpy(),
         "correct": (rows["predicted_class"] == rows["true_class"]).to_numpy(),
@@ -256,6 +274,9 @@ def pose_metrics(errors: pd.DataFrame) -> dict:
         "pose_error_n_particles": int(len(rot)),
         "pose_error_median_deg_correctly_classified": float(np.median(rot[correct])) if correct.any() else None,
         "shift_error_median_angstrom": float(np.median(shift)) if has else None,
+        "per_class_pose_error_median_deg": {
+            str(c): float(np.median(rot[errors["true_class"].to_numpy() == c])) for c in errors["true_class"].unique()
+        } or None,
     }
 
 
@@ -446,7 +467,7 @@ def read_history(path: Path) -> pd.DataFrame:
 
 
 def evaluate(config, embeddings: Path, split_dir: Path, affinity: Path, model: Path, history: Path,
-             output_dir: Path) -> None:
+             frames: Path, output_dir: Path) -> None:
     """Write ``metrics.json`` and the seven evaluation PNGs of one split into ``output_dir``."""
     embeddings, split_dir, output_dir = Path(embeddings), Path(split_dir), Path(output_dir)
     table, latent_cols = read_embeddings(embeddings, config)
@@ -456,7 +477,12 @@ def evaluate(config, embeddings: Path, split_dir: Path, affinity: Path, model: P
     history_frame = read_history(history)
     trained = load_trained_model(model, len(latent_cols))
     latents = merged[latent_cols].to_numpy(dtype=np.float64)
-    errors = pose_errors(merged, config)
+    frame_table = read_frames(frames)
+    errors = pose_errors(merged, config, frame_table)
     metrics = compute_metrics(config, merged, latents, affinity_frame, errors, split_dir.name)
+    network = pose_errors(merged, config, frame_table, prefix="network_")
+    if len(network):  # matching gave the poses: how far the network's own poses were from the truth
+        metrics["network_pose_error_median_deg"] = float(np.median(network["rotation_error_deg"]))
+        metrics["network_shift_error_median_angstrom"] = float(np.median(network["shift_error_angstrom"]))
     write_plots(config, merged, latents, affinity_frame, errors, metrics, trained, history_frame, output_dir)
     write_metrics(metrics, output_dir / "metrics.json")

@@ -432,3 +432,63 @@ def rotate_volumes_torch(
         volumes.unsqueeze(1), grid, mode="bilinear", padding_mode="zeros", align_corners=True
     )
     return out.squeeze(1)
+
+
+def standardise_volumes(volumes: torch.Tensor) -> torch.Tensor:
+    """(n, ...) -> (n, voxels) with zero mean and unit norm per row: dot products are correlations."""
+    flat = volumes.reshape(len(volumes), -1)
+    flat = flat - flat.mean(1, keepdim=True)
+    return flat / (flat.norm(dim=1, keepdim=True) + 1e-12)
+
+
+def _principal_frames(reference: np.ndarray, step_deg: float = 5.0) -> np.ndarray:
+    """Frames whose z is a principal axis of the map's positive density, spun about z: (3 * 360/step, 3, 3).
+
+    A symmetry axis of a map is a principal axis of its inertia, so these frames contain
+    the orientation of any Cn or Dn group up to the grid step.
+    """
+    density = np.clip(reference - reference.mean(), 0.0, None).astype(np.float64)
+    zyx = np.indices(reference.shape).reshape(3, -1).T - np.array(reference.shape) // 2
+    xyz, weight = zyx[:, ::-1].astype(np.float64), density.reshape(-1)
+    xyz = xyz - (xyz * weight[:, None]).sum(0) / weight.sum()
+    _, axes = np.linalg.eigh((xyz * weight[:, None]).T @ xyz)
+    frames = []
+    for i in range(3):
+        z, x = axes[:, i], axes[:, (i + 1) % 3]
+        base = np.stack([x, np.cross(z, x), z], 1)
+        frames += [base @ axis_angle_matrix(np.array([0.0, 0.0, 1.0]), a) for a in np.radians(np.arange(0, 360, step_deg))]
+    return np.array(frames)
+
+
+def orient_symmetry(reference: np.ndarray, group: str) -> tuple[np.ndarray, float]:
+    """Where a point group sits in a map: (O (3, 3), mean self-correlation under the group).
+
+    ``rotations.symmetry_group`` gives the group in RELION's standard orientation (main axis
+    z); in the map it is ``O G O^T``.  O maximises the correlation of the map with itself
+    rotated by each non-identity element: principal-axis frames and a 20 deg grid, then
+    local grids of 5, 2.5 and 1.25 deg.
+    """
+    ops = torch.as_tensor(symmetry_group(group)[1:], dtype=torch.float32)
+    if not len(ops):
+        return np.eye(3), 1.0
+    ref = torch.as_tensor(np.ascontiguousarray(reference), dtype=torch.float32)
+    target = standardise_volumes(ref[None])[0]
+
+    def score(frames: np.ndarray) -> np.ndarray:
+        out = []
+        for start in range(0, len(frames), 128):
+            f = torch.as_tensor(frames[start : start + 128], dtype=torch.float32)
+            mats = (f[:, None] @ ops[None] @ f[:, None].transpose(-1, -2)).reshape(-1, 3, 3)
+            rotated = standardise_volumes(rotate_volumes_torch(ref.expand(len(mats), *ref.shape), mats))
+            out.append((rotated @ target).reshape(len(f), len(ops)).mean(1))
+        return torch.cat(out).numpy()
+
+    frames = np.concatenate([_principal_frames(reference), so3_grid(20.0)])
+    scores = score(frames)
+    best, best_score = frames[scores.argmax()], float(scores.max())
+    for step in (5.0, 2.5, 1.25):
+        frames = local_grid(best, step, 1)
+        scores = score(frames)
+        if scores.max() > best_score:
+            best, best_score = frames[scores.argmax()], float(scores.max())
+    return best, best_score

@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import mrcfile
 import numpy as np
 import pandas as pd
 import torch
@@ -51,7 +52,7 @@ from cryovae.model.encoder import rotation_3x3
 from cryovae.model.io import save_model
 from cryovae.model.losses import COMPONENTS, affinity_loss, kl_divergence, pose_loss, reconstruction_error, wedge_mask
 from cryovae.model.vae import AffinityVAE
-from cryovae.rotations import symmetry_group
+from cryovae.rotations import orient_symmetry, symmetry_group
 from cryovae.schedules import schedule_value
 
 
@@ -158,9 +159,24 @@ def make_batch(data: ParticleData, indices: np.ndarray, volumes: np.ndarray, dev
     )
 
 
-def symmetry_table(class_names: list[str], symmetry: dict[str, str]) -> torch.Tensor | None:
-    """(C, G, 3, 3) point group of each class padded with identities; None when all are C1."""
-    groups = [symmetry_group(symmetry.get(name, "C1")) for name in class_names]
+def symmetry_table(
+    class_names: list[str], symmetry: dict[str, str], maps: list[Path] | None = None
+) -> torch.Tensor | None:
+    """(C, G, 3, 3) point group of each class, in its reference map's frame, padded with
+    identities; None when all are C1.  A symmetric class needs its map (``{class}.mrc`` in
+    ``maps``): the group's axes are located in it (:func:`cryovae.rotations.orient_symmetry`).
+    """
+    by_name = {Path(p).stem: Path(p) for p in maps or []}
+    groups = []
+    for name in class_names:
+        group = symmetry.get(name, "C1")
+        if group == "C1":
+            groups.append(np.eye(3)[None])
+            continue
+        if name not in by_name:
+            raise InputError(f"class {name} is {group}: its reference map is needed to locate the symmetry axes")
+        axes, _ = orient_symmetry(mrcfile.read(by_name[name]).astype(np.float32), group)
+        groups.append(axes @ symmetry_group(group) @ axes.T)
     size = max(len(g) for g in groups)
     if size == 1:
         return None
@@ -253,7 +269,8 @@ def _open_data(train_dir: Path, val_dir: Path, class_names: list[str]) -> tuple[
     return train_data, val_data
 
 
-def build_run(config: Config, train_dir: Path, val_dir: Path, affinity: Path, output_dir: Path) -> Run:
+def build_run(config: Config, train_dir: Path, val_dir: Path, affinity: Path, output_dir: Path,
+              maps: list[Path] | None = None) -> Run:
     """Read the data and affinity, build model, optimiser and scheduler (seeded)."""
     tc = config.training
     device = choose_device(tc.device)
@@ -267,7 +284,8 @@ def build_run(config: Config, train_dir: Path, val_dir: Path, affinity: Path, ou
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=tc.epochs, eta_min=0.05 * tc.learning_rate)
     noise = torch.Generator().manual_seed(config.seed)
     use_wedge = tc.wedge_masked_loss and config.simulation.tilt_range_deg is not None and len(spatial) == 3
-    sym = symmetry_table(class_names, config.alignment.symmetry)
+    seen_symmetry = {c: g for c, g in config.alignment.symmetry.items() if c not in config.unseen}
+    sym = symmetry_table(class_names, seen_symmetry, maps)
     setup = LossSetup(
         affinity=torch.tensor(matrix, dtype=torch.float32, device=device),
         affinity_kind=tc.affinity_loss,
@@ -342,13 +360,13 @@ def _finish_epoch(run: Run, state: TrainState) -> None:
 
 
 def run_training(config: Config, train_dir: Path, val_dir: Path, affinity: Path, output_dir: Path,
-                 batch_hook: BatchHook | None = None) -> None:
+                 batch_hook: BatchHook | None = None, maps: list[Path] | None = None) -> None:
     """:func:`train` with an optional ``batch_hook(epoch, batches_done)`` called after every batch."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     tc = config.training
     torch.set_num_threads(tc.threads)
-    run = build_run(config, train_dir, val_dir, affinity, output_dir)
+    run = build_run(config, train_dir, val_dir, affinity, output_dir, maps)
     state = load_checkpoint(run.checkpoint, run.model, run.optimizer, run.scheduler, run.noise,
                             run.fingerprint) or TrainState()
     stop = StopRequest()
@@ -369,8 +387,10 @@ def run_training(config: Config, train_dir: Path, val_dir: Path, affinity: Path,
     run.checkpoint.unlink(missing_ok=True)
 
 
-def train(config: Config, train_dir: Path, val_dir: Path, affinity: Path, output_dir: Path) -> None:
+def train(config: Config, train_dir: Path, val_dir: Path, affinity: Path, output_dir: Path,
+          maps: list[Path] | None = None) -> None:
     """Train the affinity-VAE on ``train_dir``, validate on ``val_dir``; write model.pt, history.csv,
     loss_curves.png into ``output_dir``.  Resumes from ``output_dir/checkpoint.pt`` when present.
+    ``maps``: the seen classes' reference maps, where symmetric classes' axes are located.
     """
-    run_training(config, train_dir, val_dir, affinity, output_dir)
+    run_training(config, train_dir, val_dir, affinity, output_dir, maps=maps)

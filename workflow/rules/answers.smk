@@ -2,14 +2,50 @@
 # pose priors for subtomogram averaging, and the evaluation.
 
 
+rule match:
+    input:
+        split=split_input,
+        maps=expand(f"{OUT}/maps/{{cls}}.mrc", cls=SEEN),
+    output:
+        f"{OUT}/embeddings/match/{{split}}.npz",
+    params:
+        config=stage_config("matching", "simulation"),
+        split_dir=lambda wildcards: split_dir(wildcards.split),
+    conda:
+        CONDA_ENV
+    log:
+        f"{OUT}/logs/match/{{split}}.log",
+    threads: CFG.matching.threads
+    resources:
+        mem_mb=mem_mb(4000),
+        runtime=120,
+    shell:
+        "cryovae match --config {params.config:q} --split-dir {params.split_dir} --maps {input.maps} "
+        "--output {output} 2> {log}"
+
+
+def matched(split):
+    """The match output of a split, or nothing when matching is off."""
+    return {"match": f"{OUT}/embeddings/match/{split}.npz"} if CFG.matching.enabled else {}
+
+
+def match_option(flag, path):
+    return f"{flag} {path}" if CFG.matching.enabled else ""
+
+
 rule classifier:
     input:
+        unpack(lambda wildcards: {f"train_{k}": v for k, v in matched("train").items()}),
+        unpack(lambda wildcards: {f"val_{k}": v for k, v in matched("val").items()}),
         train=f"{OUT}/embeddings/latent/train.npz",
         val=f"{OUT}/embeddings/latent/val.npz",
     output:
         f"{OUT}/model/classifier.npz",
     params:
         config=stage_config("classification"),
+        match=match_option("--train-match", f"{OUT}/embeddings/match/train.npz")
+        + " "
+        + match_option("--val-match", f"{OUT}/embeddings/match/val.npz"),
     conda:
         CONDA_ENV
     log:
@@ -20,7 +56,7 @@ rule classifier:
         runtime=10,
     shell:
         "cryovae classifier --config {params.config:q} --train {input.train} --val {input.val} "
-        "--output {output} 2> {log}"
+        "{params.match} --output {output} 2> {log}"
 
 
 rule align:
@@ -47,6 +83,7 @@ rule align:
 
 rule annotate:
     input:
+        unpack(lambda wildcards: matched(wildcards.split)),
         latents=f"{OUT}/embeddings/latent/{{split}}.npz",
         classifier=f"{OUT}/model/classifier.npz",
         frames=f"{OUT}/model/frames.json",
@@ -54,6 +91,7 @@ rule annotate:
         f"{OUT}/embeddings/{{split}}.csv",
     params:
         config=stage_config("classification", "alignment"),
+        match=lambda wildcards: match_option("--match", f"{OUT}/embeddings/match/{wildcards.split}.npz"),
     conda:
         CONDA_ENV
     log:
@@ -64,7 +102,7 @@ rule annotate:
         runtime=10,
     shell:
         "cryovae annotate --config {params.config:q} --latents {input.latents} --classifier {input.classifier} "
-        "--frames {input.frames} --output {output} 2> {log}"
+        "--frames {input.frames} {params.match} --output {output} 2> {log}"
 
 
 rule priors:
@@ -107,6 +145,7 @@ rule evaluate:
         affinity=f"{OUT}/affinity/affinity.csv",
         model=f"{OUT}/model/model.pt",
         history=f"{OUT}/model/history.csv",
+        frames=f"{OUT}/model/frames.json",
     output:
         metrics=f"{OUT}/evaluation/{{split}}/metrics.json",
         plots=[
@@ -133,4 +172,4 @@ rule evaluate:
     shell:
         "cryovae evaluate --config {params.config:q} --embeddings {input.embeddings} "
         "--split-dir {params.split_dir} --affinity {input.affinity} --model {input.model} "
-        "--history {input.history} --output-dir {params.output_dir} 2> {log}"
+        "--history {input.history} --frames {input.frames} --output-dir {params.output_dir} 2> {log}"

@@ -6,6 +6,7 @@ rule train:
         train=f"{OUT}/subtomograms/train/particles.star",
         val=f"{OUT}/subtomograms/val/particles.star",
         affinity=f"{OUT}/affinity/affinity.csv",
+        maps=expand(f"{OUT}/maps/{{cls}}.mrc", cls=SEEN),
     output:
         model=f"{OUT}/model/model.pt",
         history=f"{OUT}/model/history.csv",
@@ -30,7 +31,8 @@ rule train:
         # The device line tells where the job ran (a cluster's GPU node, or this machine).
         "(echo CUDA_VISIBLE_DEVICES=${{CUDA_VISIBLE_DEVICES:-unset}}; "
         "cryovae train --config {params.config:q} --train-dir {params.train_dir} "
-        "--val-dir {params.val_dir} --affinity {input.affinity} --output-dir {params.output_dir}) "
+        "--val-dir {params.val_dir} --affinity {input.affinity} --maps {input.maps} "
+        "--output-dir {params.output_dir}) "
         "> {log} 2>&1"
 
 

@@ -1,0 +1,252 @@
+"""Per-particle poses by template matching against each seen class's reference map.
+
+For a particle p (CTF-modulated, missing-wedge-filtered, noisy) and a reference T seen in
+pose A, the matched filter is the correlation of p with CTF · W · (A T), W the wedge.
+Its numerator is <A T, W · CTF · p>, so the particle is filtered once and compared with
+rotated references.  Two stages:
+
+1. a global search: every rotation of a super-Fibonacci grid (``matching.coarse_step_deg``),
+   on Fourier-cropped volumes (``matching.coarse_binning``), the wedge applied to each
+   rotated reference and each normalised: one matrix product per class; the best score per
+   class is a classification feature (``classify``), the best rotation a starting point;
+2. for the ``matching.refine_top`` best classes of each particle, a translation from an FFT
+   cross-correlation (sub-voxel by a parabola through the peak), then local rotation grids
+   of shrinking steps (``matching.refine_steps_deg``) at full size: the particle is rotated
+   back into the reference frame once per step and compared with a bank of slightly rotated
+   references shared by all particles.  At the result the full-size matched-filter
+   correlation (the CTF and wedge applied to the reference) is the class's ``fit``: how
+   well the particle is explained by that class at its best pose, the sharpest evidence
+   that a particle belongs to no known class.
+
+Rotations are particle-from-reference (RELION's convention); origins are RELION's
+``rlnOriginX/Y/ZAngst`` (the negative of the content's displacement), so the output is
+relative to the map a user averages against, with no frame alignment needed.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from cryovae.atomic import atomic_path
+from cryovae.config import Config
+from cryovae.ctf import ctf_3d, missing_wedge_mask, rfft_weights
+from cryovae.errors import InputError
+from cryovae.rotations import local_grid, rotate_volumes_torch, so3_grid, standardise_volumes
+from cryovae.shards import SubtomogramSet
+
+log = logging.getLogger(__name__)
+CHUNK = 256  # particles per block: bounds memory at (CHUNK, box^3) complex volumes
+
+
+def fourier_crop(ft: torch.Tensor, size: int) -> torch.Tensor:
+    """rfftn spectra (..., B, B, B//2+1) -> (..., size, size, size//2+1), ``size`` even, amplitudes kept."""
+    h = size // 2
+    z = torch.cat([ft[..., :h, :, :], ft[..., -h:, :, :]], -3)
+    y = torch.cat([z[..., :h, :], z[..., -h:, :]], -2)
+    return y[..., : h + 1] * (size / ft.shape[-2]) ** 1.5
+
+
+def phase_shift(ft: torch.Tensor, shift_xyz: torch.Tensor) -> torch.Tensor:
+    """Move the content of rfftn spectra (n, B, B, B//2+1) by ``shift_xyz`` (n, 3) voxels."""
+    box = ft.shape[-2]
+    kz = torch.fft.fftfreq(box).view(1, -1, 1, 1)
+    ky = torch.fft.fftfreq(box).view(1, 1, -1, 1)
+    kx = torch.fft.rfftfreq(box).view(1, 1, 1, -1)
+    d = shift_xyz.to(torch.float32).view(-1, 3, 1, 1, 1)
+    phase = kx * d[:, 0] + ky * d[:, 1] + kz * d[:, 2]
+    return ft * torch.exp(-2j * torch.pi * phase)
+
+
+def _split_wedge_and_ctf(config: Config, data: SubtomogramSet, is_simulated: bool):
+    """(tilt range or None, defocus in µm per particle or None, optics (kV, Cs mm, Q0))."""
+    sim = config.simulation
+    tilt = sim.tilt_range_deg if is_simulated else config.matching.tilt_range_deg
+    table, optics = data.particles, data.optics
+    if "rlnDefocusU" not in table.columns or (is_simulated and not sim.ctf):
+        return tilt, None, None
+
+    def optic(column: str, default: float) -> float:
+        return float(optics[column].iloc[0]) if column in optics.columns else default
+
+    kv = optic("rlnVoltage", sim.voltage_kv)
+    cs = optic("rlnSphericalAberration", sim.spherical_aberration_mm)
+    q0 = optic("rlnAmplitudeContrast", sim.amplitude_contrast)
+    defocus_um = table["rlnDefocusU"].to_numpy(np.float64) / 1e4
+    return tilt, defocus_um, (kv, cs, q0)
+
+
+class Matcher:
+    """Template matching of particle blocks against the reference maps of the seen classes."""
+
+    def __init__(self, config: Config, references: dict[str, np.ndarray], tilt_range_deg):
+        m = config.matching
+        self.classes = list(references)
+        self.box = config.box_size
+        self.small = self.box // m.coarse_binning
+        if self.small % 2:
+            raise InputError(f"matching.coarse_binning {m.coarse_binning} leaves an odd box {self.small}")
+        self.wedge = self._wedge(self.box, tilt_range_deg)
+        self.weights = rfft_weights(self.box).to(torch.float32)  # Parseval multiplicities, DC 0
+        self.refs = {c: torch.as_tensor(np.ascontiguousarray(v), dtype=torch.float32) for c, v in references.items()}
+        self.grid = so3_grid(m.coarse_step_deg)
+        self.banks = {c: self._coarse_bank(ref, tilt_range_deg) for c, ref in self.refs.items()}
+        self.steps = list(m.refine_steps_deg)
+        self.deltas = [local_grid(np.eye(3), step, 2) for step in self.steps]
+        self.fine = {
+            c: [standardise_volumes(self._rotated(ref, delta)) for delta in self.deltas] for c, ref in self.refs.items()
+        }
+        self.refine_top = min(m.refine_top, len(self.classes))
+
+    @staticmethod
+    def _wedge(box: int, tilt_range_deg) -> torch.Tensor:
+        if tilt_range_deg is None:
+            return torch.ones(box, box, box // 2 + 1)
+        return missing_wedge_mask(box, tuple(tilt_range_deg)).to(torch.float32)
+
+    @staticmethod
+    def _rotated(volume: torch.Tensor, rotations: np.ndarray) -> torch.Tensor:
+        mats = torch.as_tensor(rotations, dtype=torch.float32)
+        return rotate_volumes_torch(volume.expand(len(mats), *volume.shape), mats)
+
+    def _coarse_bank(self, ref: torch.Tensor, tilt_range_deg) -> torch.Tensor:
+        """Every grid rotation of the cropped reference, wedge-filtered and normalised: (G, small^3)."""
+        small = self.small
+        ref_small = torch.fft.irfftn(fourier_crop(torch.fft.rfftn(ref), small), s=(small,) * 3)
+        wedge = self._wedge(small, tilt_range_deg)
+        blocks = []
+        for start in range(0, len(self.grid), 1024):
+            rot = self._rotated(ref_small, self.grid[start : start + 1024])
+            rot = torch.fft.irfftn(torch.fft.rfftn(rot, dim=(1, 2, 3)) * wedge, s=(small,) * 3, dim=(1, 2, 3))
+            blocks.append(standardise_volumes(rot))
+        return torch.cat(blocks)
+
+    def coarse(self, filtered: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Best normalised correlation (n, C) and grid rotation (n, C, 3, 3) per class."""
+        small = self.small
+        p = standardise_volumes(torch.fft.irfftn(fourier_crop(filtered, small), s=(small,) * 3, dim=(1, 2, 3)))
+        scores, rotations = [], []
+        for c in self.classes:
+            best, where = (p @ self.banks[c].T).max(1)
+            scores.append(best.numpy())
+            rotations.append(self.grid[where.numpy()])
+        return np.stack(scores, 1), np.stack(rotations, 1)
+
+    def correlate(
+        self, filtered: torch.Tensor, ref: torch.Tensor, rotations: np.ndarray, ctf: torch.Tensor | None,
+        particle_norm: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Displacement (n, 3) voxels (x, y, z) of each particle's content from the rotated
+        reference, and the normalised correlation there (n,): the full-size matched filter,
+        corr(CTF · W · (A T), p), the CTF and wedge applied to the reference."""
+        box = self.box
+        template = torch.fft.rfftn(self._rotated(ref, rotations), dim=(1, 2, 3)) * self.wedge
+        template[:, 0, 0, 0] = 0.0
+        cc = torch.fft.irfftn(filtered * template.conj(), s=(box,) * 3, dim=(1, 2, 3))
+        cc = torch.fft.fftshift(cc, dim=(1, 2, 3))  # zero displacement at voxel box // 2
+        flat = cc.reshape(len(cc), -1).argmax(1)
+        zyx = torch.stack(torch.unravel_index(flat, cc.shape[1:]), 1).clamp(1, box - 2)
+        rows = torch.arange(len(cc))
+        f0 = cc[rows, zyx[:, 0], zyx[:, 1], zyx[:, 2]]
+        subvoxel = []
+        for axis in range(3):  # parabola through the peak and its neighbours on each axis
+            lo, hi = zyx.clone(), zyx.clone()
+            lo[:, axis] -= 1
+            hi[:, axis] += 1
+            fm = cc[rows, lo[:, 0], lo[:, 1], lo[:, 2]]
+            fp = cc[rows, hi[:, 0], hi[:, 1], hi[:, 2]]
+            curvature = fm - 2 * f0 + fp
+            offset = torch.where(curvature < 0, 0.5 * (fm - fp) / curvature.clamp(max=-1e-12), 0.0)
+            subvoxel.append(zyx[:, axis] - box // 2 + offset.clamp(-0.5, 0.5))
+        modulated = template if ctf is None else template * ctf
+        template_norm = ((self.weights * modulated.abs() ** 2).sum((1, 2, 3)) / box**3).sqrt()
+        return torch.stack(subvoxel[::-1], 1), f0 / (template_norm * particle_norm + 1e-12)
+
+    def refine(
+        self, filtered: torch.Tensor, cls: str, rotations: np.ndarray, ctf: torch.Tensor | None,
+        particle_norm: torch.Tensor,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Local rotation refinement and translation for class ``cls``: rotations (n, 3, 3),
+        displacement (n, 3) and the full-size normalised correlation (n,) at the result."""
+        ref = self.refs[cls]
+        d, _ = self.correlate(filtered, ref, rotations, ctf, particle_norm)
+        centred = torch.fft.irfftn(phase_shift(filtered, -d), s=(self.box,) * 3, dim=(1, 2, 3))
+        for delta, bank in zip(self.deltas, self.fine[cls]):
+            back = torch.as_tensor(np.ascontiguousarray(rotations.transpose(0, 2, 1)), dtype=torch.float32)
+            q = standardise_volumes(rotate_volumes_torch(centred, back))
+            rotations = rotations @ delta[(q @ bank.T).argmax(1).numpy()]
+        d, fit = self.correlate(filtered, ref, rotations, ctf, particle_norm)
+        return rotations, d.numpy(), fit.numpy()
+
+    def match(self, volumes: np.ndarray, ctf: torch.Tensor | None) -> dict[str, np.ndarray]:
+        """One block: scores (n, C) of the global search, rotation (n, C, 3, 3),
+        displacement_voxels (n, C, 3), refined (n, C) bool, and fit (n, C): the full-size
+        normalised correlation at the refined pose (NaN for classes not refined)."""
+        spectra = torch.fft.rfftn(torch.as_tensor(volumes, dtype=torch.float32), dim=(1, 2, 3)) * self.wedge
+        spectra[:, 0, 0, 0] = 0.0
+        particle_norm = ((self.weights * spectra.abs() ** 2).sum((1, 2, 3)) / self.box**3).sqrt()
+        filtered = spectra if ctf is None else spectra * ctf
+        scores, rotations = self.coarse(filtered)
+        n, n_cls = scores.shape
+        displacement = np.zeros((n, n_cls, 3))
+        refined = np.zeros((n, n_cls), dtype=bool)
+        fit = np.full((n, n_cls), np.nan)
+        top = np.argsort(-scores, axis=1)[:, : self.refine_top]
+        for k, cls in enumerate(self.classes):
+            rows = np.nonzero((top == k).any(1))[0]
+            if len(rows):
+                block_ctf = None if ctf is None else ctf[rows]
+                rotations[rows, k], displacement[rows, k], fit[rows, k] = self.refine(
+                    filtered[rows], cls, rotations[rows, k], block_ctf, particle_norm[rows]
+                )
+                refined[rows, k] = True
+        return {"scores": scores, "rotation": rotations, "displacement_voxels": displacement, "refined": refined,
+                "fit": fit}
+
+
+def read_references(config: Config, maps: list[Path]) -> dict[str, np.ndarray]:
+    """Seen classes' reference maps, in config order, each the model's box."""
+    by_name = {Path(p).stem: Path(p) for p in maps}
+    missing = [c for c in config.seen_classes if c not in by_name]
+    if missing:
+        raise InputError(f"no reference map given for classes {missing}")
+    refs = {}
+    for c in config.seen_classes:
+        volume = mrcfile.read(by_name[c]).astype(np.float32)
+        if volume.shape != (config.box_size,) * 3:
+            raise InputError(f"{by_name[c]}: map shape {volume.shape}, expected a {config.box_size}^3 box")
+        refs[c] = volume
+    return refs
+
+
+def match_split(config: Config, split_dir: Path, maps: list[Path], output: Path) -> None:
+    """Template-match every particle of a split against every seen class; write an npz."""
+    torch.set_num_threads(config.matching.threads)
+    data = SubtomogramSet.open(split_dir)
+    is_simulated = "rlnTomoName" not in data.particles.columns  # extracted particles name their tomogram
+    tilt, defocus, optics = _split_wedge_and_ctf(config, data, is_simulated)
+    matcher = Matcher(config, read_references(config, maps), tilt)
+    blocks = []
+    for start in tqdm(range(0, len(data), CHUNK), desc=f"match {split_dir.name}", unit="block", mininterval=1.0):
+        rows = np.arange(start, min(start + CHUNK, len(data)))
+        ctf = None
+        if defocus is not None:
+            ctf = ctf_3d(torch.as_tensor(defocus[rows]), config.box_size, data.pixel_size_angstrom, *optics)
+        blocks.append(matcher.match(data.volumes(rows), ctf))
+    result = {k: np.concatenate([b[k] for b in blocks]) for k in blocks[0]}
+    origin = -result.pop("displacement_voxels") * data.pixel_size_angstrom
+    with atomic_path(output, suffix=".npz") as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(
+                fh, particle_id=data.particles["cryovaeParticleId"].astype(str).to_numpy().astype(str),
+                classes=np.array(matcher.classes), origin_angstrom=origin, **result,
+            )
+    log.info(
+        "match %s: %d particles, %d classes, wedge %s, CTF %s", split_dir.name, len(data), len(matcher.classes),
+        tilt, "per particle" if defocus is not None else "none",
+    )
