@@ -399,7 +399,8 @@ def compute_metrics(config, merged: pd.DataFrame, latents: np.ndarray, affinity:
 
 
 def write_plots(config, merged: pd.DataFrame, latents: np.ndarray, affinity: pd.DataFrame,
-                errors: pd.DataFrame, metrics: dict, model, history: pd.DataFrame, output_dir: Path) -> None:
+                errors: pd.DataFrame, metrics: dict, model, history: pd.DataFrame, output_dir: Path,
+                network_errors: pd.DataFrame | None = None) -> None:
     """All seven figures of the evaluation into ``output_dir``."""
     has_truth = metrics["has_ground_truth"]
     labels = merged["true_class" if has_truth else "predicted_class"].to_numpy(dtype=object)
@@ -413,7 +414,7 @@ def write_plots(config, merged: pd.DataFrame, latents: np.ndarray, affinity: pd.
         names = metrics["predicted_labels"]
         plots.plot_predicted_counts(output_dir / "confusion.png", names, [metrics["predicted_counts"][c] for c in names])
     _plot_affinity(config, labels, latents, affinity, metrics, kind, output_dir / "affinity_vs_latent.png")
-    _plot_pose(config, errors, output_dir / "pose_error.png")
+    _plot_pose(config, errors, network_errors, output_dir / "pose_error.png")
     _plot_model(labels, latents, affinity, model, config, kind, output_dir)
     plots.plot_training_curves(output_dir / "training_curves.png", history)
 
@@ -429,12 +430,13 @@ def _plot_affinity(config, labels, latents, affinity, metrics, kind, path: Path)
     plots.plot_affinity_vs_latent(path, similarity, affinity.loc[groups, groups].to_numpy(), groups, rho, kind)
 
 
-def _plot_pose(config, errors: pd.DataFrame, path: Path) -> None:
+def _plot_pose(config, errors: pd.DataFrame, network: pd.DataFrame | None, path: Path) -> None:
     if len(errors) == 0:
         plots.plot_message(path, "Pose error", "No ground-truth poses of seen-class particles in this split.")
         return
     groups = sorted({config.alignment.symmetry.get(c, "C1") for c in errors["true_class"]})
-    plots.plot_pose_error(path, errors["rotation_error_deg"].to_numpy(), "point groups: " + ", ".join(groups))
+    plots.plot_pose_error(path, errors["rotation_error_deg"].to_numpy(), "point groups: " + ", ".join(groups),
+                          None if network is None else network["rotation_error_deg"].to_numpy())
 
 
 def _plot_model(labels, latents, affinity, model, config, kind, output_dir: Path) -> None:
@@ -484,5 +486,6 @@ def evaluate(config, embeddings: Path, split_dir: Path, affinity: Path, model: P
     if len(network):  # matching gave the poses: how far the network's own poses were from the truth
         metrics["network_pose_error_median_deg"] = float(np.median(network["rotation_error_deg"]))
         metrics["network_shift_error_median_angstrom"] = float(np.median(network["shift_error_angstrom"]))
-    write_plots(config, merged, latents, affinity_frame, errors, metrics, trained, history_frame, output_dir)
+    write_plots(config, merged, latents, affinity_frame, errors, metrics, trained, history_frame, output_dir,
+                network)
     write_metrics(metrics, output_dir / "metrics.json")

@@ -163,12 +163,19 @@ def plot_affinity_vs_latent(
     save_figure(fig, path)
 
 
-def plot_pose_error(path: Path, errors_deg: np.ndarray, symmetry_note: str) -> None:
-    """Histogram of per-particle rotation errors in degrees (0–180) with the median marked."""
+def plot_pose_error(path: Path, errors_deg: np.ndarray, symmetry_note: str,
+                    network_errors_deg: np.ndarray | None = None) -> None:
+    """Histogram of per-particle rotation errors in degrees (0–180) with the median marked;
+    with ``network_errors_deg`` the network's own poses are drawn as an outline beside them."""
     errors_deg = np.asarray(errors_deg, dtype=np.float64)
     median = float(np.median(errors_deg))
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.hist(errors_deg, bins=np.linspace(0.0, 180.0, 37), color="tab:blue", edgecolor="white")
+    bins = np.linspace(0.0, 180.0, 37)
+    ax.hist(errors_deg, bins=bins, color="tab:blue", edgecolor="white", label="written poses")
+    if network_errors_deg is not None and len(network_errors_deg):
+        network = np.asarray(network_errors_deg, dtype=np.float64)
+        ax.hist(network, bins=bins, histtype="step", color="tab:gray", linewidth=1.5,
+                label=f"network's own poses (median {np.median(network):.1f}°)")
     ax.axvline(median, color="tab:red", linestyle="--", label=f"median {median:.1f}°")
     ax.set_xlim(0, 180)
     ax.set_xlabel("rotation error (degrees, geodesic, symmetry-aware)")
