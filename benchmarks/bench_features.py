@@ -1,0 +1,57 @@
+"""Which evidence classifies and flags unknowns: the class model refitted on feature subsets of a finished run.
+
+    python benchmarks/bench_features.py RUN_DIR [--config CONFIG]
+
+RUN_DIR is a workflow output folder with embeddings/latent/{train,val,test}.npz and
+embeddings/match/{train,val,test}.npz (e.g. benchmarks/out/shrec2021).  For every subset of
+latent / template / fit the class model is fitted on train, its unknown threshold set on val
+(the run's accept fraction), and scored on test: accuracy (unknown calls count as wrong),
+accuracy of the nearest class, unseen AUROC.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import roc_auc_score
+
+from cryovae.classify import ClassModel, features, load_latents, load_matches
+from cryovae.config import load_config
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run_dir", type=Path)
+    ap.add_argument("--config", type=Path, default=None, help="default: RUN_DIR/bench_config.yaml")
+    args = ap.parse_args()
+    config = load_config(args.config or args.run_dir / "bench_config.yaml")
+    splits = {}
+    for split in ("train", "val", "test"):
+        data = load_latents(args.run_dir / "embeddings/latent" / f"{split}.npz")
+        match = load_matches(args.run_dir / "embeddings/match" / f"{split}.npz", data["particle_id"],
+                             config.seen_classes)
+        splits[split] = (data, match)
+    truth = splits["test"][0]["class_name"].astype(str)
+    known = np.isin(truth, config.seen_classes)
+    print(f"\n## Classifier features on {args.run_dir} (test: {known.sum()} seen, {(~known).sum()} unseen)")
+    for size in (1, 2, 3):
+        for subset in itertools.combinations(("latent", "template", "fit"), size):
+            cfg = config.model_copy(update={"classification": config.classification.model_copy(
+                update={"features": list(subset)})})
+            x = {s: features(cfg, *splits[s]) for s in splits}
+            model = ClassModel.fit(x["train"], splits["train"][0]["class_name"].astype(str))
+            _, val_score = model.predict(x["val"])
+            threshold = np.quantile(val_score, config.classification.accept_fraction)
+            probs, score = model.predict(x["test"])
+            nearest = model.classes[probs.argmax(1)]
+            called = np.where(score > threshold, "unknown", nearest)
+            print(f"- {' + '.join(subset):24s} accuracy {np.mean(called[known] == truth[known]):.3f}, "
+                  f"nearest class {np.mean(nearest[known] == truth[known]):.3f}, "
+                  f"unseen AUROC {roc_auc_score(~known, score):.3f}")
+
+
+if __name__ == "__main__":
+    main()
