@@ -6,7 +6,8 @@ RUN_DIR is a workflow output folder with embeddings/latent/{train,val,test}.npz 
 embeddings/match/{train,val,test}.npz (e.g. benchmarks/out/shrec2021).  For every subset of
 latent / template / fit the class model is fitted on train, its unknown threshold set on val
 (the run's accept fraction), and scored on test: accuracy (unknown calls count as wrong),
-accuracy of the nearest class, unseen AUROC.
+accuracy of the nearest class, and the unseen AUROC of that subset's unknown score (the
+model's smallest Mahalanobis distance; what ``classification.unknown_features`` chooses).
 """
 
 from __future__ import annotations
@@ -39,9 +40,7 @@ def main() -> None:
     print(f"\n## Classifier features on {args.run_dir} (test: {known.sum()} seen, {(~known).sum()} unseen)")
     for size in (1, 2, 3):
         for subset in itertools.combinations(("latent", "template", "fit"), size):
-            cfg = config.model_copy(update={"classification": config.classification.model_copy(
-                update={"features": list(subset)})})
-            x = {s: features(cfg, *splits[s]) for s in splits}
+            x = {s: features(list(subset), *splits[s]) for s in splits}
             model = ClassModel.fit(x["train"], splits["train"][0]["class_name"].astype(str))
             _, val_score = model.predict(x["val"])
             threshold = np.quantile(val_score, config.classification.accept_fraction)

@@ -6,13 +6,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cryovae.classify import ClassModel, annotate, fit_classifier, poses_in_reference_frame
+from cryovae.classify import Classifier, annotate, fit_classifier, poses_in_reference_frame
 from cryovae.config import validate_config
 from cryovae.errors import InputError
 from cryovae.rotations import geodesic_distance_deg, random_rotations, relion_euler_to_matrix, rotate_volume
 
 CFG_BOTH = validate_config({"structures": {"a": "demo:x", "b": "demo:y", "c": "demo:z"}, "unseen": ["c"]})
-CFG = CFG_BOTH.model_copy(update={"classification": CFG_BOTH.classification.model_copy(update={"features": ["latent"]})})
+CFG = CFG_BOTH.model_copy(update={"classification": CFG_BOTH.classification.model_copy(
+    update={"features": ["latent"], "unknown_features": ["latent"]})})
 CENTRES = {"a": [4.0, 0, 0, 0], "b": [0, 4.0, 0, 0], "c": [0, 0, 0, 6.0]}
 
 
@@ -38,11 +39,11 @@ def fitted(tmp_path):
 
 
 def test_threshold_accepts_the_configured_fraction_of_known_particles(fitted):
-    model = ClassModel.load(fitted / "clf.npz")
+    model = Classifier.load(fitted / "clf.npz")
     val = np.load(fitted / "val.npz")
-    probs, score = model.predict(val["latent_mean"].astype(float))
+    probs, score = model.predict(val["latent_mean"].astype(float), val["latent_mean"].astype(float))
     assert np.mean(score <= model.threshold) == pytest.approx(0.95, abs=0.01)
-    assert np.mean(model.classes[probs.argmax(1)] == val["class_name"]) > 0.97
+    assert np.mean(model.classes.classes[probs.argmax(1)] == val["class_name"]) > 0.97
 
 
 def test_annotate_flags_unseen_and_keeps_known(fitted):
@@ -109,7 +110,9 @@ def test_template_scores_join_the_latents_and_give_the_written_poses(fitted):
     train_m = _matches(tmp / "train_m.npz", tmp / "train.npz", 5)
     val_m = _matches(tmp / "val_m.npz", tmp / "val.npz", 6)
     fit_classifier(CFG_BOTH, tmp / "train.npz", tmp / "val.npz", tmp / "clf2.npz", train_m, val_m)
-    assert ClassModel.load(tmp / "clf2.npz").means.shape == (2, 4 + 2 + 1)  # 4 latents, 2 scores, the fit
+    both = Classifier.load(tmp / "clf2.npz")
+    assert both.classes.means.shape == (2, 4 + 2 + 1)  # 4 latents, 2 scores, the fit
+    assert both.unknown.means.shape == (2, 1)  # the default unknown score sees the fit only
     test = _latents(tmp / "test.npz", ["a", "b"], 50, 7)
     test_m = _matches(tmp / "test_m.npz", test, 8)
     frames = {c: {"rotation_canonical_to_reference": np.eye(3).tolist(), "translation_angstrom": [0, 0, 0],
@@ -142,6 +145,9 @@ def test_template_features_need_matching():
     with pytest.raises(InputError, match="matching.enabled is false"):
         validate_config({"structures": {"a": "demo:x", "b": "demo:y"}, "matching": {"enabled": False},
                          "classification": {"features": ["latent", "fit"]}})
+    with pytest.raises(InputError, match="matching.enabled is false"):  # the default unknown score needs fit
+        validate_config({"structures": {"a": "demo:x", "b": "demo:y"}, "matching": {"enabled": False},
+                         "classification": {"features": ["latent"]}})
     cfg = validate_config({"structures": {"a": "demo:x", "b": "demo:y"}, "matching": {"enabled": False},
-                           "classification": {"features": ["latent"]}})
+                           "classification": {"features": ["latent"], "unknown_features": ["latent"]}})
     assert cfg.classification.features == ["latent"]

@@ -1,13 +1,14 @@
 """Classes and unknowns from latents (and template-matching scores), and the per-particle answer table.
 
-The class model is a Gaussian per seen class with one shared, shrunk covariance
-(Ledoit–Wolf) in standardised feature space: class probabilities are its posteriors,
-and the unknown score is the smallest squared Mahalanobis distance to a class mean.
-Features are the latent means re-encoded with the final model and, with
-``matching.enabled``, each particle's best global template-matching score per seen class
-and its ``fit`` (the full-size matched-filter correlation at the refined pose of its best
-class; ``classification.features``).  The model is fitted on the training split and the
-unknown threshold is calibrated on the validation split, so that a fraction
+A class model is a Gaussian per seen class with one shared, shrunk covariance
+(Ledoit–Wolf) in standardised feature space.  Features are the latent means re-encoded
+with the final model and, with ``matching.enabled``, each particle's best global
+template-matching score per seen class and its ``fit`` (the full-size matched-filter
+correlation at the refined pose of its best class).  Two such models make the
+:class:`Classifier`: one over ``classification.features`` gives the class probabilities
+(its posteriors), one over ``classification.unknown_features`` the unknown score (the
+smallest squared Mahalanobis distance to a class mean).  Both are fitted on the training
+split; the unknown threshold is calibrated on the validation split, so that a fraction
 ``classification.accept_fraction`` of known validation particles is accepted.
 
 Poses written out are the template-matching poses of the nearest class when matching is
@@ -79,19 +80,50 @@ class ClassModel:
         probs = np.exp(logits)
         return probs / probs.sum(1, keepdims=True), d2.min(1)
 
+    def arrays(self, prefix: str) -> dict[str, np.ndarray]:
+        return {prefix + k: np.asarray(v) for k, v in self.__dict__.items()}
+
+    @classmethod
+    def from_arrays(cls, data, prefix: str) -> "ClassModel":
+        fields = {name: data[prefix + name] for name in cls.__dataclass_fields__}
+        fields["threshold"] = float(fields["threshold"])
+        return cls(**fields)
+
+
+@dataclass
+class Classifier:
+    """Two Gaussian models of the seen classes: ``classes`` over ``classification.features``
+    gives the class probabilities, ``unknown`` over ``classification.unknown_features`` the
+    unknown score and its threshold (features that classify well are not always those that
+    tell a known particle from an unseen one)."""
+
+    classes: ClassModel
+    unknown: ClassModel
+
+    @property
+    def threshold(self) -> float:
+        return self.unknown.threshold
+
+    def predict(self, x_classes: np.ndarray, x_unknown: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(class probabilities (n, K), unknown score (n,))."""
+        probs, _ = self.classes.predict(x_classes)
+        _, score = self.unknown.predict(x_unknown)
+        return probs, score
+
     def save(self, path: Path) -> None:
         with atomic_path(path, suffix=".npz") as tmp:
             with open(tmp, "wb") as fh:
-                np.savez(fh, **{k: np.asarray(v) for k, v in self.__dict__.items()})
+                np.savez(fh, **self.classes.arrays("class_"), **self.unknown.arrays("unknown_"))
 
     @classmethod
-    def load(cls, path: Path) -> "ClassModel":
+    def load(cls, path: Path) -> "Classifier":
         if not Path(path).is_file():
             raise InputError(f"{path}: classifier file does not exist")
         with np.load(path, allow_pickle=False) as data:
-            fields = {k: data[k] for k in data.files}
-        fields["threshold"] = float(fields["threshold"])
-        return cls(**fields)
+            try:
+                return cls(ClassModel.from_arrays(data, "class_"), ClassModel.from_arrays(data, "unknown_"))
+            except KeyError as err:
+                raise InputError(f"{path}: not a classifier file of this version (missing {err})") from None
 
 
 def load_matches(path: Path, particle_id: np.ndarray, classes: list[str]) -> dict[str, np.ndarray]:
@@ -107,10 +139,12 @@ def load_matches(path: Path, particle_id: np.ndarray, classes: list[str]) -> dic
     return match
 
 
-def features(config: Config, data: dict[str, np.ndarray], match: dict[str, np.ndarray] | None) -> np.ndarray:
-    """Classifier features per ``classification.features``: (n, F) float64."""
+def features(
+    names: list[str], data: dict[str, np.ndarray], match: dict[str, np.ndarray] | None
+) -> np.ndarray:
+    """Classifier features ``names`` (of latent, template, fit) side by side: (n, F) float64."""
     parts = []
-    for name in config.classification.features:
+    for name in names:
         if name == "latent":
             parts.append(data["latent_mean"].astype(np.float64))
         elif match is None:
@@ -130,26 +164,31 @@ def _known_labels(data: dict[str, np.ndarray], config: Config, path: Path) -> np
     return labels
 
 
-def _split_features(config: Config, latents: Path, match: Path | None) -> tuple[dict, dict | None, np.ndarray]:
+def _split_features(
+    config: Config, latents: Path, match: Path | None
+) -> tuple[dict, dict | None, np.ndarray, np.ndarray]:
+    """(latents, matches, class features, unknown features) of one split."""
     data = load_latents(latents)
     matches = None if match is None else load_matches(match, data["particle_id"], config.seen_classes)
-    return data, matches, features(config, data, matches)
+    cc = config.classification
+    return data, matches, features(cc.features, data, matches), features(cc.unknown_features, data, matches)
 
 
 def fit_classifier(
     config: Config, train: Path, val: Path, output: Path, train_match: Path | None = None, val_match: Path | None = None
 ) -> None:
-    """Fit :class:`ClassModel` on the training split; calibrate its unknown threshold on validation."""
-    tr, _, train_x = _split_features(config, train, train_match)
-    va, _, val_x = _split_features(config, val, val_match)
-    model = ClassModel.fit(train_x, _known_labels(tr, config, train))
+    """Fit :class:`Classifier` on the training split; calibrate its unknown threshold on validation."""
+    tr, _, train_x, train_u = _split_features(config, train, train_match)
+    va, _, val_x, val_u = _split_features(config, val, val_match)
+    labels = _known_labels(tr, config, train)
+    model = Classifier(ClassModel.fit(train_x, labels), ClassModel.fit(train_u, labels))
     val_labels = _known_labels(va, config, val)
-    probs, score = model.predict(val_x)
-    model.threshold = float(np.quantile(score, config.classification.accept_fraction))
-    accuracy = float((model.classes[probs.argmax(1)] == val_labels).mean())
+    probs, score = model.predict(val_x, val_u)
+    model.unknown.threshold = float(np.quantile(score, config.classification.accept_fraction))
+    accuracy = float((model.classes.classes[probs.argmax(1)] == val_labels).mean())
     log.info(
         "classifier: %d classes, validation accuracy %.3f, unknown threshold %.3f (accepts %.0f%% of validation)",
-        len(model.classes), accuracy, model.threshold, 100 * config.classification.accept_fraction,
+        len(model.classes.classes), accuracy, model.threshold, 100 * config.classification.accept_fraction,
     )
     model.save(output)
 
@@ -199,10 +238,10 @@ def annotate(
     With a ``match`` file the pose columns are the template-matching pose of the nearest
     class and ``network_angle_*``/``network_origin_*`` hold the network's pose in the same frame.
     """
-    data, matches, x = _split_features(config, latents, match)
-    model = ClassModel.load(classifier)
-    probs, score = model.predict(x)
-    nearest = model.classes[probs.argmax(1)]
+    data, matches, x, x_unknown = _split_features(config, latents, match)
+    model = Classifier.load(classifier)
+    probs, score = model.predict(x, x_unknown)
+    nearest = model.classes.classes[probs.argmax(1)]
     predicted = np.where(score > model.threshold, UNKNOWN, nearest)
     network_rot, network_origin = poses_in_reference_frame(
         data["rotation"].astype(np.float64), data["origin_angstrom"].astype(np.float64), nearest, read_frames(frames)
@@ -220,7 +259,7 @@ def annotate(
         table |= _pose_columns("network_", network_rot, network_origin)
         table |= {f"template_score_{c}": matches["scores"][:, j] for j, c in enumerate(config.seen_classes)}
     table |= {"predicted_class": predicted, "nearest_class": nearest}
-    table |= {f"prob_{c}": probs[:, k] for k, c in enumerate(model.classes)}
+    table |= {f"prob_{c}": probs[:, k] for k, c in enumerate(model.classes.classes)}
     table |= {"unknown_score": score, "confidence": probs.max(1), "recon_error": data["recon_error"]}
     with atomic_path(output) as tmp:
         pd.DataFrame(table).to_csv(tmp, index=False, float_format="%.6f")

@@ -207,6 +207,10 @@ class ClassificationConfig(_Section):
         "means, the best global template-matching score per seen class, the full-size correlation at the "
         "refined pose of the best class (template and fit need matching.enabled)."
     )
+    unknown_features: list[Literal["latent", "template", "fit"]] = Field(
+        ["fit"], min_length=1, description="What the unknown score sees (a Gaussian per seen class over "
+        "these features; the smallest Mahalanobis distance).  [latent] when matching is off."
+    )
     accept_fraction: float = Field(
         0.95, gt=0, lt=1, description="Fraction of known validation particles the unknown threshold accepts."
     )
@@ -304,7 +308,8 @@ class Config(_Section):
                 raise ValueError(f"unseen class {name!r} is not a key of structures")
         if len(self.seen_classes) < 2:
             raise ValueError("at least two classes must be seen in training")
-        needs_matching = sorted({"template", "fit"} & set(self.classification.features))
+        cc = self.classification
+        needs_matching = sorted({"template", "fit"} & set(cc.features + cc.unknown_features))
         if needs_matching and not self.matching.enabled:
             raise ValueError(f"classification.features lists {needs_matching} but matching.enabled is false")
         for section, names in (("alignment.symmetry", self.alignment.symmetry), ("maps.files", self.maps.files)):
