@@ -24,15 +24,6 @@ rule match:
         "--output {output} 2> {log}"
 
 
-def matched(split):
-    """The match output of a split, or nothing when matching is off."""
-    return {"match": f"{OUT}/embeddings/match/{split}.npz"} if CFG.matching.enabled else {}
-
-
-def match_option(flag, path):
-    return f"{flag} {path}" if CFG.matching.enabled else ""
-
-
 rule classifier:
     input:
         unpack(lambda wildcards: {f"train_{k}": v for k, v in matched("train").items()}),

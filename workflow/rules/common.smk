@@ -83,3 +83,13 @@ def priors_inputs(wildcards):
         # the priors name the exported subtomograms
         inputs["export"] = f"{OUT}/export/{wildcards.split}"
     return inputs
+
+
+def matched(split):
+    """The match output of a split, or nothing when matching is off."""
+    return {"match": f"{OUT}/embeddings/match/{split}.npz"} if CFG.matching.enabled else {}
+
+
+def match_option(flag, path):
+    """A verb's option naming a match output, or nothing when matching is off."""
+    return f"{flag} {path}" if CFG.matching.enabled else ""
