@@ -112,7 +112,7 @@ def test_template_scores_join_the_latents_and_give_the_written_poses(fitted):
     fit_classifier(CFG_BOTH, tmp / "train.npz", tmp / "val.npz", tmp / "clf2.npz", train_m, val_m)
     both = Classifier.load(tmp / "clf2.npz")
     assert both.classes.means.shape == (2, 4 + 2 + 1)  # 4 latents, 2 scores, the fit
-    assert both.unknown.means.shape == (2, 1)  # the default unknown score sees the fit only
+    assert both.unknown.means.shape == (2, 4 + 2 + 1)  # by default the unknown score sees the same
     test = _latents(tmp / "test.npz", ["a", "b"], 50, 7)
     test_m = _matches(tmp / "test_m.npz", test, 8)
     frames = {c: {"rotation_canonical_to_reference": np.eye(3).tolist(), "translation_angstrom": [0, 0, 0],
@@ -145,7 +145,7 @@ def test_template_features_need_matching():
     with pytest.raises(InputError, match="matching.enabled is false"):
         validate_config({"structures": {"a": "demo:x", "b": "demo:y"}, "matching": {"enabled": False},
                          "classification": {"features": ["latent", "fit"]}})
-    with pytest.raises(InputError, match="matching.enabled is false"):  # the default unknown score needs fit
+    with pytest.raises(InputError, match="matching.enabled is false"):  # the default unknown score needs matching
         validate_config({"structures": {"a": "demo:x", "b": "demo:y"}, "matching": {"enabled": False},
                          "classification": {"features": ["latent"]}})
     cfg = validate_config({"structures": {"a": "demo:x", "b": "demo:y"}, "matching": {"enabled": False},

@@ -208,8 +208,8 @@ class ClassificationConfig(_Section):
         "refined pose of the best class (template and fit need matching.enabled)."
     )
     unknown_features: list[Literal["latent", "template", "fit"]] = Field(
-        ["fit"], min_length=1, description="What the unknown score sees (a Gaussian per seen class over "
-        "these features; the smallest Mahalanobis distance).  [latent] when matching is off."
+        ["latent", "template", "fit"], min_length=1, description="What the unknown score sees (a Gaussian "
+        "per seen class over these features; the smallest Mahalanobis distance).  [latent] when matching is off."
     )
     accept_fraction: float = Field(
         0.95, gt=0, lt=1, description="Fraction of known validation particles the unknown threshold accepts."
