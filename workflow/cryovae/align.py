@@ -27,7 +27,7 @@ from cryovae.classify import load_latents
 from cryovae.config import Config
 from cryovae.errors import InputError
 from cryovae.rotations import (
-    local_grid, orient_symmetry, rotate_volumes_torch, so3_grid, standardise_volumes, symmetry_group,
+    local_grid, orient_symmetry, rotate_volumes_torch, so3_grid, standardise_volumes, symmetry_group_in_frame,
 )
 
 log = logging.getLogger(__name__)
@@ -88,8 +88,7 @@ def search_rotation(
 
 def symmetry_operators(frame: dict) -> np.ndarray:
     """A ``frames.json`` entry's point group in the reference map's frame: (G, 3, 3)."""
-    axes = np.asarray(frame.get("symmetry_axes", np.eye(3)), dtype=np.float64)
-    return axes @ symmetry_group(frame.get("symmetry", "C1")) @ axes.T
+    return symmetry_group_in_frame(frame.get("symmetry", "C1"), frame.get("symmetry_axes", np.eye(3)))
 
 
 def _class_means(latents: dict[str, np.ndarray], classes: list[str], path: Path) -> np.ndarray:

@@ -460,6 +460,13 @@ def _principal_frames(reference: np.ndarray, step_deg: float = 5.0) -> np.ndarra
     return np.array(frames)
 
 
+def symmetry_group_in_frame(name: str, axes: np.ndarray) -> np.ndarray:
+    """Point group ``name`` with its standard axes turned by ``axes`` (the O of
+    :func:`orient_symmetry`): ``O G O^T``, (G, 3, 3)."""
+    axes = np.asarray(axes, dtype=np.float64)
+    return axes @ symmetry_group(name) @ axes.T
+
+
 def orient_symmetry(reference: np.ndarray, group: str) -> tuple[np.ndarray, float]:
     """Where a point group sits in a map: (O (3, 3), mean self-correlation under the group).
 

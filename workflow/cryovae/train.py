@@ -52,7 +52,7 @@ from cryovae.model.encoder import rotation_3x3
 from cryovae.model.io import save_model
 from cryovae.model.losses import COMPONENTS, affinity_loss, kl_divergence, pose_loss, reconstruction_error, wedge_mask
 from cryovae.model.vae import AffinityVAE
-from cryovae.rotations import orient_symmetry, symmetry_group
+from cryovae.rotations import orient_symmetry, symmetry_group_in_frame
 from cryovae.schedules import schedule_value
 
 
@@ -176,7 +176,7 @@ def symmetry_table(
         if name not in by_name:
             raise InputError(f"class {name} is {group}: its reference map is needed to locate the symmetry axes")
         axes, _ = orient_symmetry(mrcfile.read(by_name[name]).astype(np.float32), group)
-        groups.append(axes @ symmetry_group(group) @ axes.T)
+        groups.append(symmetry_group_in_frame(group, axes))
     size = max(len(g) for g in groups)
     if size == 1:
         return None
