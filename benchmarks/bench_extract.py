@@ -8,7 +8,7 @@ normalisation, padding; timed on a warm page cache (a first run reads the file),
 Also binning 2 (64³ cut, 32³ out).  The output (128 KiB per particle) goes to ``--out-dir``
 (default: the system temporary folder; /dev/shm shows the cost without the disk).
 
-rotate: ``rotate_volumes_torch`` (grid_sample, trilinear) on batches of 32³ float32 volumes
+rotate: ``volumes.rigid_transform`` (grid_sample, trilinear) on batches of 32³ float32 volumes
 with random rotations and shifts, and scipy's ``rotate_volume`` (order 1) per volume.
 """
 
@@ -26,8 +26,9 @@ import torch
 
 from cryovae.config import validate_config
 from cryovae.extract import extract_tomogram
-from cryovae.rotations import random_rotations, rotate_volume, rotate_volumes_torch
+from cryovae.rotations import random_rotations
 from cryovae.star import write_csv_coordinates
+from cryovae.volumes import rigid_transform, rotate_volume
 
 SHAPE_ZYX = (200, 512, 512)
 
@@ -78,10 +79,10 @@ def bench_rotate(repeats: int) -> None:
     for batch in (64, 256):
         vols = torch.from_numpy(rng.standard_normal((batch, 32, 32, 32), dtype=np.float32))
         mats = torch.from_numpy(random_rotations(batch, rng).astype(np.float32))
-        origins = torch.from_numpy(rng.normal(scale=10.0, size=(batch, 3)).astype(np.float32))
-        rotate_volumes_torch(vols, mats, origins, 10.0)
-        t = _best_of(lambda: rotate_volumes_torch(vols, mats, origins, 10.0), repeats)
-        print(f"rotate_volumes_torch batch {batch}: {batch / t:.0f} volumes/s (32^3, float32, "
+        shifts = torch.from_numpy(rng.normal(scale=1.0, size=(batch, 3)).astype(np.float32))
+        rigid_transform(vols, mats, shifts)
+        t = _best_of(lambda: rigid_transform(vols, mats, shifts), repeats)
+        print(f"rigid_transform batch {batch}: {batch / t:.0f} volumes/s (32^3, float32, "
               f"{torch.get_num_threads()} threads)")
     vol = rng.standard_normal((32, 32, 32)).astype(np.float32)
     mats = random_rotations(50, rng)

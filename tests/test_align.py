@@ -2,9 +2,11 @@
 
 import numpy as np
 import pytest
+import torch
 
-from cryovae.align import search_rotation
-from cryovae.rotations import geodesic_distance_deg, random_rotations, rotate_volume
+from cryovae.align import _rotated, search_rotation
+from cryovae.rotations import geodesic_distance_deg, random_rotations
+from cryovae.volumes import check_rigid_transform, rotate_volume
 
 
 def _asymmetric_volume(n=32):
@@ -24,3 +26,11 @@ def test_search_recovers_rotation_and_offset(seed):
     assert geodesic_distance_deg(rotation, r_true) < 6.0
     assert np.abs(offset - (-r_true @ shift_voxels)).max() <= 1.0
     assert score > 0.98
+
+
+def test_search_rotates_volumes_about_n_over_2():
+    """The search's (and orient_symmetry's) rotated copies agree with scipy's rigid transform about N//2."""
+    def rotated(volumes, rotations, _shifts):
+        return torch.cat([_rotated(v, r[None].numpy()) for v, r in zip(volumes, rotations)])
+
+    assert check_rigid_transform(rotated, with_shift=False, dtype=torch.float32) < 2e-6

@@ -9,7 +9,8 @@ import pytest
 from cryovae.classify import Classifier, annotate, fit_classifier, poses_in_reference_frame
 from cryovae.config import validate_config
 from cryovae.errors import InputError
-from cryovae.rotations import geodesic_distance_deg, random_rotations, relion_euler_to_matrix, rotate_volume
+from cryovae.rotations import geodesic_distance_deg, random_rotations, relion_euler_to_matrix
+from cryovae.volumes import rotate_volume
 
 CFG_BOTH = validate_config({"structures": {"a": "demo:x", "b": "demo:y", "c": "demo:z"}, "unseen": ["c"]})
 CFG = CFG_BOTH.model_copy(update={"classification": CFG_BOTH.classification.model_copy(

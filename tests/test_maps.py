@@ -8,11 +8,10 @@ import gemmi
 import mrcfile
 import numpy as np
 import pytest
-import torch
 
 from cryovae.config import validate_config
 from cryovae.errors import InputError
-from cryovae.maps import apply_lowpass, fourier_crop, make_map, read_map, resample_map, structure_to_map
+from cryovae.maps import apply_lowpass, make_map, read_map, resample_map, structure_to_map
 
 
 def _config(**overrides) -> object:
@@ -97,15 +96,6 @@ def test_atoms_land_where_expected_with_positive_density(tmp_path):
         np.testing.assert_allclose(peak, expected, atol=0.6)
         assert local.max() > 0.2 * volume.max()
     assert volume.max() == pytest.approx(volume[tuple(np.round(pt_zyx).astype(int))], rel=0.3)
-
-
-def test_fourier_crop_keeps_the_centre_voxel_and_the_mean():
-    fine = torch.zeros((64, 64, 64))
-    fine[32, 32, 32] = 1.0
-    fine[10, 50, 20] = 0.5
-    coarse = fourier_crop(fine, 32).numpy()
-    assert np.unravel_index(np.argmax(coarse), coarse.shape) == (16, 16, 16)
-    assert coarse.mean() == pytest.approx(fine.mean().item(), rel=1e-5)
 
 
 def test_given_map_is_resampled_keeping_centre_of_mass_and_integral(tmp_path):

@@ -1,4 +1,4 @@
-"""The rotation module: RELION Euler convention, 6D, distances, symmetry, grids, volume rotation."""
+"""The rotation module: RELION Euler convention, 6D, distances, symmetry, grids, RELION as the judge."""
 
 from __future__ import annotations
 
@@ -14,25 +14,23 @@ from scipy.spatial.transform import Rotation
 
 from cryovae.errors import InputError
 from cryovae.rotations import (
-    align_rotation_sets,
     axis_angle_matrix,
     geodesic_distance_deg,
     geodesic_distance_torch,
+    local_deltas,
     local_grid,
     matrix_from_6d,
     matrix_from_6d_torch,
     matrix_to_6d,
-    matrix_to_6d_torch,
     matrix_to_relion_euler,
     random_rotations,
+    refine_rotations,
     relion_euler_to_matrix,
-    rotate_volume,
-    rotate_volumes_torch,
     so3_grid,
     symmetric_geodesic_distance_deg,
-    symmetric_geodesic_distance_torch,
     symmetry_group,
 )
+from cryovae.volumes import rigid_transform, rotate_volume
 
 SETTINGS = settings(max_examples=60, deadline=None)
 
@@ -126,7 +124,6 @@ def test_6d_torch_matches_numpy_and_is_a_rotation(x):
     np.testing.assert_allclose(ours, matrix_from_6d(x), atol=1e-7)
     np.testing.assert_allclose(ours @ np.transpose(ours, (0, 2, 1)), np.broadcast_to(np.eye(3), (4, 3, 3)), atol=1e-7)
     np.testing.assert_allclose(np.linalg.det(ours), 1.0, atol=1e-7)
-    np.testing.assert_allclose(matrix_to_6d_torch(torch.tensor(ours)).numpy(), matrix_to_6d(ours), atol=0)
 
 
 def test_6d_torch_is_differentiable():
@@ -224,17 +221,6 @@ def test_symmetric_distance_zero_for_symmetry_mates(q, name, k):
     r = as_matrix(q)
     g = group[k % len(group)]
     assert symmetric_geodesic_distance_deg(r, r @ g, group) == pytest.approx(0.0, abs=1e-6)
-    torch_d = symmetric_geodesic_distance_torch(torch.tensor(r), torch.tensor(r @ g), torch.tensor(group))
-    assert np.degrees(torch_d.item()) == pytest.approx(0.0, abs=1e-3)
-
-
-def test_symmetric_distance_torch_matches_numpy():
-    rng = np.random.default_rng(5)
-    a, b = random_rotations(50, rng), random_rotations(50, rng)
-    group = symmetry_group("D7")
-    ours = np.degrees(symmetric_geodesic_distance_torch(torch.tensor(a), torch.tensor(b), torch.tensor(group)).numpy())
-    np.testing.assert_allclose(ours, symmetric_geodesic_distance_deg(a, b, group), atol=1e-5)
-    assert (symmetric_geodesic_distance_deg(a, b, group) <= geodesic_distance_deg(a, b) + 1e-9).all()
 
 
 def _c4_symmetric_volume(n=24):
@@ -257,44 +243,6 @@ def test_symmetry_multiplies_on_the_right_for_volumes():
     particle = rotate_volume(ref, a)
     np.testing.assert_allclose(rotate_volume(ref, a @ g), particle, atol=1e-6)  # R and R g: same particle
     assert np.abs(rotate_volume(ref, g @ a) - particle).max() > 0.1  # g R is a different particle
-
-
-# ----------------------------------------------------------------------------- aligning frames
-
-
-def test_align_rotation_sets_recovers_global_frame():
-    rng = np.random.default_rng(11)
-    truth = random_rotations(200, rng)
-    g = random_rotations(1, rng)[0]
-    noise = Rotation.from_rotvec(rng.normal(scale=np.radians(5), size=(200, 3))).as_matrix()
-    predicted = truth @ g @ noise
-    r = align_rotation_sets(truth, predicted)
-    assert geodesic_distance_deg(r, g) < 1.0
-    np.testing.assert_allclose(align_rotation_sets(truth, truth @ g), g, atol=1e-10)
-
-
-def test_align_rotation_sets_with_symmetry_mates():
-    rng = np.random.default_rng(12)
-    group = symmetry_group("D3")
-    truth = random_rotations(100, rng)
-    g = random_rotations(1, rng)[0]
-    mates = group[rng.integers(0, len(group), 100)]
-    noise = Rotation.from_rotvec(rng.normal(scale=np.radians(3), size=(100, 3))).as_matrix()
-    predicted = truth @ mates @ g @ noise
-    r = align_rotation_sets(truth, predicted, group=group)
-    # R equals G up to a symmetry element on the left
-    assert geodesic_distance_deg(group @ g, r).min() < 1.0
-    # predictions brought into the reference frame match the truth up to a symmetry mate
-    residual = symmetric_geodesic_distance_deg(truth, predicted @ r.T, group)
-    assert np.median(residual) < 6.0
-    # without the group, the fit is poor
-    plain = align_rotation_sets(truth, predicted)
-    assert geodesic_distance_deg(group @ g, plain).min() > 5.0
-
-
-def test_align_rotation_sets_rejects_bad_shapes():
-    with pytest.raises(ValueError, match="equal shape"):
-        align_rotation_sets(np.eye(3)[None], np.eye(3)[None].repeat(2, 0))
 
 
 # ----------------------------------------------------------------------------- grids
@@ -328,75 +276,30 @@ def test_local_grid():
     assert np.sort(d)[1] == pytest.approx(2.0, rel=1e-9)
 
 
-# ----------------------------------------------------------------------------- volumes
+def test_refine_rotations_converges_to_the_best_rotation_from_nearby_starts():
+    rng = np.random.default_rng(8)
+    targets = random_rotations(6, rng)
+    axes = rng.normal(size=(6, 3))
+    kick = Rotation.from_rotvec(axes / np.linalg.norm(axes, axis=1, keepdims=True) * np.radians(12.0)).as_matrix()
+    starts = targets @ kick
+    deltas = local_deltas((8.0, 4.0, 2.0, 1.0), 1)
+    levels = []
+
+    def score(rotations, level):  # candidates are rotations[i] @ deltas[level][j]
+        levels.append(level)
+        return -geodesic_distance_deg(rotations[:, None] @ deltas[level][None], targets[:, None])
+
+    out = refine_rotations(score, starts, deltas)
+    assert levels == [0, 1, 2, 3]
+    np.testing.assert_allclose(geodesic_distance_deg(starts, targets), 12.0)
+    assert geodesic_distance_deg(out, targets).max() < 1.0  # within the last step
+    np.testing.assert_allclose(out @ out.transpose(0, 2, 1), np.broadcast_to(np.eye(3), (6, 3, 3)), atol=1e-12)
 
 
 def _blob_volume(shape, centre_xyz, sigma=1.5):
     zz, yy, xx = np.mgrid[: shape[0], : shape[1], : shape[2]].astype(float)
     x, y, z = centre_xyz
     return np.exp(-((xx - x) ** 2 + (yy - y) ** 2 + (zz - z) ** 2) / (2 * sigma**2))
-
-
-def _centre_of_mass_xyz(vol):
-    zz, yy, xx = np.mgrid[: vol.shape[0], : vol.shape[1], : vol.shape[2]].astype(float)
-    return np.array([(vol * xx).sum(), (vol * yy).sum(), (vol * zz).sum()]) / vol.sum()
-
-
-@pytest.mark.parametrize("shape", [(32, 32, 32), (24, 28, 30), (25, 25, 25)])
-def test_rotate_volume_moves_blob_to_a_times_position_plus_shift(shape):
-    centre = np.array([s // 2 for s in shape[::-1]], float)  # x, y, z
-    p = np.array([4.0, -3.0, 2.5])
-    ref = _blob_volume(shape, centre + p)
-    a = relion_euler_to_matrix([30.0, 60.0, 100.0])
-    pixel = 2.5
-    origin = np.array([1.0, -2.0, 0.5]) * pixel  # rlnOriginX/Y/ZAngst
-    particle = rotate_volume(ref, a, origin, pixel)
-    # content that was at c + p sits at c + A p + d, with d = -origin / pixel
-    np.testing.assert_allclose(_centre_of_mass_xyz(particle), centre + a @ p - origin / pixel, atol=0.02)
-
-
-def test_rotate_volume_centre_is_voxel_n_over_2():
-    shape = (16, 16, 16)
-    ref = np.zeros(shape)
-    ref[8, 8, 8] = 1.0  # voxel N//2: fixed by any rotation
-    out = rotate_volume(ref, relion_euler_to_matrix([33.0, 71.0, -12.0]))
-    assert out[8, 8, 8] == pytest.approx(1.0)
-
-
-def test_rotate_volume_then_inverse_returns_reference():
-    shape = (32, 32, 32)
-    ref = _blob_volume(shape, (18.0, 13.0, 16.0), 2.0) + _blob_volume(shape, (12.0, 17.0, 20.0), 1.5)
-    a = relion_euler_to_matrix([75.0, 40.0, 15.0])
-    back = rotate_volume(rotate_volume(ref, a, order=3), a.T, order=3)
-    assert np.corrcoef(back.ravel(), ref.ravel())[0, 1] > 0.999
-
-
-def test_rotate_volumes_torch_matches_scipy():
-    rng = np.random.default_rng(4)
-    shape = (20, 22, 26)
-    vols = rng.standard_normal((3,) + shape)
-    mats = random_rotations(3, rng)
-    origins = rng.normal(scale=4.0, size=(3, 3))
-    ours = rotate_volumes_torch(torch.tensor(vols), torch.tensor(mats), torch.tensor(origins), 1.7).numpy()
-    for k in range(3):
-        np.testing.assert_allclose(ours[k], rotate_volume(vols[k], mats[k], origins[k], 1.7), atol=1e-10)
-    # float32, as the simulation uses it
-    ours32 = rotate_volumes_torch(torch.tensor(vols, dtype=torch.float32), torch.tensor(mats), None, 1.0).numpy()
-    for k in range(3):
-        np.testing.assert_allclose(ours32[k], rotate_volume(vols[k], mats[k]), atol=1e-4)
-
-
-def test_rotate_volumes_torch_matches_smooth_analytic_rotation():
-    # Against the exact rotated object (not another interpolation): within interpolation error.
-    shape = (32, 32, 32)
-    c = np.array([16.0, 16.0, 16.0])
-    p1, p2 = np.array([5.0, 0.0, -3.0]), np.array([-2.0, 6.0, 1.0])
-    ref = _blob_volume(shape, c + p1, 2.0) + _blob_volume(shape, c + p2, 2.0)
-    a = relion_euler_to_matrix([12.0, 100.0, 47.0])
-    exact = _blob_volume(shape, c + a @ p1, 2.0) + _blob_volume(shape, c + a @ p2, 2.0)
-    ours = rotate_volumes_torch(torch.tensor(ref[None]), torch.tensor(a[None])).numpy()[0]
-    assert np.abs(ours - exact).max() < 0.1  # trilinear error on sigma = 2 voxel blobs of height 1
-    assert np.corrcoef(ours.ravel(), exact.ravel())[0, 1] > 0.998
 
 
 # ----------------------------------------------------------------------------- RELION as the judge
@@ -462,8 +365,8 @@ def test_relion_reconstruct_recovers_reference_from_rotated_volumes(tmp_path):
     rng = np.random.default_rng(0)
     mats = random_rotations(n, rng)
     origins = rng.uniform(-2, 2, (n, 3)) * pixel
-    vols = rotate_volumes_torch(torch.tensor(np.repeat(ref[None], n, 0)), torch.tensor(mats),
-                                torch.tensor(origins), pixel).numpy()
+    vols = rigid_transform(torch.tensor(np.repeat(ref[None], n, 0)), torch.tensor(mats),
+                           torch.tensor(-origins / pixel)).numpy()
     (tmp_path / "right").mkdir()
     rec = _relion_reconstruct(tmp_path / "right", vols, mats, origins, pixel)
     assert _anisotropic_correlation(rec, ref) > 0.99

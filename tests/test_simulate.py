@@ -14,8 +14,9 @@ from cryovae import splits
 from cryovae.config import validate_config
 from cryovae.ctf import ctf_3d, integer_k2, missing_wedge_mask
 from cryovae.errors import InputError
-from cryovae.rotations import relion_euler_to_matrix, rotate_volume
+from cryovae.rotations import relion_euler_to_matrix
 from cryovae.shards import read_particles_star
+from cryovae.volumes import rotate_volume
 
 BOX = 24
 PIXEL = 10.0

@@ -8,8 +8,8 @@ import torch
 
 from cryovae.model.decoders import SplatDecoder
 from cryovae.model.splat import render_splats, render_splats_dense
-from cryovae.model.transform import rigid_transform
 from cryovae.rotations import random_rotations
+from cryovae.volumes import rigid_transform
 
 
 def _random_splats(batch: int, k: int, ndim: int, box: int, seed: int = 0):

@@ -27,8 +27,9 @@ from cryovae.classify import load_latents
 from cryovae.config import Config
 from cryovae.errors import InputError
 from cryovae.rotations import (
-    local_grid, orient_symmetry, rotate_volumes_torch, so3_grid, standardise_volumes, symmetry_group_in_frame,
+    axis_angle_matrix, local_deltas, refine_rotations, so3_grid, symmetry_group, symmetry_group_in_frame,
 )
+from cryovae.volumes import correlation_peak, cross_correlation, rigid_transform, standardise_volumes
 
 log = logging.getLogger(__name__)
 
@@ -38,33 +39,41 @@ def _standardise(volumes: torch.Tensor) -> torch.Tensor:
     return standardise_volumes(volumes).reshape(volumes.shape)
 
 
+def _rotated(volume: torch.Tensor, rotations: np.ndarray) -> torch.Tensor:
+    """(D, H, W) and (n, 3, 3) -> the n rotated copies (n, D, H, W) (:func:`cryovae.volumes.rigid_transform`)."""
+    mats = torch.as_tensor(rotations, dtype=volume.dtype)
+    return rigid_transform(volume.expand(len(mats), *volume.shape), mats)
+
+
 def score_rotations(
     canonical: torch.Tensor, reference: torch.Tensor, rotations: np.ndarray, chunk: int = 256
 ) -> tuple[np.ndarray, np.ndarray]:
     """Best correlation and offset for each rotation of ``canonical`` against ``reference``.
 
     canonical, reference: (D, H, W); rotations: (n, 3, 3).  Returns scores (n,) and the
-    offsets (n, 3) in voxels, (x, y, z), that move the rotated canonical onto the reference.
+    offsets (n, 3) in voxels, (x, y, z), sub-voxel, that move the rotated canonical onto the reference.
     """
     ref_ft = torch.fft.rfftn(_standardise(reference[None])[0])
     shape = reference.shape
     scores, offsets = [], []
     for start in range(0, len(rotations), chunk):
-        mats = torch.as_tensor(rotations[start : start + chunk], dtype=canonical.dtype)
-        rotated = _standardise(rotate_volumes_torch(canonical.expand(len(mats), *shape), mats))
-        cc = torch.fft.irfftn(ref_ft * torch.fft.rfftn(rotated, dim=(1, 2, 3)).conj(), s=shape, dim=(1, 2, 3))
-        best, where = cc.reshape(len(mats), -1).max(1)
-        zyx = np.stack(np.unravel_index(where.numpy(), shape), -1)
-        zyx = np.where(zyx > np.array(shape) // 2, zyx - np.array(shape), zyx)  # wrap to signed shifts
+        rotated = _standardise(_rotated(canonical, rotations[start : start + chunk]))
+        cc = cross_correlation(ref_ft, torch.fft.rfftn(rotated, dim=(1, 2, 3)), shape)
+        offset, best = correlation_peak(cc)
         scores.append(best.numpy())
-        offsets.append(zyx[:, ::-1].astype(np.float64))
+        offsets.append(offset.numpy().astype(np.float64))
     return np.concatenate(scores), np.concatenate(offsets)
 
 
 def search_rotation(
     canonical: np.ndarray, reference: np.ndarray, coarse_step_deg: float, fine_steps: int
 ) -> tuple[np.ndarray, np.ndarray, float]:
-    """Coarse-to-fine search: (rotation (3, 3), offset (3,) voxels (x, y, z), correlation)."""
+    """Coarse-to-fine search: (rotation (3, 3), offset (3,) voxels (x, y, z), correlation).
+
+    A global grid of ``coarse_step_deg`` (on 2x-binned volumes from 24 voxels up), its 4 best
+    rescored at full size, then ``fine_steps`` local grids of halving steps
+    (:func:`cryovae.rotations.refine_rotations`).
+    """
     can = torch.as_tensor(np.ascontiguousarray(canonical), dtype=torch.float32)
     ref = torch.as_tensor(np.ascontiguousarray(reference), dtype=torch.float32)
     # the global search runs on 2x-binned volumes (8x fewer voxels); refinement at full size
@@ -72,18 +81,61 @@ def search_rotation(
     binned = [torch.nn.functional.avg_pool3d(v[None, None], 2)[0, 0] for v in (can, ref)]
     coarse, _ = score_rotations(*binned, grid) if min(can.shape) >= 24 else score_rotations(can, ref, grid)
     candidates = grid[np.argsort(coarse)[-4:]]
-    scores, offsets = score_rotations(can, ref, candidates)
-    best = int(scores.argmax())
-    rotation, offset, score = candidates[best], offsets[best], float(scores[best])
-    step = coarse_step_deg
-    for _ in range(fine_steps):
-        step /= 2
-        grid = local_grid(rotation, step, 2)
-        scores, offsets = score_rotations(can, ref, grid)
-        best = int(scores.argmax())
-        if scores[best] > score:
-            rotation, offset, score = grid[best], offsets[best], float(scores[best])
-    return rotation, offset, score
+    scores, _ = score_rotations(can, ref, candidates)
+    deltas = local_deltas(coarse_step_deg / 2.0 ** np.arange(1, fine_steps + 1), 2)
+    rotation = refine_rotations(
+        lambda rots, k: score_rotations(can, ref, rots[0] @ deltas[k])[0][None], candidates[[scores.argmax()]], deltas
+    )[0]
+    scores, offsets = score_rotations(can, ref, rotation[None])
+    return rotation, offsets[0], float(scores[0])
+
+
+def _principal_frames(reference: np.ndarray, step_deg: float = 5.0) -> np.ndarray:
+    """Frames whose z is a principal axis of the map's positive density, spun about z: (3 * 360/step, 3, 3).
+
+    A symmetry axis of a map is a principal axis of its inertia, so these frames contain
+    the orientation of any Cn or Dn group up to the grid step.
+    """
+    density = np.clip(reference - reference.mean(), 0.0, None).astype(np.float64)
+    zyx = np.indices(reference.shape).reshape(3, -1).T - np.array(reference.shape) // 2
+    xyz, weight = zyx[:, ::-1].astype(np.float64), density.reshape(-1)
+    xyz = xyz - (xyz * weight[:, None]).sum(0) / weight.sum()
+    _, axes = np.linalg.eigh((xyz * weight[:, None]).T @ xyz)
+    frames = []
+    for i in range(3):
+        z, x = axes[:, i], axes[:, (i + 1) % 3]
+        base = np.stack([x, np.cross(z, x), z], 1)
+        frames += [base @ axis_angle_matrix(np.array([0.0, 0.0, 1.0]), a) for a in np.radians(np.arange(0, 360, step_deg))]
+    return np.array(frames)
+
+
+def orient_symmetry(reference: np.ndarray, group: str) -> tuple[np.ndarray, float]:
+    """Where a point group sits in a map: (O (3, 3), mean self-correlation under the group).
+
+    ``rotations.symmetry_group`` gives the group in RELION's standard orientation (main axis
+    z); in the map it is ``O G O^T``.  O maximises the correlation of the map with itself
+    rotated by each non-identity element: principal-axis frames and a 20 deg grid, then
+    local grids of 5, 2.5 and 1.25 deg (:func:`cryovae.rotations.refine_rotations`).
+    """
+    ops = torch.as_tensor(symmetry_group(group)[1:], dtype=torch.float32)
+    if not len(ops):
+        return np.eye(3), 1.0
+    ref = torch.as_tensor(np.ascontiguousarray(reference), dtype=torch.float32)
+    target = standardise_volumes(ref[None])[0]
+
+    def score(frames: np.ndarray) -> np.ndarray:
+        out = []
+        for start in range(0, len(frames), 128):
+            f = torch.as_tensor(frames[start : start + 128], dtype=torch.float32)
+            mats = (f[:, None] @ ops[None] @ f[:, None].transpose(-1, -2)).reshape(-1, 3, 3)
+            rotated = standardise_volumes(_rotated(ref, mats.numpy()))
+            out.append((rotated @ target).reshape(len(f), len(ops)).mean(1))
+        return torch.cat(out).numpy()
+
+    frames = np.concatenate([_principal_frames(reference), so3_grid(20.0)])
+    deltas = local_deltas((5.0, 2.5, 1.25), 1)
+    best = refine_rotations(lambda rots, k: score(rots[0] @ deltas[k])[None], frames[[score(frames).argmax()]], deltas)
+    return best[0], float(score(best)[0])
 
 
 def symmetry_operators(frame: dict) -> np.ndarray:

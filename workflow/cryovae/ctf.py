@@ -1,8 +1,9 @@
-"""Fourier-space transfer functions of subtomograms: CTF, missing wedge, low-pass and band-pass.
+"""Fourier-space transfer functions of subtomograms: the CTF and the missing wedge.
 
-Filters and grids come in the ``torch.fft.rfftn`` layout of a cubic box of edge ``box``
-(z, y, x order): shape (box, box, box // 2 + 1), frequency index 0 first (no fftshift).  Frequencies are in cycles per pixel (``fftfreq``) unless a name says
-``per_angstrom``.
+Filters come in the ``torch.fft.rfftn`` layout of a cubic box of edge ``box`` (z, y, x
+order): shape (box, box, box // 2 + 1), frequency index 0 first (no fftshift), on the grids
+of :mod:`cryovae.volumes` (which also holds the low-pass and band-pass filters).
+Frequencies are in cycles per pixel (``fftfreq``) unless a name says ``per_angstrom``.
 
 CTF model (a 3D, isotropic simplification for subtomograms): the 2D phase-contrast CTF
 evaluated at the 3D spatial frequency ``|k|``,
@@ -25,38 +26,10 @@ into (-90, 90]) lies in that range.  Everything else (a double wedge about kz) i
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch_ctf.ctf_utils import calculate_total_phase_shift
 
-
-def rfft_frequencies(box: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(kz, ky, kx) in cycles/pixel, broadcastable to the rfft shape (box, box, box//2+1)."""
-    k_full = torch.fft.fftfreq(box, dtype=torch.float64)
-    k_half = torch.fft.rfftfreq(box, dtype=torch.float64)
-    return k_full.view(-1, 1, 1), k_full.view(1, -1, 1), k_half.view(1, 1, -1)
-
-
-def frequency_magnitude(box: int) -> torch.Tensor:
-    """|k| in cycles/pixel on the rfft grid, shape (box, box, box//2+1), float64."""
-    kz, ky, kx = rfft_frequencies(box)
-    return torch.sqrt(kz**2 + ky**2 + kx**2)
-
-
-def rfft_weights(box: int) -> torch.Tensor:
-    """Multiplicity of each rfft coefficient in the full spectrum, shape (box, box, box//2+1).
-
-    Columns 1 .. box/2-1 stand for themselves and their Hermitian mates (weight 2);
-    columns 0 and box/2 are self-paired (weight 1).  The DC term gets weight 0, so that
-    ``sum(w * |F|^2) / box**6`` is the variance of the real-space volume (Parseval).
-    """
-    w = torch.full((box, box, box // 2 + 1), 2.0, dtype=torch.float64)
-    w[..., 0] = 1.0
-    if box % 2 == 0:
-        w[..., -1] = 1.0
-    w[0, 0, 0] = 0.0
-    return w
+from cryovae.volumes import rfft_frequencies
 
 
 def integer_k2(box: int) -> torch.Tensor:
@@ -123,39 +96,3 @@ def missing_wedge_mask(box: int, tilt_range_deg: tuple[float, float]) -> torch.T
         sampled |= angle >= 90.0 - 1e-9
     on_axis = (kz == 0) & (kx == 0)
     return (sampled | on_axis).expand(box, box, box // 2 + 1).contiguous()
-
-
-def _raised_cosine(x: torch.Tensor) -> torch.Tensor:
-    """0 for x <= 0, 1 for x >= 1, a half cosine between."""
-    return 0.5 - 0.5 * torch.cos(math.pi * x.clamp(0.0, 1.0))
-
-
-def lowpass_filter(
-    box: int, pixel_size_angstrom: float, resolution_angstrom: float, edge_px: float = 2.0
-) -> torch.Tensor:
-    """Low-pass to ``resolution_angstrom`` with a raised-cosine edge ``edge_px`` Fourier pixels wide.
-
-    Transmission 1 below k_c - edge/2, 0 above k_c + edge/2 (k_c = pixel size / resolution
-    in cycles/pixel); shape (box, box, box//2+1), float32.
-    """
-    k_px = frequency_magnitude(box) * box  # Fourier pixels
-    cutoff_px = pixel_size_angstrom / resolution_angstrom * box
-    return _raised_cosine((cutoff_px + edge_px / 2 - k_px) / edge_px).to(torch.float32)
-
-
-def bandpass_filter(
-    box: int, pixel_size_angstrom: float, low_angstrom: float, high_angstrom: float, edge_px: float = 2.0
-) -> torch.Tensor:
-    """Band-pass keeping resolutions between ``low_angstrom`` (coarse) and ``high_angstrom`` (fine).
-
-    Raised-cosine edges ``edge_px`` Fourier pixels wide; the DC term is removed when
-    ``low_angstrom`` is finite.  Shape (box, box, box//2+1), float32.
-    """
-    if not low_angstrom > high_angstrom > 0:
-        raise ValueError(f"band-pass expects low > high > 0 Å, got [{low_angstrom}, {high_angstrom}]")
-    k_px = frequency_magnitude(box) * box
-    low_cut_px = pixel_size_angstrom / low_angstrom * box
-    highpass = _raised_cosine((k_px - low_cut_px + edge_px / 2) / edge_px)
-    highpass[0, 0, 0] = 0.0
-    return (lowpass_filter(box, pixel_size_angstrom, high_angstrom, edge_px) * highpass).to(torch.float32)
-

@@ -27,9 +27,9 @@ import torch
 from scipy import ndimage
 
 from cryovae.atomic import atomic_path
-from cryovae.ctf import lowpass_filter
 from cryovae.errors import InputError
 from cryovae.structures import read_structure
+from cryovae.volumes import fourier_resample, lowpass_filter, raised_cosine_lowpass
 
 SIMULATION_VOLTAGE_KV = 300.0
 FINEST_PIXEL_ANGSTROM = 2.5  # structures are simulated at this pixel size or coarser
@@ -124,25 +124,7 @@ def structure_to_map(path: Path, pixel_size_angstrom: float, box: int, b_factor:
         apply_dqe=False,
         device="cpu",
     )
-    return fourier_crop(fine, box).numpy()
-
-
-def fourier_crop(volume_zyx: torch.Tensor, box: int) -> torch.Tensor:
-    """Downsample a cubic (M, M, M) volume to (box, box, box) by cropping its spectrum.
-
-    Index 0 stays index 0, so voxel M//2 of the input lands on voxel box//2 (M = k × box).
-    The Nyquist planes of the cropped spectrum are zeroed (they have no unique mate).
-    Values stay intensive (the mean is kept).  Returns float32.
-    """
-    big = volume_zyx.shape[0]
-    spectrum = torch.fft.rfftn(volume_zyx.to(torch.float64))
-    keep = torch.cat([torch.arange(box // 2), torch.arange(big - box // 2, big)])
-    cropped = spectrum[keep][:, keep][:, :, : box // 2 + 1].clone()
-    cropped[box // 2] = 0
-    cropped[:, box // 2] = 0
-    cropped[:, :, box // 2] = 0
-    out = torch.fft.irfftn(cropped, s=(box, box, box)) * (box / big) ** 3
-    return out.to(torch.float32)
+    return fourier_resample(fine.to(torch.float64), box).to(torch.float32).numpy()
 
 
 def read_map(path: Path) -> tuple[np.ndarray, float]:
@@ -176,21 +158,14 @@ def resample_map(volume_zyx: np.ndarray, pixel_in: float, pixel_out: float, box:
     """
     data = np.asarray(volume_zyx, dtype=np.float64)
     ratio = pixel_out / pixel_in
-    if ratio > 1.0:
-        data = _lowpass_any_shape(data, cutoff_cycles_per_px=0.5 / ratio)
+    if ratio > 1.0:  # raised-cosine edge from 0.8 to 1.0 × the output Nyquist: zero from there on
+        nyquist = 0.5 / ratio
+        transmission = raised_cosine_lowpass(data.shape, 0.9 * nyquist, 0.2 * nyquist).numpy()
+        data = np.fft.irfftn(np.fft.rfftn(data) * transmission, s=data.shape, axes=(0, 1, 2))
     axes = [data.shape[a] // 2 + (np.arange(box) - box // 2) * ratio for a in range(3)]
     grid = np.meshgrid(*axes, indexing="ij")
     out = ndimage.map_coordinates(data, grid, order=3, mode="grid-constant", cval=0.0, prefilter=True)
     return out.astype(np.float32)
-
-
-def _lowpass_any_shape(data: np.ndarray, cutoff_cycles_per_px: float) -> np.ndarray:
-    """Raised-cosine low-pass of a (possibly non-cubic) volume, edge 0.8–1.0 × cutoff."""
-    freqs = [np.fft.fftfreq(n) for n in data.shape[:2]] + [np.fft.rfftfreq(data.shape[2])]
-    kz, ky, kx = np.meshgrid(*freqs, indexing="ij")
-    k = np.sqrt(kz**2 + ky**2 + kx**2) / cutoff_cycles_per_px
-    transmission = 0.5 + 0.5 * np.cos(np.pi * np.clip((k - 0.8) / 0.2, 0.0, 1.0))
-    return np.fft.irfftn(np.fft.rfftn(data) * transmission, s=data.shape, axes=(0, 1, 2))
 
 
 def apply_lowpass(volume_zyx: np.ndarray, pixel_size_angstrom: float, resolution_angstrom: float) -> np.ndarray:

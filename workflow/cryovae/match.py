@@ -35,32 +35,16 @@ from tqdm import tqdm
 
 from cryovae.atomic import atomic_path
 from cryovae.config import Config
-from cryovae.ctf import ctf_3d, missing_wedge_mask, rfft_weights
+from cryovae.ctf import ctf_3d, missing_wedge_mask
 from cryovae.errors import InputError
-from cryovae.rotations import local_grid, rotate_volumes_torch, so3_grid, standardise_volumes
+from cryovae.rotations import local_deltas, refine_rotations, so3_grid
+from cryovae.volumes import (
+    correlation_peak, cross_correlation, fourier_crop, phase_shift, rfft_weights, rigid_transform, standardise_volumes,
+)
 from cryovae.shards import SubtomogramSet
 
 log = logging.getLogger(__name__)
 CHUNK = 256  # particles per block: bounds memory at (CHUNK, box^3) complex volumes
-
-
-def fourier_crop(ft: torch.Tensor, size: int) -> torch.Tensor:
-    """rfftn spectra (..., B, B, B//2+1) -> (..., size, size, size//2+1), ``size`` even, amplitudes kept."""
-    h = size // 2
-    z = torch.cat([ft[..., :h, :, :], ft[..., -h:, :, :]], -3)
-    y = torch.cat([z[..., :h, :], z[..., -h:, :]], -2)
-    return y[..., : h + 1] * (size / ft.shape[-2]) ** 1.5
-
-
-def phase_shift(ft: torch.Tensor, shift_xyz: torch.Tensor) -> torch.Tensor:
-    """Move the content of rfftn spectra (n, B, B, B//2+1) by ``shift_xyz`` (n, 3) voxels."""
-    box = ft.shape[-2]
-    kz = torch.fft.fftfreq(box).view(1, -1, 1, 1)
-    ky = torch.fft.fftfreq(box).view(1, 1, -1, 1)
-    kx = torch.fft.rfftfreq(box).view(1, 1, 1, -1)
-    d = shift_xyz.to(torch.float32).view(-1, 3, 1, 1, 1)
-    phase = kx * d[:, 0] + ky * d[:, 1] + kz * d[:, 2]
-    return ft * torch.exp(-2j * torch.pi * phase)
 
 
 def _split_wedge_and_ctf(config: Config, data: SubtomogramSet, is_simulated: bool):
@@ -92,12 +76,12 @@ class Matcher:
         if self.small % 2:
             raise InputError(f"matching.coarse_binning {m.coarse_binning} leaves an odd box {self.small}")
         self.wedge = self._wedge(self.box, tilt_range_deg)
-        self.weights = rfft_weights(self.box).to(torch.float32)  # Parseval multiplicities, DC 0
+        self.weights = rfft_weights(self.box).to(torch.float32)  # Parseval multiplicities (spectra have no DC)
         self.refs = {c: torch.as_tensor(np.ascontiguousarray(v), dtype=torch.float32) for c, v in references.items()}
         self.grid = so3_grid(m.coarse_step_deg)
         self.banks = {c: self._coarse_bank(ref, tilt_range_deg) for c, ref in self.refs.items()}
         self.steps = list(m.refine_steps_deg)
-        self.deltas = [local_grid(np.eye(3), step, 2) for step in self.steps]
+        self.deltas = local_deltas(self.steps, 2)
         self.fine = {
             c: [standardise_volumes(self._rotated(ref, delta)) for delta in self.deltas] for c, ref in self.refs.items()
         }
@@ -112,7 +96,7 @@ class Matcher:
     @staticmethod
     def _rotated(volume: torch.Tensor, rotations: np.ndarray) -> torch.Tensor:
         mats = torch.as_tensor(rotations, dtype=torch.float32)
-        return rotate_volumes_torch(volume.expand(len(mats), *volume.shape), mats)
+        return rigid_transform(volume.expand(len(mats), *volume.shape), mats)
 
     def _coarse_bank(self, ref: torch.Tensor, tilt_range_deg) -> torch.Tensor:
         """Every grid rotation of the cropped reference, wedge-filtered and normalised: (G, small^3)."""
@@ -147,25 +131,10 @@ class Matcher:
         box = self.box
         template = torch.fft.rfftn(self._rotated(ref, rotations), dim=(1, 2, 3)) * self.wedge
         template[:, 0, 0, 0] = 0.0
-        cc = torch.fft.irfftn(filtered * template.conj(), s=(box,) * 3, dim=(1, 2, 3))
-        cc = torch.fft.fftshift(cc, dim=(1, 2, 3))  # zero displacement at voxel box // 2
-        flat = cc.reshape(len(cc), -1).argmax(1)
-        zyx = torch.stack(torch.unravel_index(flat, cc.shape[1:]), 1).clamp(1, box - 2)
-        rows = torch.arange(len(cc))
-        f0 = cc[rows, zyx[:, 0], zyx[:, 1], zyx[:, 2]]
-        subvoxel = []
-        for axis in range(3):  # parabola through the peak and its neighbours on each axis
-            lo, hi = zyx.clone(), zyx.clone()
-            lo[:, axis] -= 1
-            hi[:, axis] += 1
-            fm = cc[rows, lo[:, 0], lo[:, 1], lo[:, 2]]
-            fp = cc[rows, hi[:, 0], hi[:, 1], hi[:, 2]]
-            curvature = fm - 2 * f0 + fp
-            offset = torch.where(curvature < 0, 0.5 * (fm - fp) / curvature.clamp(max=-1e-12), 0.0)
-            subvoxel.append(zyx[:, axis] - box // 2 + offset.clamp(-0.5, 0.5))
+        displacement, peak = correlation_peak(cross_correlation(filtered, template, (box,) * 3))
         modulated = template if ctf is None else template * ctf
         template_norm = ((self.weights * modulated.abs() ** 2).sum((1, 2, 3)) / box**3).sqrt()
-        return torch.stack(subvoxel[::-1], 1), f0 / (template_norm * particle_norm + 1e-12)
+        return displacement, peak / (template_norm * particle_norm + 1e-12)
 
     def refine(
         self, filtered: torch.Tensor, cls: str, rotations: np.ndarray, ctf: torch.Tensor | None,
@@ -176,10 +145,13 @@ class Matcher:
         ref = self.refs[cls]
         d, _ = self.correlate(filtered, ref, rotations, ctf, particle_norm)
         centred = torch.fft.irfftn(phase_shift(filtered, -d), s=(self.box,) * 3, dim=(1, 2, 3))
-        for delta, bank in zip(self.deltas, self.fine[cls]):
-            back = torch.as_tensor(np.ascontiguousarray(rotations.transpose(0, 2, 1)), dtype=torch.float32)
-            q = standardise_volumes(rotate_volumes_torch(centred, back))
-            rotations = rotations @ delta[(q @ bank.T).argmax(1).numpy()]
+        bank = self.fine[cls]
+
+        def score(current: np.ndarray, level: int) -> torch.Tensor:
+            back = torch.as_tensor(np.ascontiguousarray(current.transpose(0, 2, 1)), dtype=torch.float32)
+            return standardise_volumes(rigid_transform(centred, back)) @ bank[level].T
+
+        rotations = refine_rotations(score, rotations, self.deltas)
         d, fit = self.correlate(filtered, ref, rotations, ctf, particle_norm)
         return rotations, d.numpy(), fit.numpy()
 

@@ -47,11 +47,12 @@ import scipy.fft
 import torch
 
 from cryovae.atomic import atomic_path
-from cryovae.ctf import bandpass_filter, ctf_table, integer_k2, missing_wedge_mask, rfft_frequencies, rfft_weights
+from cryovae.ctf import ctf_table, integer_k2, missing_wedge_mask
 from cryovae.errors import InputError
 from cryovae.rotations import matrix_to_relion_euler, random_rotations
 from cryovae.shards import write_particles_star
 from cryovae.splits import SPLITS, class_sequence, shard_plan, split_classes
+from cryovae.volumes import bandpass_filter, rfft_frequencies, rfft_weights
 
 MAX_BATCH_VOXELS = 2**22  # particles are simulated in batches of at most this many voxels
 OVERSAMPLED_MAX_BOX = 96  # spectra of larger boxes are sampled without padding (memory)
@@ -228,7 +229,7 @@ class FourierSupport:
         flat = torch.nonzero(keep.reshape(-1)).squeeze(1)
         grids = [g.expand(keep.shape).reshape(-1)[flat].round().long() for g in (kx, ky, kz)]
         freq_xyz = torch.stack(grids, dim=1).numpy()
-        weights = (rfft_weights(box).reshape(-1)[flat] / float(box) ** 6).float()
+        weights = (rfft_weights(box, dc_weight=0.0).reshape(-1)[flat] / float(box) ** 6).float()
         band = None if band_grid is None else band_grid.reshape(-1)[flat]
         plane, mate = _hermitian_mates(freq_xyz, box)
         return cls(box, flat, freq_xyz, k2.reshape(-1)[flat], weights, band, plane, mate)

@@ -41,6 +41,7 @@ import torch
 from tqdm import tqdm
 
 from cryovae.affinity import read_affinity_csv
+from cryovae.align import orient_symmetry
 from cryovae.atomic import atomic_path
 from cryovae.config import Config
 from cryovae.errors import InputError
@@ -52,7 +53,7 @@ from cryovae.model.encoder import rotation_3x3
 from cryovae.model.io import save_model
 from cryovae.model.losses import COMPONENTS, affinity_loss, kl_divergence, pose_loss, reconstruction_error, wedge_mask
 from cryovae.model.vae import AffinityVAE
-from cryovae.rotations import orient_symmetry, symmetry_group_in_frame
+from cryovae.rotations import symmetry_group_in_frame
 from cryovae.schedules import schedule_value
 
 
@@ -164,7 +165,7 @@ def symmetry_table(
 ) -> torch.Tensor | None:
     """(C, G, 3, 3) point group of each class, in its reference map's frame, padded with
     identities; None when all are C1.  A symmetric class needs its map (``{class}.mrc`` in
-    ``maps``): the group's axes are located in it (:func:`cryovae.rotations.orient_symmetry`).
+    ``maps``): the group's axes are located in it (:func:`cryovae.align.orient_symmetry`).
     """
     by_name = {Path(p).stem: Path(p) for p in maps or []}
     groups = []

@@ -5,7 +5,7 @@ Both decoders share one interface:
 - ``canonical(z)``: (n, L) -> (n, 1, *spatial), the volume in the canonical frame;
 - ``posed(z, rotation, shift_voxels)``: (n, 1, *spatial) in the particle frame, where
   rotation (n, d, d) is particle-from-canonical and shift_voxels (n, d) is (x, y[, z]) (see
-  :mod:`cryovae.model.transform` for the convention).
+  :mod:`cryovae.volumes` for the convention).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from torch import nn
 
 from cryovae.model.encoder import conv_layer, reduced_size
 from cryovae.model.splat import render_splats
-from cryovae.model.transform import rigid_transform
+from cryovae.volumes import rigid_transform
 
 
 def centre_crop(volume: torch.Tensor, spatial_shape: tuple[int, ...]) -> torch.Tensor:

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from cryovae.rotations import geodesic_distance_torch
+from cryovae.volumes import rfft_weights
 
 COMPONENTS = ("recon", "kl", "affinity", "pose")   # the loss terms, in history/log order
 
@@ -65,19 +66,6 @@ def wedge_mask(spatial_shape: tuple[int, ...], tilt_range_deg: tuple[float, floa
     if len(spatial_shape) != 3 or len(set(spatial_shape)) != 1:
         raise ValueError(f"the missing-wedge mask needs a cubic 3D box, got {spatial_shape}")
     return missing_wedge_mask(int(spatial_shape[0]), tilt_range_deg)
-
-
-def rfft_weights(spatial_shape: tuple[int, ...]) -> torch.Tensor:
-    """Multiplicity of each rfftn component in the full spectrum (1 or 2): (..., W//2+1).
-
-    With these weights and ``norm="ortho"``, sum(weights * |rfftn(x)|^2) = sum(x^2) (Parseval).
-    """
-    width = spatial_shape[-1]
-    w = torch.full((width // 2 + 1,), 2.0, dtype=torch.float64)
-    w[0] = 1.0
-    if width % 2 == 0:
-        w[-1] = 1.0
-    return w
 
 
 def reconstruction_error(

@@ -1,0 +1,331 @@
+"""Volume maths, once: rigid transforms, Fourier crop/pad, shifts, filters, weights, correlation peaks.
+
+Conventions (DESIGN.md, :mod:`cryovae.rotations`): volumes are (z, y, x) arrays (2D images
+(y, x)); rotations ``A`` = rotation_matrix_particle_from_reference act on (x, y[, z]) column
+vectors about the box centre, voxel ``N//2`` on every axis (RELION's, not (N - 1)/2).  A
+pose (A, d), d the content's displacement in voxels (x, y[, z]), makes the particle
+
+    particle(q) = reference(c + A^T (q - c - d)),        c = N//2 per axis,
+
+so reference content at c + p lands at c + A p + d, and the particle's
+``rlnOriginX/Y/ZAngst`` is -d × pixel size.  :func:`rotate_volume` (scipy) and
+:func:`rigid_transform` (torch, batched, differentiable) both do this;
+:func:`check_rigid_transform` compares any implementation with scipy's about N//2.
+
+Spectra are ``torch.fft.rfftn`` layouts of the last three axes, (D, H, W//2+1), frequency
+index 0 first (no fftshift); frequencies are in cycles per pixel unless a name says
+``per_angstrom`` or ``px`` (Fourier pixels, cycles per box).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+from torch_fourier_rescale.fourier_rescale_3d import fourier_rescale_rfft_3d
+from torch_fourier_shift import fourier_shift_dft_3d
+
+# ----------------------------------------------------------------------------- rigid transforms
+
+
+def rotate_volume(
+    volume_zyx: np.ndarray,
+    rotation_matrix_particle_from_reference: np.ndarray,
+    origin_xyz_angstrom=None,
+    pixel_size_angstrom: float = 1.0,
+    order: int = 1,
+) -> np.ndarray:
+    """The particle made from a reference by a rotation and a RELION origin (scipy); 3D (D, H, W) or 2D (H, W).
+
+    With c the centre (voxel N//2 per axis), A the rotation ((3, 3), or (2, 2) on (x, y) for an
+    image) and d = -origin / pixel size (voxels, (x, y[, z])):
+
+        particle(x) = reference(c + A^T (x - c - d))
+
+    ``scipy.ndimage.affine_transform`` works on (z, y, x) indices, so A^T is permuted to
+    P A^T P with P the axis reversal.  Outside the input counts as 0 (``grid-constant``, as
+    :func:`rigid_transform`'s zero padding).  ``order``: spline order (1 = trilinear).
+    """
+    vol = np.asarray(volume_zyx)
+    a = np.asarray(rotation_matrix_particle_from_reference, np.float64)
+    origin = np.zeros(vol.ndim) if origin_xyz_angstrom is None else np.asarray(origin_xyz_angstrom, np.float64)
+    d_zyx = -origin[::-1] / pixel_size_angstrom
+    c = np.array([s // 2 for s in vol.shape], dtype=np.float64)
+    m = a.T[::-1, ::-1]
+    offset = c - m @ (c + d_zyx)
+    return ndimage.affine_transform(vol, m, offset=offset, order=order, mode="grid-constant", cval=0.0)
+
+
+def _sampling_grid(rotation: torch.Tensor, shift_voxels: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:
+    """``grid_sample`` grid (n, *spatial, d) (align_corners=False) sampling c + A^T (q - c - d) at every q.
+
+    As a row vector the sampled index is (q - c) @ A + c - d @ A.  ``grid_sample``'s last
+    axis is (x, y[, z]) and addresses index i of an axis of size N by g = (2 i + 1) / N - 1,
+    so g = ((q - c) @ A) * s + (c - d @ A) * s + s / 2 - 1 with s = 2 / N.  (q - c) @ A is a
+    sum of one term per axis, added by broadcasting.
+    """
+    n, ndim = rotation.shape[0], rotation.shape[-1]
+    dtype, device = rotation.dtype, rotation.device
+    sizes_xyz = spatial[::-1]
+    scale = 2.0 / torch.tensor(sizes_xyz, dtype=dtype, device=device)
+    centre = torch.tensor([s // 2 for s in sizes_xyz], dtype=dtype, device=device)
+    shift = centre - (shift_voxels.unsqueeze(1) @ rotation).squeeze(1)  # (n, d)
+    grid = (shift * scale + scale / 2 - 1.0).view((n,) + (1,) * ndim + (ndim,))
+    a_scaled = rotation * scale
+    for axis, size in enumerate(sizes_xyz):  # axis 0 is x, the last array axis
+        ticks = torch.arange(size, dtype=dtype, device=device) - (size // 2)
+        view = [n] + [1] * ndim + [ndim]
+        view[ndim - axis] = size
+        grid = grid + (ticks[None, :, None] * a_scaled[:, None, axis, :]).view(view)
+    return grid
+
+
+def rigid_transform(
+    volumes: torch.Tensor, rotation: torch.Tensor, shift_voxels: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Batched, differentiable :func:`rotate_volume` (trilinear/bilinear, zeros outside) with ``grid_sample``.
+
+    volumes: (n, ..., *spatial), spatial the last d axes (d = 3 for (3, 3) rotations, 2 for
+    (2, 2)), any axes between them channels; rotation: (n, d, d) particle from reference on
+    (x, y[, z]); shift_voxels: (n, d) content displacement d in voxels (x, y[, z]), or None.
+    Returns the volumes' shape, float32 (float64 for float64 input: never a half-precision
+    grid).  Differentiable with respect to all three inputs.
+    """
+    ndim = rotation.shape[-1]
+    dtype = torch.float64 if volumes.dtype == torch.float64 else torch.float32
+    spatial = tuple(volumes.shape[-ndim:])
+    n = volumes.shape[0]
+    rot = rotation.to(dtype=dtype, device=volumes.device)
+    shift = torch.zeros(n, ndim, dtype=dtype, device=volumes.device) if shift_voxels is None \
+        else shift_voxels.to(dtype=dtype, device=volumes.device)
+    flat = volumes.to(dtype).reshape((n, -1) + spatial)
+    out = F.grid_sample(flat, _sampling_grid(rot, shift, spatial), mode="bilinear", padding_mode="zeros",
+                        align_corners=False)
+    return out.reshape(volumes.shape)
+
+
+def _test_volume(shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    """Three Gaussian blobs of different widths and heights, off the centre: no symmetry to hide an error."""
+    grids = np.meshgrid(*[np.arange(s) - s // 2 for s in shape], indexing="ij")
+    out = np.zeros(shape)
+    for height, width in ((1.0, 1.5), (0.7, 2.2), (-0.5, 1.2)):
+        centre = rng.uniform(-0.2, 0.2, len(shape)) * np.array(shape)
+        r2 = sum((g - c) ** 2 for g, c in zip(grids, centre))
+        out += height * np.exp(-r2 / (2 * width**2))
+    return out
+
+
+def check_rigid_transform(transform, shape: tuple[int, ...] = (12, 15, 16), n: int = 3, with_shift: bool = True,
+                          dtype: torch.dtype = torch.float64, seed: int = 0) -> float:
+    """Largest deviation of ``transform`` from scipy's rigid transform about voxel N//2 (:func:`rotate_volume`,
+    order 1), relative to the largest input value; every user of a rigid transform can call it.
+
+    ``transform(volumes (n, *shape), rotation (n, d, d), shift_voxels (n, d))`` -> (n, *shape)
+    (torch, ``dtype``), d = len(shape) (3 for volumes (z, y, x), 2 for images (y, x));
+    rotations are random, shifts in [-2, 2] voxels (zero without ``with_shift``).  The
+    default shape has odd and even, unequal edges, so that a wrong centre or an axis
+    swap shows.  A correct trilinear transform gives rounding error (~1e-7 in float32).
+    """
+    from scipy.spatial.transform import Rotation
+
+    rng = np.random.default_rng(seed)
+    ndim = len(shape)
+    if ndim == 3:
+        rotations = Rotation.random(n, random_state=seed).as_matrix()
+    else:
+        angles = rng.uniform(0, 2 * np.pi, n)
+        rotations = np.stack([[np.cos(angles), -np.sin(angles)], [np.sin(angles), np.cos(angles)]]).transpose(2, 0, 1)
+    shifts = rng.uniform(-2, 2, (n, ndim)) if with_shift else np.zeros((n, ndim))
+    volumes = np.stack([_test_volume(tuple(shape), rng) for _ in range(n)])
+    expected = np.stack([rotate_volume(v, a, -s, 1.0, order=1) for v, a, s in zip(volumes, rotations, shifts)])
+    out = transform(torch.tensor(volumes, dtype=dtype), torch.tensor(rotations, dtype=dtype),
+                    torch.tensor(shifts, dtype=dtype))
+    out = out.detach().cpu().double().numpy()
+    if out.shape != expected.shape:
+        raise ValueError(f"the transform returned shape {out.shape}, expected {expected.shape}")
+    return float(np.abs(out - expected).max() / np.abs(volumes).max())
+
+
+def standardise_volumes(volumes: torch.Tensor) -> torch.Tensor:
+    """(n, ...) -> (n, voxels) with zero mean and unit norm per row: dot products are correlations."""
+    flat = volumes.reshape(len(volumes), -1)
+    flat = flat - flat.mean(1, keepdim=True)
+    return flat / (flat.norm(dim=1, keepdim=True) + 1e-12)
+
+
+# ----------------------------------------------------------------------------- Fourier grids and weights
+
+
+def rfft_frequencies(shape) -> tuple[torch.Tensor, ...]:
+    """Frequencies (cycles/pixel) per axis of an rfftn grid, each broadcastable to (D, H, W//2+1), float64.
+
+    ``shape``: the real-space shape (D, H, W) (or (H, W)), or a cubic box edge.  Returned in
+    array order (kz, ky, kx); the last axis is the half (rfft) axis.
+    """
+    shape = (int(shape),) * 3 if np.isscalar(shape) else tuple(int(s) for s in shape)
+    freqs = [torch.fft.fftfreq(s, dtype=torch.float64) for s in shape[:-1]]
+    freqs.append(torch.fft.rfftfreq(shape[-1], dtype=torch.float64))
+    out = []
+    for axis, f in enumerate(freqs):
+        view = [1] * len(shape)
+        view[axis] = -1
+        out.append(f.view(view))
+    return tuple(out)
+
+
+def frequency_magnitude(shape) -> torch.Tensor:
+    """|k| in cycles/pixel on the rfftn grid of ``shape`` (or a cubic box edge), float64."""
+    return torch.sqrt(sum(k**2 for k in rfft_frequencies(shape)))
+
+
+def rfft_weights(shape, dc_weight: float = 1.0) -> torch.Tensor:
+    """Multiplicity of each rfftn coefficient in the full spectrum: (D, H, W//2+1) float64.
+
+    Columns 1 .. (W-1)//2 of the half axis stand for themselves and their Hermitian mates
+    (weight 2); column 0 and, for even W, column W/2 are their own mates (weight 1).  So
+    ``sum(w * |rfftn(x)|^2) = N * sum(x^2)`` (N voxels; ``norm="ortho"``: = sum(x^2), Parseval).
+    ``dc_weight`` is the weight of the DC term: 0 leaves the mean out, so that
+    ``sum(w * |F|^2) / N^2`` is the variance of the volume.  ``shape`` may be a cubic box edge.
+    """
+    shape = (int(shape),) * 3 if np.isscalar(shape) else tuple(int(s) for s in shape)
+    width = shape[-1]
+    w = torch.full(tuple(shape[:-1]) + (width // 2 + 1,), 2.0, dtype=torch.float64)
+    w[..., 0] = 1.0
+    if width % 2 == 0:
+        w[..., -1] = 1.0
+    w[(0,) * len(shape)] = dc_weight
+    return w
+
+
+# ----------------------------------------------------------------------------- Fourier crop/pad and shift
+
+
+def _zero_nyquist(spectrum: torch.Tensor, box: int) -> torch.Tensor:
+    """Zero the Nyquist planes of rfftn spectra (..., box, box, box//2+1) of an even box (they have no mate)."""
+    if box % 2 == 0:
+        spectrum = spectrum.clone()
+        spectrum[..., box // 2, :, :] = 0
+        spectrum[..., :, box // 2, :] = 0
+        spectrum[..., :, :, box // 2] = 0
+    return spectrum
+
+
+def fourier_crop(spectrum: torch.Tensor, size: int) -> torch.Tensor:
+    """rfftn spectra of cubic boxes (..., B, B, B//2+1) -> (..., size, size, size//2+1): crop (size < B) or pad.
+
+    Frequencies common to both boxes are kept (``torch_fourier_rescale``'s crop/pad, index 0
+    staying index 0, so voxel B//2 lands on voxel size//2 when B = k × size); the Nyquist
+    planes of the smaller box, which have no Hermitian mate, are zeroed.  Scaled by
+    (size / B)^3, so that the inverse rfftn keeps real-space values (the mean) unchanged.
+    """
+    box = spectrum.shape[-2]
+    if size < box:
+        resized = _rescale_spectrum(spectrum, box, size)
+        resized = _zero_nyquist(resized, size)
+    else:
+        resized = _rescale_spectrum(_zero_nyquist(spectrum, box), box, size)
+    return resized * (size / box) ** 3
+
+
+def _rescale_spectrum(spectrum: torch.Tensor, box: int, size: int) -> torch.Tensor:
+    """``fourier_rescale_rfft_3d`` on the unshifted layout (it expects fftshift on the two full axes)."""
+    if size == box:
+        return spectrum
+    shifted = torch.fft.fftshift(spectrum, dim=(-3, -2))
+    resized = fourier_rescale_rfft_3d(shifted, image_shape=(box,) * 3, target_shape=(size,) * 3)
+    return torch.fft.ifftshift(resized, dim=(-3, -2))
+
+
+def fourier_resample(volume_zyx: torch.Tensor, size: int) -> torch.Tensor:
+    """A cubic (..., B, B, B) volume resampled to (..., size, size, size) by :func:`fourier_crop`; float64 maths,
+    the input's dtype out."""
+    spectrum = torch.fft.rfftn(volume_zyx.to(torch.float64), dim=(-3, -2, -1))
+    out = torch.fft.irfftn(fourier_crop(spectrum, size), s=(size,) * 3, dim=(-3, -2, -1))
+    return out.to(volume_zyx.dtype)
+
+
+def phase_shift(spectrum: torch.Tensor, shift_xyz: torch.Tensor) -> torch.Tensor:
+    """Move the content of rfftn spectra (n, B, B, B//2+1) by ``shift_xyz`` (n, 3) voxels (``torch_fourier_shift``)."""
+    box = tuple(spectrum.shape[-3:-1]) + (2 * (spectrum.shape[-1] - 1),)
+    if box[-1] != box[-2]:
+        raise ValueError(f"phase_shift expects spectra of cubic even boxes, got {tuple(spectrum.shape)}")
+    shifts_zyx = shift_xyz.to(torch.float32 if spectrum.dtype == torch.complex64 else torch.float64).flip(-1)
+    return fourier_shift_dft_3d(spectrum, box, shifts_zyx, rfft=True, fftshifted=False)
+
+
+# ----------------------------------------------------------------------------- filters
+
+
+def _raised_cosine(x: torch.Tensor) -> torch.Tensor:
+    """0 for x <= 0, 1 for x >= 1, a half cosine between."""
+    return 0.5 - 0.5 * torch.cos(math.pi * x.clamp(0.0, 1.0))
+
+
+def raised_cosine_lowpass(shape, cutoff_cycles_per_px: float, edge_cycles_per_px: float) -> torch.Tensor:
+    """Transmission on the rfftn grid of ``shape`` (any shape, or a cubic box edge), float64: 1 below
+    ``cutoff - edge/2``, 0 above ``cutoff + edge/2``, a half cosine between (0.5 at the cutoff)."""
+    k = frequency_magnitude(shape)
+    return _raised_cosine((cutoff_cycles_per_px + edge_cycles_per_px / 2 - k) / edge_cycles_per_px)
+
+
+def lowpass_filter(
+    box: int, pixel_size_angstrom: float, resolution_angstrom: float, edge_px: float = 2.0
+) -> torch.Tensor:
+    """Low-pass of a cubic box to ``resolution_angstrom``, raised-cosine edge ``edge_px`` Fourier pixels wide
+    (half transmission at k_c = pixel size / resolution); (box, box, box//2+1) float32."""
+    cutoff = pixel_size_angstrom / resolution_angstrom
+    return raised_cosine_lowpass(box, cutoff, edge_px / box).to(torch.float32)
+
+
+def bandpass_filter(
+    box: int, pixel_size_angstrom: float, low_angstrom: float, high_angstrom: float, edge_px: float = 2.0
+) -> torch.Tensor:
+    """Band-pass keeping resolutions between ``low_angstrom`` (coarse) and ``high_angstrom`` (fine).
+
+    Raised-cosine edges ``edge_px`` Fourier pixels wide; the DC term is removed.  Shape
+    (box, box, box//2+1), float32.
+    """
+    if not low_angstrom > high_angstrom > 0:
+        raise ValueError(f"band-pass expects low > high > 0 Å, got [{low_angstrom}, {high_angstrom}]")
+    edge = edge_px / box
+    highpass = 1.0 - raised_cosine_lowpass(box, pixel_size_angstrom / low_angstrom, edge)
+    highpass[0, 0, 0] = 0.0
+    return (raised_cosine_lowpass(box, pixel_size_angstrom / high_angstrom, edge) * highpass).to(torch.float32)
+
+
+# ----------------------------------------------------------------------------- cross-correlation
+
+
+def cross_correlation(a_spectrum: torch.Tensor, b_spectrum: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+    """Circular cross-correlation cc[t] = sum_x a(x) b(x - t) from rfftn spectra; (n, *shape) real,
+    displacement t = 0 at index 0: its peak is where ``b`` must move to lie on ``a``."""
+    return torch.fft.irfftn(a_spectrum * b_spectrum.conj(), s=tuple(shape), dim=(-3, -2, -1))
+
+
+def correlation_peak(cc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The peak of circular cross-correlations (n, D, H, W) (displacement 0 at index 0).
+
+    Returns the displacement (n, 3) in voxels (x, y, z), signed (in [-N/2, N/2) per axis),
+    sub-voxel by a parabola through the peak and its two neighbours on each axis (wrapping
+    round; at most half a voxel), and the correlation at the peak voxel (n,).
+    """
+    n, shape = cc.shape[0], cc.shape[1:]
+    flat = cc.reshape(n, -1).argmax(1)
+    zyx = torch.stack(torch.unravel_index(flat, shape), 1)
+    rows = torch.arange(n, device=cc.device)
+    peak = cc[rows, zyx[:, 0], zyx[:, 1], zyx[:, 2]]
+    displacement = []
+    for axis, size in enumerate(shape):
+        lo, hi = zyx.clone(), zyx.clone()
+        lo[:, axis] = (lo[:, axis] - 1) % size
+        hi[:, axis] = (hi[:, axis] + 1) % size
+        fm = cc[rows, lo[:, 0], lo[:, 1], lo[:, 2]]
+        fp = cc[rows, hi[:, 0], hi[:, 1], hi[:, 2]]
+        curvature = fm - 2 * peak + fp
+        offset = torch.where(curvature < 0, 0.5 * (fm - fp) / curvature.clamp(max=-1e-12), 0.0)
+        signed = (zyx[:, axis] + size // 2) % size - size // 2
+        displacement.append(signed + offset.clamp(-0.5, 0.5))
+    return torch.stack(displacement[::-1], 1), peak
