@@ -157,6 +157,9 @@ def test_fourier_crop_keeps_low_frequencies_and_pad_then_crop_is_the_identity():
     for kz, ky, kx in ((0, 0, 0), (1, 2, 3), (-3, 1, 2), (2, -3, 0)):
         assert small[:, kz, ky, kx] == pytest.approx(spectrum[:, kz, ky, kx].numpy() / 8)
     assert (small[:, 4] == 0).all() and (small[:, :, 4] == 0).all() and (small[..., 4] == 0).all()
+    kept = fourier_crop(spectrum, 8, keep_nyquist=True)  # the -4 planes of the big box, and kx = +4
+    assert kept[:, 4, 1, 2] == pytest.approx(spectrum[:, -4, 1, 2].numpy() / 8)
+    assert kept[:, 1, 4, 4] == pytest.approx(spectrum[:, 1, -4, 4].numpy() / 8)
     smooth = fourier_resample(vol, 8)
     np.testing.assert_allclose(fourier_resample(fourier_resample(smooth, 16), 8), smooth, atol=1e-12)
     np.testing.assert_allclose(fourier_resample(smooth, 8), smooth, atol=1e-12)
@@ -171,6 +174,9 @@ def test_phase_shift_by_whole_voxels_is_a_roll():
     moved = torch.fft.irfftn(phase_shift(torch.fft.rfftn(vol, dim=(1, 2, 3)), shifts), s=(16,) * 3, dim=(1, 2, 3))
     np.testing.assert_allclose(moved[0], np.roll(vol[0].numpy(), (3, -1, 2), axis=(0, 1, 2)), atol=1e-5)
     np.testing.assert_allclose(moved[1], np.roll(vol[1].numpy(), (-7, 5, 0), axis=(0, 1, 2)), atol=1e-5)
+    odd = torch.as_tensor(rng.normal(size=(1, 15, 15, 15)))
+    moved = torch.fft.irfftn(phase_shift(torch.fft.rfftn(odd, dim=(1, 2, 3)), shifts[:1]), s=(15,) * 3, dim=(1, 2, 3))
+    np.testing.assert_allclose(moved[0], np.roll(odd[0].numpy(), (3, -1, 2), axis=(0, 1, 2)), atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- filters

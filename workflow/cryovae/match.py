@@ -38,10 +38,10 @@ from cryovae.config import Config
 from cryovae.ctf import ctf_3d, missing_wedge_mask
 from cryovae.errors import InputError
 from cryovae.rotations import local_deltas, refine_rotations, so3_grid
+from cryovae.shards import SubtomogramSet
 from cryovae.volumes import (
     correlation_peak, cross_correlation, fourier_crop, phase_shift, rfft_weights, rigid_transform, standardise_volumes,
 )
-from cryovae.shards import SubtomogramSet
 
 log = logging.getLogger(__name__)
 CHUNK = 256  # particles per block: bounds memory at (CHUNK, box^3) complex volumes
@@ -101,7 +101,7 @@ class Matcher:
     def _coarse_bank(self, ref: torch.Tensor, tilt_range_deg) -> torch.Tensor:
         """Every grid rotation of the cropped reference, wedge-filtered and normalised: (G, small^3)."""
         small = self.small
-        ref_small = torch.fft.irfftn(fourier_crop(torch.fft.rfftn(ref), small), s=(small,) * 3)
+        ref_small = torch.fft.irfftn(fourier_crop(torch.fft.rfftn(ref), small, keep_nyquist=True), s=(small,) * 3)
         wedge = self._wedge(small, tilt_range_deg)
         blocks = []
         for start in range(0, len(self.grid), 1024):
@@ -113,7 +113,8 @@ class Matcher:
     def coarse(self, filtered: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Best normalised correlation (n, C) and grid rotation (n, C, 3, 3) per class."""
         small = self.small
-        p = standardise_volumes(torch.fft.irfftn(fourier_crop(filtered, small), s=(small,) * 3, dim=(1, 2, 3)))
+        cropped = fourier_crop(filtered, small, keep_nyquist=True)
+        p = standardise_volumes(torch.fft.irfftn(cropped, s=(small,) * 3, dim=(1, 2, 3)))
         scores, rotations = [], []
         for c in self.classes:
             best, where = (p @ self.banks[c].T).max(1)

@@ -213,18 +213,22 @@ def _zero_nyquist(spectrum: torch.Tensor, box: int) -> torch.Tensor:
     return spectrum
 
 
-def fourier_crop(spectrum: torch.Tensor, size: int) -> torch.Tensor:
+def fourier_crop(spectrum: torch.Tensor, size: int, keep_nyquist: bool = False) -> torch.Tensor:
     """rfftn spectra of cubic boxes (..., B, B, B//2+1) -> (..., size, size, size//2+1): crop (size < B) or pad.
 
     Frequencies common to both boxes are kept (``torch_fourier_rescale``'s crop/pad, index 0
-    staying index 0, so voxel B//2 lands on voxel size//2 when B = k × size); the Nyquist
-    planes of the smaller box, which have no Hermitian mate, are zeroed.  Scaled by
-    (size / B)^3, so that the inverse rfftn keeps real-space values (the mean) unchanged.
+    staying index 0, so voxel B//2 lands on voxel size//2 when B = k × size).  The Nyquist
+    planes of the smaller box have no Hermitian mate there: they are zeroed, unless
+    ``keep_nyquist`` (a crop then keeps the big box's -size/2 planes, as a plain slice of the
+    spectrum would; the template matcher's coarse search scores slightly better with them,
+    benchmarks/bench_match.py).  Scaled by (size / B)^3, so that the inverse rfftn keeps
+    real-space values (the mean) unchanged.
     """
     box = spectrum.shape[-2]
-    if size < box:
+    if keep_nyquist:
         resized = _rescale_spectrum(spectrum, box, size)
-        resized = _zero_nyquist(resized, size)
+    elif size < box:
+        resized = _zero_nyquist(_rescale_spectrum(spectrum, box, size), size)
     else:
         resized = _rescale_spectrum(_zero_nyquist(spectrum, box), box, size)
     return resized * (size / box) ** 3
@@ -248,12 +252,11 @@ def fourier_resample(volume_zyx: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def phase_shift(spectrum: torch.Tensor, shift_xyz: torch.Tensor) -> torch.Tensor:
-    """Move the content of rfftn spectra (n, B, B, B//2+1) by ``shift_xyz`` (n, 3) voxels (``torch_fourier_shift``)."""
-    box = tuple(spectrum.shape[-3:-1]) + (2 * (spectrum.shape[-1] - 1),)
-    if box[-1] != box[-2]:
-        raise ValueError(f"phase_shift expects spectra of cubic even boxes, got {tuple(spectrum.shape)}")
+    """Move the content of rfftn spectra of cubic boxes (n, B, B, B//2+1) by ``shift_xyz`` (n, 3) voxels
+    (circularly; ``torch_fourier_shift``, which takes shifts in (z, y, x) order)."""
+    box = spectrum.shape[-2]
     shifts_zyx = shift_xyz.to(torch.float32 if spectrum.dtype == torch.complex64 else torch.float64).flip(-1)
-    return fourier_shift_dft_3d(spectrum, box, shifts_zyx, rfft=True, fftshifted=False)
+    return fourier_shift_dft_3d(spectrum, (box,) * 3, shifts_zyx, rfft=True, fftshifted=False)
 
 
 # ----------------------------------------------------------------------------- filters
