@@ -118,6 +118,8 @@ rule priors:
         "--split-dir {params.split_dir} --output {output.star} 2> {log}"
 
 
+# Figures of each split in the report; the training curves (the same for every split) are
+# reported once, by the train rule.
 EVAL_PLOTS = [
     "umap",
     "confusion",
@@ -125,7 +127,6 @@ EVAL_PLOTS = [
     "pose_error",
     "reconstructions",
     "interpolation",
-    "training_curves",
 ]
 
 
@@ -139,6 +140,13 @@ rule evaluate:
         frames=f"{OUT}/model/frames.json",
     output:
         metrics=f"{OUT}/evaluation/{{split}}/metrics.json",
+        table=report(
+            f"{OUT}/evaluation/{{split}}/metrics.html",
+            caption="../report/metrics.rst",
+            category="Evaluation",
+            subcategory="{split}",
+        ),
+        curves=f"{OUT}/evaluation/{{split}}/training_curves.png",
         plots=[
             report(
                 f"{OUT}/evaluation/{{split}}/{name}.png",
