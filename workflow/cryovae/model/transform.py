@@ -1,6 +1,6 @@
 """Differentiable rigid transforms in RELION's convention, and pose parametrisations.
 
-Convention (DESIGN.md, rotations.py): a rotation ``A`` = rotation_matrix_particle_from_reference
+Convention (RELION's, as in :mod:`cryovae.rotations`): a rotation ``A`` = rotation_matrix_particle_from_reference
 acts on (x, y, z) column vectors about the box centre at voxel ``N//2`` on every axis; arrays
 are (z, y, x).  A pose (A, d) with a shift ``d`` in voxels (x, y, z) turns a canonical
 volume ``ref`` into the particle
