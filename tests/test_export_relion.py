@@ -76,6 +76,31 @@ def test_export_writes_one_mrc_per_particle_and_a_relion3_star(tmp_path, with_po
     np.testing.assert_allclose(particles["rlnAnglePsi"], expected)
 
 
+def test_export_writes_relion_3d_ctf_models_of_ctf_and_wedge(tmp_path):
+    """rlnCtfImage: RELION's half-spectrum grid (nx = box/2 + 1, frequency 0 first); at k = 0 the
+    CTF is the amplitude contrast, the ±60° wedge zeroes the kz axis and keeps the kx axis,
+    and a larger defocus puts the first zero at a lower frequency."""
+    _split(tmp_path / "split", with_poses=True)
+    star = tmp_path / "split" / "particles.star"
+    blocks = starfile.read(star, always_dict=True)
+    blocks["particles"]["rlnDefocusU"] = [20000.0, 30000.0, 40000.0, 50000.0, 60000.0]
+    write_particles_star(blocks["particles"], blocks["optics"], star)
+    config = _config(amplitude_contrast=0.1, tilt_range_deg=[-60.0, 60.0])
+    export_relion3(config, tmp_path / "split", tmp_path / "out")
+    particles = starfile.read(tmp_path / "out" / "particles.star", always_dict=True)["particles"]
+    models = []
+    for i, name in enumerate(particles["rlnCtfImage"]):
+        assert name == f"ctf/TS_01_{i:05d}.mrc"
+        models.append(mrcfile.read(tmp_path / "out" / name))
+    models = np.stack(models)
+    assert models.shape == (5, 16, 16, 9)  # z, y, x
+    np.testing.assert_allclose(models[:, 0, 0, 0], 0.1, atol=1e-6)
+    assert np.all(models[:, 1:, 0, 0] == 0.0)  # kz axis: inside the wedge
+    kx_axis = models[:, 0, 0, :]
+    first_zero = [int(np.flatnonzero(np.diff(np.sign(row)) != 0)[0]) for row in kx_axis]
+    assert first_zero == sorted(first_zero, reverse=True) and first_zero[0] > first_zero[-1]
+
+
 def test_write_relion3_particles_star_round_trip_and_defaults(tmp_path):
     particles = pd.DataFrame({"rlnImageName": ["a.mrc", "b.mrc"], "extra": ["x", "y"],
                               **{c: [1.5, -2.25] for c in POSE_COLUMNS}})

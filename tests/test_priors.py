@@ -113,5 +113,7 @@ def test_simulated_priors_name_images_from_the_output_folder_and_carry_defocus(t
             assert name == f"export/test/subtomograms/test_{i:05d}.mrc"
             with mrcfile.open(tmp_path / name) as mrc:
                 np.testing.assert_array_equal(mrc.data, volumes[i])
+        assert list(particles["rlnCtfImage"]) == [f"export/test/ctf/test_{i:05d}.mrc" for i in rows]
+        assert all((tmp_path / name).is_file() for name in particles["rlnCtfImage"])
         for col in ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle"):
             np.testing.assert_allclose(particles[col], truth[col].to_numpy()[rows], err_msg=f"{path.name} {col}")
