@@ -43,7 +43,8 @@ def _sync(device: torch.device) -> None:
 
 
 def _write_shards(folder: Path, n: int, box: int) -> None:
-    from cryovae.model.synthetic import write_split
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' particle fixture
+    from synthetic_particles import write_split
 
     write_split(folder, ["a", "b", "c", "d"], n // 4, box=box, noise_sd=1.0, particles_per_shard=256, seed=0)
 

@@ -12,7 +12,7 @@ from cryovae.embed import embed
 from cryovae.errors import InputError
 from cryovae.model import load_model
 from cryovae.model.losses import reconstruction_error, wedge_mask
-from cryovae.model.synthetic import write_affinity_csv, write_split
+from synthetic_particles import write_affinity_csv, write_split
 from cryovae.shards import SubtomogramSet, read_particles_star, write_particles_star
 from cryovae.train import train
 

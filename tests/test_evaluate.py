@@ -7,6 +7,7 @@ The trained VAE is replaced by a tiny torch module with the two methods evaluati
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import matplotlib.image
@@ -454,3 +455,22 @@ def test_cli_with_a_saved_model(tmp_path):
     save_model(tmp_path / "model.pt", AffinityVAE((BOX, BOX, BOX), [4], 5, hidden=16), CLASSES, config)
     assert main(_cli_args(config, tmp_path, split_dir, affinity, tmp_path / "bad")) == 2
     assert not (tmp_path / "bad" / "metrics.json").exists()
+
+
+def test_metrics_table_lists_every_value_of_the_json(perfect):
+    """metrics.html (the report's table) holds each metrics.json value under its dotted name."""
+    import html as html_lib
+
+    metrics = json.loads((perfect["out"] / "metrics.json").read_text())
+    text = (perfect["out"] / "metrics.html").read_text()
+    cells = re.findall(r"<tr><td>(.*?)</td><td>(.*?)</td></tr>", text)
+    table = {html_lib.unescape(k): html_lib.unescape(v) for k, v in cells}
+    assert table["accuracy"] == str(metrics["accuracy"])
+    assert table["per_class_accuracy.alpha"] == str(metrics["per_class_accuracy"]["alpha"])
+    assert table["symmetry.beta"] == "C2"
+    assert table["confusion_matrix"] == json.dumps(metrics["confusion_matrix"])
+    flat = {}
+    for key, value in metrics.items():
+        flat.update({f"{key}.{k}": v for k, v in value.items()} if isinstance(value, dict) else {key: value})
+    assert sorted(table) == sorted(flat)
+    assert all(table[k] == "n/a" for k, v in flat.items() if v is None)

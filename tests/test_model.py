@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cryovae.model import AffinityVAE, load_model, save_model
-from cryovae.model.synthetic import render_blobs
+from synthetic_particles import render_blobs
 from cryovae.model.decoders import CnnDecoder
 from cryovae.rotations import random_rotations
 from cryovae.volumes import check_rigid_transform, rigid_transform
@@ -124,7 +124,7 @@ def test_load_model_rejects_other_files(tmp_path):
 def _train_tiny(root, ndim: int, n_per_class: int, epochs: int, max_angle_deg: float):
     """Train through ``train`` on a synthetic split with true poses in its STAR: model path."""
     from cryovae.config import validate_config
-    from cryovae.model.synthetic import write_affinity_csv, write_split
+    from synthetic_particles import write_affinity_csv, write_split
     from cryovae.train import train
 
     names = ["one", "two"]
@@ -145,7 +145,7 @@ def _train_tiny(root, ndim: int, n_per_class: int, epochs: int, max_angle_deg: f
 def _check_equivariance(model_path, ndim: int, test_rotation: np.ndarray, max_angle_deg: float,
                         pose_tol_deg: float, equi_tol_deg: float):
     """Fresh noise-free particles: pose = truth; rotating the input rotates the pose; latent unchanged."""
-    from cryovae.model.synthetic import class_blobs, make_particles, random_poses
+    from synthetic_particles import class_blobs, make_particles, random_poses
     from cryovae.rotations import geodesic_distance_deg
 
     model, meta = load_model(model_path)

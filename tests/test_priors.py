@@ -67,3 +67,53 @@ def test_extracted_priors_keep_tomogram_and_coordinates(extracted, fmt):
     assert len(per_class) == 1 and per_class["rlnAngleRot"].iloc[0] == pytest.approx(emb["angle_rot"][2], abs=1e-6)
     if fmt == "relion5":
         assert set(starfile.read(out, always_dict=True)) == {"general", "optics", "particles"}
+
+
+def _simulated_split(folder, n=4):
+    """A hand-written simulated split (poses, defocus) of random 16³ volumes; returns them."""
+    from cryovae.shards import POSE_COLUMNS, write_particles_star
+
+    rng = np.random.default_rng(2)
+    volumes = rng.standard_normal((n, 16, 16, 16)).astype(np.float32)
+    folder.mkdir(parents=True)
+    np.save(folder / "shard_000.npy", volumes)
+    table = pd.DataFrame({
+        "cryovaeParticleId": [f"test_{i:05d}" for i in range(n)], "cryovaeShard": "shard_000.npy",
+        "cryovaeIndex": np.arange(n), "cryovaeClassName": ["a", "b", "a", "b"][:n],
+        "rlnClassNumber": [1, 2, 1, 2][:n], **{col: 0.0 for col in POSE_COLUMNS},
+        "rlnDefocusU": 20000.0 + 1000 * np.arange(n), "rlnDefocusV": 19000.0 + 1000 * np.arange(n),
+        "rlnDefocusAngle": 10.0 * np.arange(n),
+    })
+    optics = pd.DataFrame({"rlnOpticsGroup": [1], "rlnImagePixelSize": [10.0], "rlnImageSize": [16]})
+    write_particles_star(table, optics, folder / "particles.star")
+    return table, volumes
+
+
+@pytest.mark.parametrize("fmt", ["relion5", "relion4", "relion3"])
+def test_simulated_priors_name_images_from_the_output_folder_and_carry_defocus(tmp_path, fmt):
+    """rlnImageName opens, from output_dir, the particle's own volume in every file; defocus is the split's."""
+    from cryovae.export import export_relion3
+
+    config = validate_config({"structures": {"a": "demo:globule_a", "b": "demo:rod_a"}, "box_size": 16,
+                              "output_dir": str(tmp_path), "priors": {"format": fmt}})
+    split = tmp_path / "subtomograms" / "test"
+    truth, volumes = _simulated_split(split)
+    export_relion3(config, split, tmp_path / "export" / "test")
+    pd.DataFrame({
+        "particle_id": truth["cryovaeParticleId"], "angle_rot": 10.0, "angle_tilt": 20.0, "angle_psi": 30.0,
+        "origin_x_angstrom": 0.0, "origin_y_angstrom": 0.0, "origin_z_angstrom": 0.0,
+        "predicted_class": ["a", "b", "a", "b"], "confidence": 0.9, "unknown_score": 0.1,
+    }).to_csv(tmp_path / "emb.csv", index=False)
+    out = tmp_path / "priors" / "test.star"
+    write_priors(config, tmp_path / "emb.csv", split, out)
+    for path in (out, out.with_suffix("") / "a.star", out.with_suffix("") / "b.star"):
+        particles = starfile.read(path, always_dict=True)["particles"]
+        rows = [int(pid.split("_")[1]) for pid in particles["cryovaeParticleId"]]
+        for i, name in zip(rows, particles["rlnImageName"]):
+            assert name == f"export/test/subtomograms/test_{i:05d}.mrc"
+            with mrcfile.open(tmp_path / name) as mrc:
+                np.testing.assert_array_equal(mrc.data, volumes[i])
+        assert list(particles["rlnCtfImage"]) == [f"export/test/ctf/test_{i:05d}.mrc" for i in rows]
+        assert all((tmp_path / name).is_file() for name in particles["rlnCtfImage"])
+        for col in ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle"):
+            np.testing.assert_allclose(particles[col], truth[col].to_numpy()[rows], err_msg=f"{path.name} {col}")

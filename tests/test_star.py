@@ -21,6 +21,7 @@ from cryovae.star import (
     write_csv_coordinates,
     write_relion4_particles,
     write_relion5_particles,
+    write_star_blocks,
 )
 
 SHAPE = (512, 480, 200)  # x, y, z pixels
@@ -236,3 +237,16 @@ def test_writer_rejects_table_without_coordinates_and_leaves_old_file(tmp_path):
         write_relion4_particles(_table().drop(columns="z_px"), path, OPTICS)
     assert Path(path).read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.star"]
+
+
+def test_write_star_blocks_known_bytes_without_a_time_stamp(tmp_path):
+    """The exact text of a loop block and a one-value block: no time of writing in it."""
+    path = tmp_path / "b.star"
+    write_star_blocks({"a": pd.DataFrame({"x": [1.0, 2.5], "s": ["u v", "w"]}), "b": {"y": 1}}, path)
+    assert path.read_text() == (
+        "# written by cryovae\n\n"
+        "data_a\n\nloop_\n_x #1\n_s #2\n1.000000\t\"u v\"\n2.500000\tw\n\n\n"
+        "data_b\n\n_y\t\t\t1\n\n\n"
+    )
+    blocks = starfile.read(path, always_dict=True)
+    assert list(blocks["a"]["s"]) == ["u v", "w"] and blocks["b"]["y"] == 1

@@ -13,7 +13,7 @@ import torch
 from cryovae.config import validate_config
 from cryovae.errors import InputError
 from cryovae.model import load_model
-from cryovae.model.synthetic import write_affinity_csv, write_split
+from synthetic_particles import write_affinity_csv, write_split
 from cryovae.train import build_run, evaluate, run_training, train
 
 NAMES = ["alpha", "beta", "gamma"]

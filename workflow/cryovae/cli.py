@@ -26,14 +26,23 @@ VERBS: dict[str, tuple[str, str, str, list[tuple[tuple[str, ...], dict]]]] = {
         "cryovae.structures:prepare_structure",
         "Read (or download, or generate) one class's structure, clean it, write mmCIF.",
         "cryovae structure --config config.yaml --class-name 1bxn --output results/structures/1bxn.cif",
-        [(("--class-name",), {"required": True}), (("--output",), {"type": _P, "required": True})],
+        [
+            (("--class-name",), {"required": True,
+                                 "help": "class whose structure to prepare (a key of the config's structures)"}),
+            (("--output",), {"type": _P, "required": True, "help": "cleaned structure to write (mmCIF)"}),
+        ],
     ),
     "descriptor": (
         "cryovae.affinity:compute_descriptor",
         "Averaged SOAP descriptor of one cleaned structure (NumPy .npy).",
         "cryovae descriptor --config config.yaml --structure results/structures/1bxn.cif "
         "--output results/affinity/soap/1bxn.npy",
-        [(("--structure",), {"type": _P, "required": True}), (("--output",), {"type": _P, "required": True})],
+        [
+            (("--structure",), {"type": _P, "required": True,
+                                "help": "cleaned structure (mmCIF, from cryovae structure)"}),
+            (("--output",), {"type": _P, "required": True,
+                             "help": "averaged SOAP descriptor to write (.npy, one vector)"}),
+        ],
     ),
     "affinity": (
         "cryovae.affinity:build_affinity",
@@ -41,9 +50,12 @@ VERBS: dict[str, tuple[str, str, str, list[tuple[tuple[str, ...], dict]]]] = {
         "cryovae affinity --config config.yaml --descriptors results/affinity/soap/*.npy "
         "--csv results/affinity/affinity.csv --plot results/affinity/affinity.png",
         [
-            (("--descriptors",), {"type": _P, "nargs": "+", "required": True}),
-            (("--csv",), {"type": _P, "required": True}),
-            (("--plot",), {"type": _P, "required": True}),
+            (("--descriptors",), {"type": _P, "nargs": "+", "required": True,
+                                  "help": "one descriptor (.npy) per class, named {class}.npy, all classes of the config"}),
+            (("--csv",), {"type": _P, "required": True,
+                          "help": "affinity matrix to write (CSV: header of class names, then N×N in config order)"}),
+            (("--plot",), {"type": _P, "required": True,
+                           "help": "heatmap to write (PNG, classes ordered by similarity)"}),
         ],
     ),
     "map": (
@@ -52,9 +64,12 @@ VERBS: dict[str, tuple[str, str, str, list[tuple[tuple[str, ...], dict]]]] = {
         "cryovae map --config config.yaml --class-name 1bxn --structure results/structures/1bxn.cif "
         "--output results/maps/1bxn.mrc",
         [
-            (("--class-name",), {"required": True}),
-            (("--structure",), {"type": _P, "default": None}),
-            (("--output",), {"type": _P, "required": True}),
+            (("--class-name",), {"required": True,
+                                 "help": "class whose map to make (a key of the config's structures)"}),
+            (("--structure",), {"type": _P, "default": None,
+                                "help": "cleaned structure to simulate the map from; omit when maps.files gives the class a map"}),
+            (("--output",), {"type": _P, "required": True,
+                             "help": "reference map to write (MRC at the configured pixel size and box)"}),
         ],
     ),
     "simulate": (
@@ -63,11 +78,14 @@ VERBS: dict[str, tuple[str, str, str, list[tuple[tuple[str, ...], dict]]]] = {
         "cryovae simulate --config config.yaml --split train --shard 0 --maps results/maps/*.mrc "
         "--output results/subtomograms/train/shard_000.npy --star results/subtomograms/train/shard_000.star",
         [
-            (("--split",), {"required": True, "choices": ["train", "val", "test"]}),
-            (("--shard",), {"type": int, "required": True}),
-            (("--maps",), {"type": _P, "nargs": "+", "required": True}),
-            (("--output",), {"type": _P, "required": True}),
-            (("--star",), {"type": _P, "required": True}),
+            (("--split",), {"required": True, "choices": ["train", "val", "test"],
+                            "help": "which split the shard belongs to (test also holds the unseen classes)"}),
+            (("--shard",), {"type": int, "required": True, "help": "shard index within the split (0-based)"}),
+            (("--maps",), {"type": _P, "nargs": "+", "required": True,
+                           "help": "reference maps of the split's classes (MRC, named {class}.mrc)"}),
+            (("--output",), {"type": _P, "required": True, "help": "subtomograms to write (.npy, shape (n, D, H, W))"}),
+            (("--star",), {"type": _P, "required": True,
+                           "help": "ground-truth STAR of the shard to write (class, pose, CTF)"}),
         ],
     ),
     "gather": (
@@ -75,26 +93,39 @@ VERBS: dict[str, tuple[str, str, str, list[tuple[tuple[str, ...], dict]]]] = {
         "Concatenate per-shard STAR files into a split's particles.star.",
         "cryovae gather --config config.yaml --inputs results/subtomograms/train/shard_*.star "
         "--output results/subtomograms/train/particles.star",
-        [(("--inputs",), {"type": _P, "nargs": "+", "required": True}), (("--output",), {"type": _P, "required": True})],
+        [
+            (("--inputs",), {"type": _P, "nargs": "+", "required": True,
+                             "help": "per-shard STAR files of one split, in shard order"}),
+            (("--output",), {"type": _P, "required": True, "help": "the split's particles.star to write"}),
+        ],
     ),
     "extract": (
         "cryovae.extract:extract_tomogram",
         "Cut subtomograms out of one tomogram at its picked coordinates (memory-mapped).",
         "cryovae extract --config config.yaml --tomogram TS_01 --output-dir results/subtomograms/TS_01",
-        [(("--tomogram",), {"required": True}), (("--output-dir",), {"type": _P, "required": True})],
+        [
+            (("--tomogram",), {"required": True,
+                               "help": "tomogram name (a key of extraction.tomograms in the config)"}),
+            (("--output-dir",), {"type": _P, "required": True,
+                                 "help": "folder to write the shards and particles.star into"}),
+        ],
     ),
     "provenance": (
         "cryovae.config:write_provenance",
         "Record the package version and the whole validated config of a run (JSON).",
         "cryovae provenance --config config.yaml --output results/provenance.json",
-        [(("--output",), {"type": _P, "required": True})],
+        [(("--output",), {"type": _P, "required": True, "help": "provenance record to write (JSON)"})],
     ),
     "export": (
         "cryovae.export:export_relion3",
         "Write a split as MRC files plus a RELION 3.1 particles STAR (3D subtomograms).",
         "cryovae export --config config.yaml --split-dir results/subtomograms/test "
         "--output-dir results/export/test",
-        [(("--split-dir",), {"type": _P, "required": True}), (("--output-dir",), {"type": _P, "required": True})],
+        [
+            (("--split-dir",), {"type": _P, "required": True, "help": "split folder (shards + particles.star)"}),
+            (("--output-dir",), {"type": _P, "required": True,
+                                 "help": "folder to write subtomograms/*.mrc and particles.star into"}),
+        ],
     ),
     "train": (
         "cryovae.train:train",
@@ -103,12 +134,15 @@ VERBS: dict[str, tuple[str, str, str, list[tuple[tuple[str, ...], dict]]]] = {
         "--val-dir results/subtomograms/val --affinity results/affinity/affinity.csv --maps results/maps/*.mrc "
         "--output-dir results/model",
         [
-            (("--train-dir",), {"type": _P, "required": True}),
-            (("--val-dir",), {"type": _P, "required": True}),
-            (("--affinity",), {"type": _P, "required": True}),
+            (("--train-dir",), {"type": _P, "required": True,
+                                "help": "training split folder (shards + particles.star)"}),
+            (("--val-dir",), {"type": _P, "required": True,
+                              "help": "validation split folder (shards + particles.star)"}),
+            (("--affinity",), {"type": _P, "required": True, "help": "affinity matrix CSV (from cryovae affinity)"}),
             (("--maps",), {"type": _P, "nargs": "*", "default": None,
                            "help": "reference maps of the seen classes (symmetric classes need theirs)"}),
-            (("--output-dir",), {"type": _P, "required": True}),
+            (("--output-dir",), {"type": _P, "required": True,
+                                 "help": "folder for model.pt, history.csv, loss_curves.png and the checkpoint"}),
         ],
     ),
     "embed": (
@@ -117,9 +151,11 @@ VERBS: dict[str, tuple[str, str, str, list[tuple[tuple[str, ...], dict]]]] = {
         "cryovae embed --config config.yaml --model results/model/model.pt "
         "--split-dir results/subtomograms/test --output results/embeddings/latent/test.npz",
         [
-            (("--model",), {"type": _P, "required": True}),
-            (("--split-dir",), {"type": _P, "required": True}),
-            (("--output",), {"type": _P, "required": True}),
+            (("--model",), {"type": _P, "required": True, "help": "trained model (model.pt from cryovae train)"}),
+            (("--split-dir",), {"type": _P, "required": True,
+                                "help": "split folder to encode (shards + particles.star)"}),
+            (("--output",), {"type": _P, "required": True,
+                             "help": "latents to write (.npz: ids, latent means, poses, shifts)"}),
         ],
     ),
     "classifier": (
@@ -128,11 +164,13 @@ VERBS: dict[str, tuple[str, str, str, list[tuple[tuple[str, ...], dict]]]] = {
         "cryovae classifier --config config.yaml --train results/embeddings/latent/train.npz "
         "--val results/embeddings/latent/val.npz --output results/model/classifier.npz",
         [
-            (("--train",), {"type": _P, "required": True}),
-            (("--val",), {"type": _P, "required": True}),
+            (("--train",), {"type": _P, "required": True,
+                            "help": "latents of the training split (.npz from cryovae embed)"}),
+            (("--val",), {"type": _P, "required": True,
+                          "help": "latents of the validation split (.npz from cryovae embed)"}),
             (("--train-match",), {"type": _P, "default": None, "help": "match output of the training split"}),
             (("--val-match",), {"type": _P, "default": None, "help": "match output of the validation split"}),
-            (("--output",), {"type": _P, "required": True}),
+            (("--output",), {"type": _P, "required": True, "help": "class model to write (.npz)"}),
         ],
     ),
     "match": (
@@ -141,9 +179,11 @@ VERBS: dict[str, tuple[str, str, str, list[tuple[tuple[str, ...], dict]]]] = {
         "cryovae match --config config.yaml --split-dir results/subtomograms/test --maps results/maps/*.mrc "
         "--output results/embeddings/match/test.npz",
         [
-            (("--split-dir",), {"type": _P, "required": True}),
-            (("--maps",), {"type": _P, "nargs": "+", "required": True}),
-            (("--output",), {"type": _P, "required": True}),
+            (("--split-dir",), {"type": _P, "required": True,
+                                "help": "split folder to match (shards + particles.star)"}),
+            (("--maps",), {"type": _P, "nargs": "+", "required": True,
+                           "help": "reference maps of the seen classes (MRC, named {class}.mrc)"}),
+            (("--output",), {"type": _P, "required": True, "help": "scores and poses to write (.npz)"}),
         ],
     ),
     "align": (
@@ -152,10 +192,13 @@ VERBS: dict[str, tuple[str, str, str, list[tuple[tuple[str, ...], dict]]]] = {
         "cryovae align --config config.yaml --model results/model/model.pt "
         "--latents results/embeddings/latent/train.npz --maps results/maps/*.mrc --output results/model/frames.json",
         [
-            (("--model",), {"type": _P, "required": True}),
-            (("--latents",), {"type": _P, "required": True}),
-            (("--maps",), {"type": _P, "nargs": "+", "required": True}),
-            (("--output",), {"type": _P, "required": True}),
+            (("--model",), {"type": _P, "required": True, "help": "trained model (model.pt from cryovae train)"}),
+            (("--latents",), {"type": _P, "required": True,
+                              "help": "latents of the training split (.npz from cryovae embed)"}),
+            (("--maps",), {"type": _P, "nargs": "+", "required": True,
+                           "help": "reference maps of the seen classes (MRC, named {class}.mrc)"}),
+            (("--output",), {"type": _P, "required": True,
+                             "help": "frames to write (JSON: rotation from the model's frame to each map, symmetry axes)"}),
         ],
     ),
     "annotate": (
@@ -165,11 +208,11 @@ VERBS: dict[str, tuple[str, str, str, list[tuple[tuple[str, ...], dict]]]] = {
         "--classifier results/model/classifier.npz --frames results/model/frames.json "
         "--output results/embeddings/test.csv",
         [
-            (("--latents",), {"type": _P, "required": True}),
-            (("--classifier",), {"type": _P, "required": True}),
-            (("--frames",), {"type": _P, "required": True}),
+            (("--latents",), {"type": _P, "required": True, "help": "latents of the split (.npz from cryovae embed)"}),
+            (("--classifier",), {"type": _P, "required": True, "help": "class model (.npz from cryovae classifier)"}),
+            (("--frames",), {"type": _P, "required": True, "help": "frames (JSON from cryovae align)"}),
             (("--match",), {"type": _P, "default": None, "help": "match output of the same split"}),
-            (("--output",), {"type": _P, "required": True}),
+            (("--output",), {"type": _P, "required": True, "help": "per-particle table to write (CSV)"}),
         ],
     ),
     "priors": (
@@ -178,9 +221,12 @@ VERBS: dict[str, tuple[str, str, str, list[tuple[tuple[str, ...], dict]]]] = {
         "cryovae priors --config config.yaml --embeddings results/embeddings/test.csv "
         "--split-dir results/subtomograms/test --output results/priors/test.star",
         [
-            (("--embeddings",), {"type": _P, "required": True}),
-            (("--split-dir",), {"type": _P, "required": True}),
-            (("--output",), {"type": _P, "required": True}),
+            (("--embeddings",), {"type": _P, "required": True,
+                                 "help": "per-particle table of the split (CSV from cryovae annotate)"}),
+            (("--split-dir",), {"type": _P, "required": True,
+                                "help": "split folder (particles.star: tomograms, coordinates, defocus)"}),
+            (("--output",), {"type": _P, "required": True,
+                             "help": "STAR file of all particles to write; per-class files go to the folder of its stem"}),
         ],
     ),
     "evaluate": (
@@ -191,13 +237,17 @@ VERBS: dict[str, tuple[str, str, str, list[tuple[tuple[str, ...], dict]]]] = {
         "--model results/model/model.pt --history results/model/history.csv --frames results/model/frames.json "
         "--output-dir results/evaluation/test",
         [
-            (("--embeddings",), {"type": _P, "required": True}),
-            (("--split-dir",), {"type": _P, "required": True}),
-            (("--affinity",), {"type": _P, "required": True}),
-            (("--model",), {"type": _P, "required": True}),
-            (("--history",), {"type": _P, "required": True}),
-            (("--frames",), {"type": _P, "required": True}),
-            (("--output-dir",), {"type": _P, "required": True}),
+            (("--embeddings",), {"type": _P, "required": True,
+                                 "help": "per-particle table of the split (CSV from cryovae annotate)"}),
+            (("--split-dir",), {"type": _P, "required": True,
+                                "help": "split folder (particles.star with the ground truth, if any)"}),
+            (("--affinity",), {"type": _P, "required": True, "help": "affinity matrix CSV (from cryovae affinity)"}),
+            (("--model",), {"type": _P, "required": True, "help": "trained model (model.pt from cryovae train)"}),
+            (("--history",), {"type": _P, "required": True,
+                              "help": "training history (history.csv from cryovae train)"}),
+            (("--frames",), {"type": _P, "required": True, "help": "frames (JSON from cryovae align)"}),
+            (("--output-dir",), {"type": _P, "required": True,
+                                 "help": "folder to write metrics.json, metrics.html and the plots into"}),
         ],
     ),
 }
@@ -238,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example:\n  cryovae schema --output workflow/schemas/config.schema.json",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--output", type=_P, default=None)
+    p.add_argument("--output", type=_P, default=None, help="schema file to write (default: print it)")
     return parser
 
 

@@ -1,4 +1,4 @@
-"""Evaluation of one split: metrics.json and the figures of the report.
+"""Evaluation of one split: metrics.json (and as a table, metrics.html) and the figures of the report.
 
 Inputs are the per-particle table written by ``annotate`` (latents, predicted class,
 unknown score, predicted pose), the split's ``particles.star`` (the ground truth, when
@@ -25,6 +25,7 @@ Metrics that need ground truth are ``null`` in metrics.json when the split has n
 
 from __future__ import annotations
 
+import html
 import json
 import re
 from collections.abc import Sequence
@@ -364,6 +365,28 @@ def write_metrics(metrics: dict, path: Path) -> None:
     write_text_atomic(path, json.dumps(_clean(metrics), sort_keys=True, indent=2) + "\n")
 
 
+def metrics_rows(metrics: dict, prefix: str = "") -> list[tuple[str, str]]:
+    """(name, value) of every metric as text, nested keys joined by dots, in sorted order.
+
+    Lists (the confusion matrix, class names) stay one JSON value; ``null`` is ``n/a``.
+    """
+    rows = []
+    for key, value in sorted(_clean(metrics).items()):
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            rows.extend(metrics_rows(value, prefix=f"{name}."))
+        else:
+            rows.append((name, "n/a" if value is None else json.dumps(value) if isinstance(value, list) else str(value)))
+    return rows
+
+
+def write_metrics_table(metrics: dict, path: Path) -> None:
+    """The metrics as one HTML table (name, value), which snakemake --report shows inline."""
+    cells = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>\n" for k, v in metrics_rows(metrics))
+    write_text_atomic(path, "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>metrics</title></head>"
+                      "<body>\n<table>\n<tr><th>metric</th><th>value</th></tr>\n" + cells + "</table>\n</body></html>\n")
+
+
 def compute_metrics(config, merged: pd.DataFrame, latents: np.ndarray, affinity: pd.DataFrame,
                     errors: pd.DataFrame, split_name: str) -> dict:
     """Every metric of metrics.json from the truth-joined table (n rows) and latents (n, L)."""
@@ -470,7 +493,7 @@ def read_history(path: Path) -> pd.DataFrame:
 
 def evaluate(config, embeddings: Path, split_dir: Path, affinity: Path, model: Path, history: Path,
              frames: Path, output_dir: Path) -> None:
-    """Write ``metrics.json`` and the seven evaluation PNGs of one split into ``output_dir``."""
+    """Write ``metrics.json``, its table ``metrics.html`` and the seven evaluation PNGs of one split into ``output_dir``."""
     embeddings, split_dir, output_dir = Path(embeddings), Path(split_dir), Path(output_dir)
     table, latent_cols = read_embeddings(embeddings, config)
     split = SubtomogramSet.open(split_dir)
@@ -489,3 +512,4 @@ def evaluate(config, embeddings: Path, split_dir: Path, affinity: Path, model: P
     write_plots(config, merged, latents, affinity_frame, errors, metrics, trained, history_frame, output_dir,
                 network)
     write_metrics(metrics, output_dir / "metrics.json")
+    write_metrics_table(metrics, output_dir / "metrics.html")

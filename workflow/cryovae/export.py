@@ -3,6 +3,11 @@
 ``relion_reconstruct --i particles.star --o map.mrc --3d_rot`` (run in the output folder)
 back-projects the particles with their poses; on simulated data it gives back the class
 map, which is how the pose convention of the whole project is checked with RELION itself.
+
+Particles with a CTF (``rlnDefocusU``) or a missing wedge also get RELION's 3D CTF model,
+``ctf/{particle id}.mrc`` named in ``rlnCtfImage``: the CTF of :func:`cryovae.ctf.ctf_3d`
+times the wedge, on the half-spectrum grid RELION reads (nx = box // 2 + 1, frequency 0
+first), so that ``--ctf`` corrects both.
 """
 
 from __future__ import annotations
@@ -12,9 +17,11 @@ from pathlib import Path
 import mrcfile
 import numpy as np
 import pandas as pd
+import torch
 from tqdm import tqdm
 
 from cryovae.atomic import atomic_path
+from cryovae.ctf import ctf_3d, missing_wedge_mask
 from cryovae.errors import InputError
 from cryovae.star import write_star_blocks
 from cryovae.shards import POSE_COLUMNS, SubtomogramSet
@@ -83,11 +90,32 @@ def _write_mrc(volume_zyx: np.ndarray, pixel_size_angstrom: float, path: Path) -
             mrc.voxel_size = pixel_size_angstrom
 
 
+def ctf_models(config, data: SubtomogramSet, rows: np.ndarray, box: int) -> np.ndarray | None:
+    """RELION 3D CTF models of ``rows``: (n, box, box, box // 2 + 1) float32, CTF × wedge, or None.
+
+    The wedge and CTF are those template matching applies (:func:`cryovae.match.split_wedge_and_ctf`);
+    None when the split has neither.
+    """
+    from cryovae.match import split_wedge_and_ctf
+
+    is_simulated = "rlnTomoName" not in data.particles.columns
+    tilt, defocus_um, optics = split_wedge_and_ctf(config, data, is_simulated)
+    if tilt is None and defocus_um is None:
+        return None
+    weights = torch.ones((len(rows), box, box, box // 2 + 1))
+    if defocus_um is not None:
+        weights = ctf_3d(torch.as_tensor(defocus_um[rows]), box, data.pixel_size_angstrom, *optics)
+    if tilt is not None:
+        weights = weights * missing_wedge_mask(box, tuple(tilt))
+    return weights.numpy().astype(np.float32)
+
+
 def export_relion3(config, split_dir: Path, output_dir: Path) -> None:
     """Write a split as ``output_dir/subtomograms/{particle id}.mrc`` + ``output_dir/particles.star``.
 
-    Image names are relative to ``output_dir``.  Without poses (extracted data) the angles
-    and origins are 0.
+    Image names are relative to ``output_dir``, and so are the 3D CTF models
+    (``ctf/{particle id}.mrc``, see :func:`ctf_models`).  Without poses (extracted data)
+    the angles and origins are 0.
     """
     split_dir, output_dir = Path(split_dir), Path(output_dir)
     data = SubtomogramSet.open(split_dir)
@@ -98,15 +126,22 @@ def export_relion3(config, split_dir: Path, output_dir: Path) -> None:
     if ids.duplicated().any():
         raise InputError(f"{split_dir}/particles.star: duplicate particle id {ids[ids.duplicated()].iloc[0]!r}")
     names = [f"subtomograms/{pid}.mrc" for pid in ids]
-    box = None
+    ctf_names = [f"ctf/{pid}.mrc" for pid in ids]
+    box, has_ctf = None, False
     for start in tqdm(range(0, len(data), EXPORT_CHUNK), desc=f"export {split_dir.name}", unit="chunk"):
         idx = np.arange(start, min(len(data), start + EXPORT_CHUNK))
         volumes = data.volumes(idx)
         box = volumes.shape[-1]
-        for i, volume in zip(idx, volumes):
+        models = ctf_models(config, data, idx, box)
+        has_ctf = models is not None
+        for k, (i, volume) in enumerate(zip(idx, volumes)):
             _write_mrc(volume, pixel, output_dir / names[i])
+            if has_ctf:
+                _write_mrc(models[k], pixel, output_dir / ctf_names[i])
     table = data.particles.copy()
     table.insert(0, "rlnImageName", names)
+    if has_ctf:
+        table.insert(1, "rlnCtfImage", ctf_names)
     if not data.has_poses():
         for col in POSE_COLUMNS:
             table[col] = 0.0

@@ -180,12 +180,6 @@ def bin_volume(volume: np.ndarray, binning: int) -> np.ndarray:
     return volume
 
 
-def normalise_box(volume: np.ndarray) -> tuple[np.ndarray, bool]:
-    """Zero mean, unit variance (a float32 copy); (volume, False) with only the mean removed if constant."""
-    flat = volume.astype(np.float32)  # a copy: the caller's array is left alone
-    return flat, _normalise_inplace(flat)
-
-
 def _normalise_inplace(volume: np.ndarray) -> bool:
     """Zero mean, unit variance in place (contiguous float32); False (mean removed only) if constant.
 

@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 CHUNK = 256  # particles per block: bounds memory at (CHUNK, box^3) complex volumes
 
 
-def _split_wedge_and_ctf(config: Config, data: SubtomogramSet, is_simulated: bool):
+def split_wedge_and_ctf(config: Config, data: SubtomogramSet, is_simulated: bool):
     """(tilt range or None, defocus in µm per particle or None, optics (kV, Cs mm, Q0))."""
     sim = config.simulation
     tilt = sim.tilt_range_deg if is_simulated else config.matching.tilt_range_deg
@@ -202,7 +202,7 @@ def match_split(config: Config, split_dir: Path, maps: list[Path], output: Path)
     torch.set_num_threads(config.matching.threads)
     data = SubtomogramSet.open(split_dir)
     is_simulated = "rlnTomoName" not in data.particles.columns  # extracted particles name their tomogram
-    tilt, defocus, optics = _split_wedge_and_ctf(config, data, is_simulated)
+    tilt, defocus, optics = split_wedge_and_ctf(config, data, is_simulated)
     matcher = Matcher(config, read_references(config, maps), tilt)
     blocks = []
     for start in tqdm(range(0, len(data), CHUNK), desc=f"match {split_dir.name}", unit="block", mininterval=1.0):

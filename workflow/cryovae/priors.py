@@ -7,8 +7,12 @@ reference map), ``rlnOriginX/Y/ZAngst``, the priors ``rlnAngleTiltPrior`` and
 
 Particles extracted from tomograms keep their ``rlnTomoName`` and coordinates exactly.
 Simulated particles have no tomogram: each is its own exported subtomogram
-(``{output_dir}/export/{split}``), named in ``rlnImageName`` (relative to the STAR file's
-folder) and, for RELION 4/5, written as a particle at the centre of that subtomogram.
+(``{output_dir}/export/{split}``), named in ``rlnImageName`` relative to ``output_dir``
+(RELION opens images relative to the folder it runs in: run it from ``output_dir``, for
+the split's file and the per-class files alike) and, for RELION 4/5, written as a
+particle at the centre of that subtomogram, with its 3D CTF model (``rlnCtfImage``,
+:mod:`cryovae.export`).  The particles' ``rlnDefocusU/V/Angle`` are carried over when the
+split has them.
 One file per predicted class goes to ``priors/{split}/{class}.star``.
 """
 
@@ -31,6 +35,8 @@ from cryovae.shards import STRING_COLUMNS, SubtomogramSet
 from cryovae.star import OpticsInfo, write_relion4_particles, write_relion5_particles
 
 log = logging.getLogger(__name__)
+CTF_COLUMNS = ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle")  # the particles' own, when they have them
+IMAGE_COLUMNS = ("rlnImageName", "rlnCtfImage")  # files of the exported subtomograms
 
 
 def _read_embeddings(path: Path) -> pd.DataFrame:
@@ -48,19 +54,21 @@ def _joined(embeddings: pd.DataFrame, particles: pd.DataFrame, path: Path) -> pd
     return table
 
 
-def _export_images(config: Config, split: str, ids: pd.Series, star_dir: Path) -> pd.Series:
-    """``rlnImageName`` of each particle's exported subtomogram, relative to ``star_dir``."""
+def _export_images(config: Config, split: str, ids: pd.Series) -> pd.DataFrame:
+    """``rlnImageName`` (and ``rlnCtfImage`` where exported) of each particle, relative to ``config.output_dir``."""
     export_dir = Path(config.output_dir) / "export" / split
     export_star = export_dir / "particles.star"
     if not export_star.is_file():
         raise InputError(f"{export_star}: exported subtomograms of split {split!r} are missing")
-    exported = starfile.read(export_star, always_dict=True, parse_as_string=list(STRING_COLUMNS))["particles"]
-    names = dict(zip(exported["cryovaeParticleId"], exported["rlnImageName"]))
-    missing = [p for p in ids if p not in names]
+    exported = starfile.read(export_star, always_dict=True,
+                             parse_as_string=[*STRING_COLUMNS, *IMAGE_COLUMNS])["particles"]
+    exported = exported.set_index(exported["cryovaeParticleId"].astype(str))
+    missing = [p for p in ids if p not in exported.index]
     if missing:
         raise InputError(f"{export_star}: particle {missing[0]!r} was not exported")
-    rel = os.path.relpath(export_dir, star_dir)
-    return pd.Series([f"{rel}/{names[p]}" for p in ids], index=ids.index)
+    rel = os.path.relpath(export_dir, config.output_dir)
+    columns = [c for c in IMAGE_COLUMNS if c in exported.columns]
+    return pd.DataFrame({c: [f"{rel}/{exported.at[p, c]}" for p in ids] for c in columns}, index=ids.index)
 
 
 def _prior_columns(config: Config, table: pd.DataFrame) -> pd.DataFrame:
@@ -80,6 +88,7 @@ def _prior_columns(config: Config, table: pd.DataFrame) -> pd.DataFrame:
         "cryovaeConfidence": table["confidence"],
         "cryovaeUnknownScore": table["unknown_score"],
         "cryovaeParticleId": table["cryovaeParticleId"],
+        **{col: table[col] for col in CTF_COLUMNS if col in table.columns},
     })
 
 
@@ -94,15 +103,15 @@ def _tomogram_shapes(config: Config, names) -> dict[str, tuple[int, int, int]]:
     return shapes
 
 
-def _coordinates(config: Config, split: SubtomogramSet, table: pd.DataFrame, star_dir: Path):
+def _coordinates(config: Config, split: SubtomogramSet, table: pd.DataFrame):
     """(tomo names, x/y/z pixels, tomogram shapes, tilt-series pixel size, image names or None)."""
     if "rlnTomoName" in table.columns:
         xyz = table[["rlnCoordinateX", "rlnCoordinateY", "rlnCoordinateZ"]].to_numpy(np.float64)
         tomo_px = split.pixel_size_angstrom / config.extraction.binning
         return table["rlnTomoName"].astype(str), xyz, _tomogram_shapes(config, table["rlnTomoName"]), tomo_px, None
-    images = _export_images(config, split.folder.name, table["cryovaeParticleId"], star_dir)
+    images = _export_images(config, split.folder.name, table["cryovaeParticleId"])
     box = config.box_size
-    names = images.map(lambda p: Path(p).stem)
+    names = images["rlnImageName"].map(lambda p: Path(p).stem)
     xyz = np.full((len(table), 3), box / 2)
     return names, xyz, {n: (box, box, box) for n in names}, config.pixel_size_angstrom, images
 
@@ -112,13 +121,14 @@ def write_priors(config: Config, embeddings: Path, split_dir: Path, output: Path
     split = SubtomogramSet.open(split_dir)
     table = _joined(_read_embeddings(embeddings), split.particles, embeddings)
     output = Path(output)
-    tomo, xyz, shapes, tomo_px, images = _coordinates(config, split, table, output.parent)
+    tomo, xyz, shapes, tomo_px, images = _coordinates(config, split, table)
     rows = _prior_columns(config, table)
     rows.insert(0, "tomo_name", tomo.to_numpy())
     for k, axis in enumerate("xyz"):
         rows.insert(1 + k, f"{axis}_px", xyz[:, k])
     if images is not None:
-        rows["rlnImageName"] = images.to_numpy()
+        for column in images.columns:
+            rows[column] = images[column].to_numpy()
     sim = config.simulation
     optics = OpticsInfo(
         tilt_series_pixel_size_angstrom=tomo_px, image_pixel_size_angstrom=split.pixel_size_angstrom,
@@ -160,10 +170,7 @@ def _write_per_class(config: Config, rows: pd.DataFrame, folder: Path, optics: O
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
     try:
         for name, group in rows.groupby("cryovaeClassName", sort=True):
-            per_class = group.copy()
-            if "rlnImageName" in per_class.columns:  # one folder deeper than the main file
-                per_class["rlnImageName"] = "../" + per_class["rlnImageName"]
-            _write(config, per_class, tmp / f"{name}.star", optics, shapes)
+            _write(config, group.copy(), tmp / f"{name}.star", optics, shapes)
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)

@@ -39,7 +39,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import starfile
-from starfile.writer import StarWriter
 
 from cryovae.atomic import atomic_path
 from cryovae.errors import InputError
@@ -307,8 +306,10 @@ def write_star_blocks(blocks: Mapping[str, pd.DataFrame | dict], path: str | Pat
     The same as ``starfile.write`` (floats as ``%.6f``) without its timestamp line, so the
     same input gives the same bytes.
     """
-    writer = StarWriter(dict(blocks), float_format="%.6f")
-    text = "# written by cryovae\n\n" + "".join(line + "\n" for line in writer.data_block_generator())
+    text = starfile.to_string(dict(blocks), float_format="%.6f")
+    if text.startswith("#"):  # starfile's first line is a comment with the time of writing
+        text = text.partition("\n")[2]
+    text = "# written by cryovae\n\n" + text.lstrip("\n")
     with atomic_path(path) as tmp:
         tmp.write_text(text)
 

@@ -19,9 +19,11 @@ rule match:
     resources:
         mem_mb=mem_mb(4000),
         runtime=120,
+    message:
+        "Template matching of the {wildcards.split} split: a long step; progress in {log}"
     shell:
         "cryovae match --config {params.config:q} --split-dir {params.split_dir} --maps {input.maps} "
-        "--output {output} 2> {log}"
+        "--output {output} 2> {log} || (tail -n 1 {log} >&2; exit 1)"
 
 
 rule classifier:
@@ -45,9 +47,11 @@ rule classifier:
     resources:
         mem_mb=mem_mb(2000),
         runtime=10,
+    message:
+        "Fitting the class model and the unknown threshold (log: {log})"
     shell:
         "cryovae classifier --config {params.config:q} --train {input.train} --val {input.val} "
-        "{params.match} --output {output} 2> {log}"
+        "{params.match} --output {output} 2> {log} || (tail -n 1 {log} >&2; exit 1)"
 
 
 rule align:
@@ -67,9 +71,11 @@ rule align:
     resources:
         mem_mb=mem_mb(4000),
         runtime=30,
+    message:
+        "Aligning the model's frame to each class map (log: {log})"
     shell:
         "cryovae align --config {params.config:q} --model {input.model} --latents {input.latents} "
-        "--maps {input.maps} --output {output} 2> {log}"
+        "--maps {input.maps} --output {output} 2> {log} || (tail -n 1 {log} >&2; exit 1)"
 
 
 rule annotate:
@@ -91,9 +97,11 @@ rule annotate:
     resources:
         mem_mb=mem_mb(2000),
         runtime=10,
+    message:
+        "Classes, unknowns and poses of the {wildcards.split} split (log: {log})"
     shell:
         "cryovae annotate --config {params.config:q} --latents {input.latents} --classifier {input.classifier} "
-        "--frames {input.frames} {params.match} --output {output} 2> {log}"
+        "--frames {input.frames} {params.match} --output {output} 2> {log} || (tail -n 1 {log} >&2; exit 1)"
 
 
 rule priors:
@@ -113,11 +121,15 @@ rule priors:
     resources:
         mem_mb=mem_mb(2000),
         runtime=10,
+    message:
+        "Pose priors of the {wildcards.split} split -> {output.star} (log: {log})"
     shell:
         "cryovae priors --config {params.config:q} --embeddings {input.embeddings} "
-        "--split-dir {params.split_dir} --output {output.star} 2> {log}"
+        "--split-dir {params.split_dir} --output {output.star} 2> {log} || (tail -n 1 {log} >&2; exit 1)"
 
 
+# Figures of each split in the report; the training curves (the same for every split) are
+# reported once, by the train rule.
 EVAL_PLOTS = [
     "umap",
     "confusion",
@@ -125,7 +137,6 @@ EVAL_PLOTS = [
     "pose_error",
     "reconstructions",
     "interpolation",
-    "training_curves",
 ]
 
 
@@ -139,6 +150,13 @@ rule evaluate:
         frames=f"{OUT}/model/frames.json",
     output:
         metrics=f"{OUT}/evaluation/{{split}}/metrics.json",
+        table=report(
+            f"{OUT}/evaluation/{{split}}/metrics.html",
+            caption="../report/metrics.rst",
+            category="Evaluation",
+            subcategory="{split}",
+        ),
+        curves=f"{OUT}/evaluation/{{split}}/training_curves.png",
         plots=[
             report(
                 f"{OUT}/evaluation/{{split}}/{name}.png",
@@ -160,7 +178,9 @@ rule evaluate:
     resources:
         mem_mb=mem_mb(4000),
         runtime=20,
+    message:
+        "Evaluating the {wildcards.split} split -> {output.metrics} (log: {log})"
     shell:
         "cryovae evaluate --config {params.config:q} --embeddings {input.embeddings} "
         "--split-dir {params.split_dir} --affinity {input.affinity} --model {input.model} "
-        "--history {input.history} --frames {input.frames} --output-dir {params.output_dir} 2> {log}"
+        "--history {input.history} --frames {input.frames} --output-dir {params.output_dir} 2> {log} || (tail -n 1 {log} >&2; exit 1)"

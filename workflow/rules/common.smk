@@ -13,6 +13,9 @@ SIM_SPLITS = ["train", "val", "test"]
 TOMOGRAMS = list(CFG.extraction.tomograms)
 CONDA_ENV = "../../envs/cryovae.yaml"
 ALL_SECTIONS = [k for k in CFG.model_fields if k not in GLOBAL_KEYS]
+# Every rule's command ends in `2> {log} || (tail -n 1 {log} >&2; exit 1)`: the verb writes
+# its progress and errors to the rule's log, and when it fails the log's last line (its
+# one-line error, or the exception) goes to the terminal; `message:` names the log.
 
 
 def stage_config(*sections):

@@ -27,13 +27,15 @@ rule train:
         mem_mb=mem_mb(8000),
         runtime=240,
         gpu=1 if CFG.training.device != "cpu" else 0,
+    message:
+        "Training the affinity-VAE: the longest step; per-epoch progress in {log}"
     shell:
         # The device line tells where the job ran (a cluster's GPU node, or this machine).
         "(echo CUDA_VISIBLE_DEVICES=${{CUDA_VISIBLE_DEVICES:-unset}}; "
         "cryovae train --config {params.config:q} --train-dir {params.train_dir} "
         "--val-dir {params.val_dir} --affinity {input.affinity} --maps {input.maps} "
         "--output-dir {params.output_dir}) "
-        "> {log} 2>&1"
+        "> {log} 2>&1 || (tail -n 1 {log} >&2; exit 1)"
 
 
 rule embed:
@@ -53,6 +55,8 @@ rule embed:
     resources:
         mem_mb=mem_mb(4000),
         runtime=60,
+    message:
+        "Encoding the {wildcards.split} split (progress: {log})"
     shell:
         "cryovae embed --config {params.config:q} --model {input.model} --split-dir {params.split_dir} "
-        "--output {output} 2> {log}"
+        "--output {output} 2> {log} || (tail -n 1 {log} >&2; exit 1)"

@@ -16,8 +16,10 @@ rule structure:
     resources:
         mem_mb=mem_mb(2000),
         runtime=20,
+    message:
+        "Structure of class {wildcards.cls} (log: {log})"
     shell:
-        "cryovae structure --config {params.config:q} --class-name {wildcards.cls} --output {output} 2> {log}"
+        "cryovae structure --config {params.config:q} --class-name {wildcards.cls} --output {output} 2> {log} || (tail -n 1 {log} >&2; exit 1)"
 
 
 rule descriptor:
@@ -37,8 +39,10 @@ rule descriptor:
     resources:
         mem_mb=mem_mb(2000),
         runtime=20,
+    message:
+        "SOAP descriptor of {wildcards.cls} (log: {log})"
     shell:
-        "cryovae descriptor --config {params.config:q} --structure {input} --output {output} 2> {log}"
+        "cryovae descriptor --config {params.config:q} --structure {input} --output {output} 2> {log} || (tail -n 1 {log} >&2; exit 1)"
 
 
 rule affinity:
@@ -61,9 +65,11 @@ rule affinity:
     resources:
         mem_mb=mem_mb(1000),
         runtime=10,
+    message:
+        "Affinity matrix of all classes -> {output.csv} (log: {log})"
     shell:
         "cryovae affinity --config {params.config:q} --descriptors {input} "
-        "--csv {output.csv} --plot {output.plot} 2> {log}"
+        "--csv {output.csv} --plot {output.plot} 2> {log} || (tail -n 1 {log} >&2; exit 1)"
 
 
 rule provenance:
@@ -76,5 +82,7 @@ rule provenance:
     log:
         f"{OUT}/logs/provenance.log",
     localrule: True
+    message:
+        "Provenance of the run -> {output} (log: {log})"
     shell:
-        "cryovae provenance --config {params.config:q} --output {output} 2> {log}"
+        "cryovae provenance --config {params.config:q} --output {output} 2> {log} || (tail -n 1 {log} >&2; exit 1)"

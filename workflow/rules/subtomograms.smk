@@ -17,9 +17,11 @@ rule map:
     resources:
         mem_mb=mem_mb(4000),
         runtime=30,
+    message:
+        "Reference map of {wildcards.cls} (log: {log})"
     shell:
         "cryovae map --config {params.config:q} --class-name {wildcards.cls} {params.structure} "
-        "--output {output} 2> {log}"
+        "--output {output} 2> {log} || (tail -n 1 {log} >&2; exit 1)"
 
 
 rule simulate:
@@ -41,9 +43,11 @@ rule simulate:
     resources:
         mem_mb=mem_mb(2000),
         runtime=30,
+    message:
+        "Simulating {wildcards.simsplit} {wildcards.shard} (log: {log})"
     shell:
         "cryovae simulate --config {params.config:q} --split {wildcards.simsplit} --shard {params.index} "
-        "--maps {input} --output {output.shard} --star {output.star} 2> {log}"
+        "--maps {input} --output {output.shard} --star {output.star} 2> {log} || (tail -n 1 {log} >&2; exit 1)"
 
 
 rule gather:
@@ -63,8 +67,10 @@ rule gather:
     resources:
         mem_mb=mem_mb(1000),
         runtime=10,
+    message:
+        "Gathering the {wildcards.simsplit} shards -> {output} (log: {log})"
     shell:
-        "cryovae gather --config {params.config:q} --inputs {input} --output {output} 2> {log}"
+        "cryovae gather --config {params.config:q} --inputs {input} --output {output} 2> {log} || (tail -n 1 {log} >&2; exit 1)"
 
 
 rule extract:
@@ -83,8 +89,10 @@ rule extract:
     resources:
         mem_mb=mem_mb(4000),
         runtime=60,
+    message:
+        "Extracting subtomograms from tomogram {wildcards.tomo} (log: {log})"
     shell:
-        "cryovae extract --config {params.config:q} --tomogram {wildcards.tomo} --output-dir {output} 2> {log}"
+        "cryovae extract --config {params.config:q} --tomogram {wildcards.tomo} --output-dir {output} 2> {log} || (tail -n 1 {log} >&2; exit 1)"
 
 
 rule export:
@@ -103,5 +111,7 @@ rule export:
     resources:
         mem_mb=mem_mb(2000),
         runtime=30,
+    message:
+        "Exporting {wildcards.split} as MRC files (progress: {log})"
     shell:
-        "cryovae export --config {params.config:q} --split-dir {params.split_dir} --output-dir {output} 2> {log}"
+        "cryovae export --config {params.config:q} --split-dir {params.split_dir} --output-dir {output} 2> {log} || (tail -n 1 {log} >&2; exit 1)"

@@ -1,4 +1,4 @@
-"""Small synthetic particle sets with known poses, for tests and benchmarks.
+"""Small synthetic particle sets with known poses: a test fixture (the benchmarks use it too).
 
 Each class is a fixed asymmetric arrangement of Gaussian blobs in the canonical frame
 (positions in voxels, (x, y[, z]) relative to voxel N//2).  A particle is its class
