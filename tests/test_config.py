@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from cryovae.cli import main
-from cryovae.config import Config, json_schema, load_config, validate_config
+from cryovae.config import GLOBAL_KEYS, Config, json_schema, load_config, stage_config_json, validate_config
 from cryovae.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,3 +101,48 @@ def test_every_verb_has_help_with_an_example():
             [sys.executable, "-m", "cryovae.cli", verb, "--help"], capture_output=True, text=True, check=True
         ).stdout
         assert "example:" in out and f"cryovae {verb}" in out
+
+
+def _leaves(tree, prefix=""):
+    """(dotted key, value) of every leaf of a nested mapping."""
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+# The embedded default's own choices, which no other config should inherit: its demo
+# classes (structures has no default) and the class it holds out.
+DEMO_CHOICES = {"unseen"}
+
+
+def test_embedded_default_equals_the_typed_defaults_value_for_value():
+    data = yaml.safe_load((REPO / "config.yaml").read_text())
+    embedded = dict(_leaves(validate_config(data).model_dump(mode="json")))
+    typed = dict(_leaves(validate_config({"structures": data["structures"]}).model_dump(mode="json")))
+    assert embedded.keys() == typed.keys()
+    differences = {k: (embedded[k], typed[k]) for k in embedded if k not in DEMO_CHOICES and embedded[k] != typed[k]}
+    assert differences == {}, f"config.yaml vs Config defaults (yaml, typed): {differences}"
+    # and every value written in config.yaml is the validated one (no key left for a default to fill)
+    written = dict(_leaves(data))
+    assert {k: v for k, v in written.items() if k in embedded and embedded[k] != v} == {}
+
+
+def test_stage_slices_of_a_config_without_matching_validate():
+    data = {**MINIMAL, "matching": {"enabled": False},
+            "classification": {"features": ["latent"], "unknown_features": ["latent"]}}
+    cfg = validate_config(data)
+    for sections in [(s,) for s in Config.model_fields if s not in GLOBAL_KEYS] + [("matching", "simulation")]:
+        part = load_config(stage_config_json(cfg, *sections))
+        assert part.matching.enabled is False if "matching" in sections else True
+    # the whole config still checks the two sections together
+    with pytest.raises(InputError, match=r"lists \['fit', 'template'\] but matching.enabled is false"):
+        validate_config({**MINIMAL, "matching": {"enabled": False}})
+
+
+def test_batch_larger_than_the_training_split_names_both_numbers():
+    data = {**MINIMAL, "simulation": {"particles_per_class": 20}, "training": {"batch_size": 41}}
+    with pytest.raises(InputError, match=r"training.batch_size 41 is larger than the training split, 40 particles"):
+        validate_config(data, "my.yaml")
+    assert validate_config({**data, "training": {"batch_size": 40}}).training.batch_size == 40

@@ -12,9 +12,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from cryovae.errors import InputError
+
+GLOBAL_KEYS = ("output_dir", "seed", "structures", "unseen", "pixel_size_angstrom", "box_size")
+SECTIONS_KEY = "stage_sections"
 
 
 class _Section(BaseModel):
@@ -89,7 +92,7 @@ class SimulationConfig(_Section):
     """Simulated subtomograms with known poses."""
 
     particles_per_class: int = Field(
-        200, ge=3, description="Particles per class in the training split; val and test get "
+        1500, ge=3, description="Particles per class in the training split; val and test get "
         "val_fraction and test_fraction of this."
     )
     val_fraction: float = Field(0.25, gt=0, le=1, description="Validation particles per class, relative.")
@@ -98,7 +101,7 @@ class SimulationConfig(_Section):
         512, ge=1, description="Particles per shard file (and per simulation job)."
     )
     snr: float | None = Field(
-        0.1, gt=0, description="Signal variance over noise variance in the box; null: noise-free."
+        0.5, gt=0, description="Signal variance over noise variance in the box; null: noise-free."
     )
     tilt_range_deg: tuple[float, float] | None = Field(
         (-60.0, 60.0), description="Tilt range of the missing wedge about Y; null: no missing wedge."
@@ -174,7 +177,7 @@ class Schedule(_Section):
 class TrainingConfig(_Section):
     """The affinity-VAE and its training."""
 
-    epochs: int = Field(30, ge=1, description="Training epochs.")
+    epochs: int = Field(5, ge=1, description="Training epochs.")
     batch_size: int = Field(64, ge=2, description="Particles per batch (pairs in a batch feed the affinity loss).")
     latent_dims: int = Field(8, ge=2, description="Size of the shape latent.")
     decoder: Literal["cnn", "splat"] = Field("cnn", description="cnn: volume decoder; splat: Gaussian splats.")
@@ -194,7 +197,7 @@ class TrainingConfig(_Section):
         True, description="Compare reconstructions only where the missing wedge leaves data."
     )
     learning_rate: float = Field(1e-3, gt=0, description="Adam learning rate.")
-    checkpoint_every: int = Field(5, ge=1, description="Write a checkpoint every this many epochs.")
+    checkpoint_every: int = Field(1, ge=1, description="Write a checkpoint every this many epochs.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present.")
     threads: int = Field(2, ge=1, description="CPU threads the train rule asks for.")
 
@@ -302,21 +305,40 @@ class Config(_Section):
         return v
 
     @model_validator(mode="after")
-    def _classes_consistent(self):
+    def _classes_consistent(self, info: ValidationInfo):
+        # A stage's config slice (see stage_config_json) holds only some sections; checks
+        # across sections run only where every section they read is in the slice.
+        sections = (info.context or {}).get(SECTIONS_KEY)
+        present = set(type(self).model_fields) if sections is None else {*GLOBAL_KEYS, *sections}
         for name in self.unseen:
             if name not in self.structures:
                 raise ValueError(f"unseen class {name!r} is not a key of structures")
         if len(self.seen_classes) < 2:
             raise ValueError("at least two classes must be seen in training")
-        cc = self.classification
-        needs_matching = sorted({"template", "fit"} & set(cc.features + cc.unknown_features))
-        if needs_matching and not self.matching.enabled:
-            raise ValueError(f"classification.features lists {needs_matching} but matching.enabled is false")
+        if {"classification", "matching"} <= present:
+            cc = self.classification
+            needs_matching = sorted({"template", "fit"} & set(cc.features + cc.unknown_features))
+            if needs_matching and not self.matching.enabled:
+                raise ValueError(f"classification.features lists {needs_matching} but matching.enabled is false")
         for section, names in (("alignment.symmetry", self.alignment.symmetry), ("maps.files", self.maps.files)):
-            for name in names:
+            for name in names if section.split(".")[0] in present else ():
                 if name not in self.structures:
                     raise ValueError(f"{section} names {name!r}, which is not a key of structures")
+        if {"training", "simulation"} <= present:
+            self._batch_fits_training_split()
         return self
+
+    def _batch_fits_training_split(self) -> None:
+        from cryovae.splits import particles_per_class
+
+        per_class = particles_per_class(self, "train")
+        n_train = len(self.seen_classes) * per_class
+        if self.training.batch_size > n_train:
+            raise ValueError(
+                f"training.batch_size {self.training.batch_size} is larger than the training split, "
+                f"{n_train} particles ({len(self.seen_classes)} seen classes x {per_class} particles "
+                f"per class): every epoch would be one optimiser step; set training.batch_size <= {n_train}"
+            )
 
     @property
     def class_names(self) -> list[str]:
@@ -336,16 +358,16 @@ def _format_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def validate_config(data: dict[str, Any], source: str = "") -> Config:
-    """Validate a config mapping; raise :class:`InputError` naming every bad key."""
+def validate_config(data: dict[str, Any], source: str = "", sections: list[str] | None = None) -> Config:
+    """Validate a config mapping; raise :class:`InputError` naming every bad key.
+
+    ``sections``: the sections of a stage's slice (the others are defaults, so checks
+    that read them are skipped); None for a whole config.
+    """
     try:
-        return Config.model_validate(data)
+        return Config.model_validate(data, context={SECTIONS_KEY: sections})
     except ValidationError as err:
         raise InputError(_format_error(err, source)) from None
-
-
-GLOBAL_KEYS = ("output_dir", "seed", "structures", "unseen", "pixel_size_angstrom", "box_size")
-SECTIONS_KEY = "stage_sections"
 
 
 class _Undeclared:
@@ -376,7 +398,7 @@ def stage_config_json(config: Config, *sections: str) -> str:
 
 def _from_stage_json(data: dict[str, Any]) -> Config:
     sections = data.pop(SECTIONS_KEY)
-    config = validate_config(data, "(stage config)")
+    config = validate_config(data, "(stage config)", sections)
     for name in Config.model_fields:
         if name not in GLOBAL_KEYS and name not in sections:
             object.__setattr__(config, name, _Undeclared(name))
