@@ -9,13 +9,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import mrcfile
 import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from cryovae.atomic import atomic_path
 from cryovae.errors import InputError
+from cryovae.maps import write_map
 from cryovae.star import write_star_blocks
 from cryovae.shards import POSE_COLUMNS, SubtomogramSet
 
@@ -76,13 +75,6 @@ def optics_for_export(config, optics: pd.DataFrame, box: int, pixel_size_angstro
     }
 
 
-def _write_mrc(volume_zyx: np.ndarray, pixel_size_angstrom: float, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        with mrcfile.new(tmp, overwrite=True) as mrc:
-            mrc.set_data(np.ascontiguousarray(volume_zyx, dtype=np.float32))
-            mrc.voxel_size = pixel_size_angstrom
-
-
 def export_relion3(config, split_dir: Path, output_dir: Path) -> None:
     """Write a split as ``output_dir/subtomograms/{particle id}.mrc`` + ``output_dir/particles.star``.
 
@@ -104,7 +96,7 @@ def export_relion3(config, split_dir: Path, output_dir: Path) -> None:
         volumes = data.volumes(idx)
         box = volumes.shape[-1]
         for i, volume in zip(idx, volumes):
-            _write_mrc(volume, pixel, output_dir / names[i])
+            write_map(volume, pixel, output_dir / names[i])
     table = data.particles.copy()
     table.insert(0, "rlnImageName", names)
     if not data.has_poses():

@@ -24,9 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +33,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from cryovae.atomic import atomic_path
+from cryovae.atomic import atomic_dir, atomic_path
 from cryovae.errors import InputError
 from cryovae.star import COORD_COLUMNS, read_coordinates, star_pixel_size_angstrom, write_star_blocks
 
@@ -281,25 +278,6 @@ def _cut_boxes(data, plan: _Plan, indices: range, binning: int, fill: float, nor
 # ----------------------------------------------------------------------------- output
 
 
-@contextlib.contextmanager
-def _atomic_dir(path: Path) -> Iterator[Path]:
-    """Yield an empty temporary folder beside ``path``; it replaces ``path`` only on success."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-    try:
-        yield tmp
-        if path.exists():
-            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old."))
-            os.replace(path, old / "previous")
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-
-
 def _particles_table(table: pd.DataFrame, plan: _Plan, tomogram: str, per_shard: int,
                      pixel_size_angstrom: float) -> pd.DataFrame:
     rows = table.iloc[plan.rows]
@@ -381,7 +359,7 @@ def _write_output(config, job: _Job, data, output_dir: Path) -> tuple[int, int]:
     per_shard, n_rows, n_constant = ext.particles_per_shard, len(job.plan.rows), 0
     n_shards = int(np.ceil(n_rows / per_shard))
     particles = _particles_table(job.table, job.plan, job.tomogram, per_shard, job.pixel_size_angstrom)
-    with _atomic_dir(output_dir) as tmp, tqdm(total=n_rows, desc=f"extract {job.tomogram}", unit="particle",
+    with atomic_dir(output_dir) as tmp, tqdm(total=n_rows, desc=f"extract {job.tomogram}", unit="particle",
                                               disable=None, leave=False) as progress:
         buffer = np.empty((min(per_shard, n_rows), box, box, box), dtype=np.float32)
         for k in range(n_shards):

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import mrcfile
@@ -25,6 +23,7 @@ import numpy as np
 import pandas as pd
 import starfile
 
+from cryovae.atomic import atomic_dir
 from cryovae.config import Config
 from cryovae.errors import InputError
 from cryovae.shards import STRING_COLUMNS, SubtomogramSet
@@ -156,17 +155,9 @@ def _write_relion3(rows: pd.DataFrame, path: Path, optics: OpticsInfo) -> None:
 
 def _write_per_class(config: Config, rows: pd.DataFrame, folder: Path, optics: OpticsInfo, shapes) -> None:
     """One STAR per predicted class (``unknown.star`` too), swapped in as a whole folder."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-    try:
+    with atomic_dir(folder) as tmp:
         for name, group in rows.groupby("cryovaeClassName", sort=True):
             per_class = group.copy()
             if "rlnImageName" in per_class.columns:  # one folder deeper than the main file
                 per_class["rlnImageName"] = "../" + per_class["rlnImageName"]
             _write(config, per_class, tmp / f"{name}.star", optics, shapes)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
