@@ -125,6 +125,13 @@ def test_load_model_rejects_other_files(tmp_path):
         load_model(tmp_path / "other.pt")
     with pytest.raises(InputError, match="does not exist"):
         load_model(tmp_path / "absent.pt")
+    model = AffinityVAE((8, 8, 8), [4, 8], latent_dims=2, decoder="cnn", hidden=8)
+    save_model(tmp_path / "model.pt", model, ["a", "b"], {})
+    whole = (tmp_path / "model.pt").read_bytes()
+    for keep in (len(whole) // 2, 0):
+        (tmp_path / "model.pt").write_bytes(whole[:keep])
+        with pytest.raises(InputError, match=f"{tmp_path / 'model.pt'}: the model file cannot be read .*rerun"):
+            load_model(tmp_path / "model.pt")
 
 
 # ----------------------------------------------------------------------------- a trained tiny model

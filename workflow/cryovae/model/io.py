@@ -13,6 +13,7 @@ It holds only tensors, dicts, lists, strings and numbers:
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,16 @@ def save_model(path: str | Path, model: AffinityVAE, class_names: list[str], con
         torch.save(model_record(model, class_names, config, extra), tmp)
 
 
+def read_record(path: Path, what: str, remedy: str, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)``; a truncated, empty or foreign file is an
+    :class:`InputError` naming ``path``, saying it is the ``what`` and what to do."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InputError(f"{path}: the {what} cannot be read (truncated or corrupt: {reason}); {remedy}") from err
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[AffinityVAE, dict]:
     """Rebuild the model of a ``model.pt`` on ``device`` in evaluation mode: (model, meta).
 
@@ -63,7 +74,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Af
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: model file does not exist")
-    record = torch.load(path, map_location=device, weights_only=True)
+    record = read_record(path, "model file", "delete it and rerun the workflow, which trains the model again",
+                         map_location=device)
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         raise InputError(f"{path}: not a cryovae model file (expected format {FORMAT!r})")
     if record.get("format_version") != FORMAT_VERSION:
