@@ -25,6 +25,11 @@ def shard_names(split):
     return [f"shard_{k:03d}" for k in range(len(shard_plan(CFG, split)))]
 
 
+def shard_files(split, extension):
+    """A simulated split's shard files (npy) or their STAR files (star)."""
+    return expand(f"{OUT}/subtomograms/{split}/{{shard}}.{extension}", shard=shard_names(split))
+
+
 def split_dir(split):
     """Folder of a split's shards and particles.star: simulated or extracted."""
     if split in SIM_SPLITS:

@@ -48,9 +48,10 @@ rule simulate:
 
 rule gather:
     input:
-        lambda wildcards: expand(
-            f"{OUT}/subtomograms/{wildcards.simsplit}/{{shard}}.star", shard=shard_names(wildcards.simsplit)
-        ),
+        # the shards too: a deleted or stale shard reruns its simulate job (the split's STAR
+        # is what later rules name, and it is only as good as the shards beside it)
+        stars=lambda wildcards: shard_files(wildcards.simsplit, "star"),
+        shards=lambda wildcards: shard_files(wildcards.simsplit, "npy"),
     output:
         f"{OUT}/subtomograms/{{simsplit}}/particles.star",
     params:
@@ -64,7 +65,7 @@ rule gather:
         mem_mb=mem_mb(1000),
         runtime=10,
     shell:
-        "cryovae gather --config {params.config:q} --inputs {input} --output {output} 2> {log}"
+        "cryovae gather --config {params.config:q} --inputs {input.stars} --output {output} 2> {log}"
 
 
 rule extract:
