@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,6 +108,26 @@ def resolve_pixel_size_angstrom(config_px: float | None, header_px: float | None
     log.warning("%s: STAR pixel size %g Å, tomogram %g Å: using %g Å (trust_pixel_size=%s)",
                 key, star_px, mrc_px, chosen, trust)
     return float(chosen)
+
+
+def check_workflow_pixel_size(tomogram_px: float, binning: int, workflow_px: float, tomogram_path: Path,
+                             key: str) -> None:
+    """InputError unless the tomogram's pixel size times ``binning`` is the workflow's
+    ``pixel_size_angstrom`` (the maps' and the model's), saying what to set."""
+    extracted = tomogram_px * binning
+    if math.isclose(extracted, workflow_px, rel_tol=1e-3):
+        return
+    factor = workflow_px / tomogram_px
+    if round(factor) >= 1 and math.isclose(factor, round(factor), rel_tol=1e-3):
+        fix = f"set extraction.binning: {round(factor)} (bins {tomogram_px:g} Å to {workflow_px:g} Å)"
+    else:
+        fix = (f"{workflow_px:g} / {tomogram_px:g} is not an integer binning: set pixel_size_angstrom to an integer "
+               f"multiple of {tomogram_px:g} Å (and extraction.binning to that multiple), or resample the tomogram")
+    raise InputError(
+        f"{tomogram_path} (extraction.tomograms.{key}): pixel size {tomogram_px:g} Å x extraction.binning "
+        f"{binning} = {extracted:g} Å, but the workflow's maps and model are at pixel_size_angstrom "
+        f"{workflow_px:g} Å; {fix}"
+    )
 
 
 def tomogram_mean(data: np.ndarray, target_voxels: int = 2_000_000) -> float:
@@ -334,6 +355,7 @@ def _prepare(config, tomogram: str, mrc) -> _Job:
         spec.pixel_size_angstrom, header_pixel_size_angstrom(mrc, tomo_path),
         star_pixel_size_angstrom(coords_path), ext.trust_pixel_size, tomo_path, coords_path, tomogram,
     )
+    check_workflow_pixel_size(pixel, ext.binning, config.pixel_size_angstrom, tomo_path, tomogram)
     table = select_tomogram(read_coordinates(coords_path, shape_xyz, pixel, tomogram), tomogram, coords_path)
     if len(table) == 0:
         raise InputError(f"{coords_path}: no particles for tomogram {tomogram!r}")
