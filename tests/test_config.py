@@ -146,3 +146,28 @@ def test_batch_larger_than_the_training_split_names_both_numbers():
     with pytest.raises(InputError, match=r"training.batch_size 41 is larger than the training split, 40 particles"):
         validate_config(data, "my.yaml")
     assert validate_config({**data, "training": {"batch_size": 40}}).training.batch_size == 40
+
+
+def test_input_files_that_do_not_exist_fail_validation(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.pdb").write_text("")
+    (tmp_path / "ts.mrc").write_text("")
+    data = {
+        "structures": {"a": "a.pdb", "b": "1bxn", "c": "demo:rod_a", "d": "missing/d.cif"},
+        "maps": {"files": {"b": "maps/b.mrc"}},
+        "extraction": {"tomograms": {"ts": {"tomogram": "ts.mrc", "coordinates": "ts.star"}}},
+    }
+    with pytest.raises(InputError) as err:
+        validate_config(data, "my.yaml")
+    lines = str(err.value).splitlines()
+    assert lines[0] == f"invalid config my.yaml: no such file (relative paths are taken from {tmp_path}):"
+    assert lines[1:4] == ["  structures.d: missing/d.cif", "  maps.files.b: maps/b.mrc",
+                          "  extraction.tomograms.ts.coordinates: ts.star"]
+    for name in ("missing/d.cif", "maps/b.mrc", "ts.star"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text("")
+    assert validate_config(data).structures["b"] == "1bxn"   # PDB ids and demo names are not files
+    # a stage's slice is cut from a whole config that was checked when the workflow parsed it
+    slice_json = stage_config_json(validate_config(data), "structure_options")
+    (tmp_path / "a.pdb").unlink()
+    assert load_config(slice_json).structures["a"] == "a.pdb"

@@ -196,10 +196,16 @@ def test_keep_going_finishes_independent_branches_and_names_the_bad_file(tmp_pat
     config = tmp_path / "bad.yaml"
     config.write_text(yaml.safe_dump(data, sort_keys=False))
     targets = [str(tmp_path / f"out/affinity/soap/{c}.npy") for c in data["structures"]]
+    # a structure file that does not exist stops the workflow when it parses its config
+    proc = snakemake(*targets, "-n", "--configfile", str(config), cwd=tmp_path, check=False)
+    assert proc.returncode != 0
+    assert f"structures.rod_a: {tmp_path / 'missing_rod.pdb'}" in proc.stdout + proc.stderr
+    # one that exists but holds no atoms fails its own job; the other classes' jobs finish
+    (tmp_path / "missing_rod.pdb").write_text("HEADER    NOT A STRUCTURE\nEND\n")
     proc = snakemake(*targets, "--keep-going", "--configfile", str(config), cwd=tmp_path, check=False)
     assert proc.returncode != 0
     message = (tmp_path / "out/logs/structure/rod_a.log").read_text()
-    assert "missing_rod.pdb" in message and "expected an existing PDB/mmCIF file" in message
+    assert "missing_rod.pdb" in message and "no atoms found" in message
     assert not (tmp_path / "out/structures/rod_a.cif").exists()
     for cls in ("globule_a", "ring_a", "ell_a"):
         assert np.load(tmp_path / f"out/affinity/soap/{cls}.npy").ndim == 1

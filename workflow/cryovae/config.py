@@ -8,6 +8,7 @@ fails at load time with a message that names the key and what was expected.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from cryovae.errors import InputError
 
+# A structure given as a PDB id rather than a file (see structures.resolve_structure_file).
+PDB_ID_PATTERN = re.compile(r"[0-9][A-Za-z0-9]{3}")
 GLOBAL_KEYS = ("output_dir", "seed", "structures", "unseen", "pixel_size_angstrom", "box_size")
 SECTIONS_KEY = "stage_sections"
 
@@ -365,9 +368,34 @@ def validate_config(data: dict[str, Any], source: str = "", sections: list[str] 
     that read them are skipped); None for a whole config.
     """
     try:
-        return Config.model_validate(data, context={SECTIONS_KEY: sections})
+        config = Config.model_validate(data, context={SECTIONS_KEY: sections})
     except ValidationError as err:
         raise InputError(_format_error(err, source)) from None
+    if sections is None:  # a stage's slice is cut from a whole config that was checked
+        check_input_files(config, source)
+    return config
+
+
+def _local_inputs(config: Config) -> list[tuple[str, str]]:
+    """(config key, path) of every input file the config names (not PDB ids, not demo:NAME)."""
+    named = [(f"structures.{name}", spec) for name, spec in config.structures.items()
+             if not spec.startswith("demo:") and not PDB_ID_PATTERN.fullmatch(spec)]
+    named += [(f"maps.files.{name}", path) for name, path in config.maps.files.items()]
+    for name, tomo in config.extraction.tomograms.items():
+        named += [(f"extraction.tomograms.{name}.tomogram", tomo.tomogram),
+                  (f"extraction.tomograms.{name}.coordinates", tomo.coordinates)]
+    return named
+
+
+def check_input_files(config: Config, source: str = "") -> None:
+    """InputError listing every input file the config names that is not an existing file."""
+    missing = [f"  {key}: {path}" for key, path in _local_inputs(config) if not Path(path).expanduser().is_file()]
+    if missing:
+        raise InputError(
+            f"invalid config {source}: no such file (relative paths are taken from {Path.cwd()}):\n"
+            + "\n".join(missing)
+            + "\n(a structure can also be a 4-character PDB id such as 1bxn, or demo:NAME)"
+        )
 
 
 class _Undeclared:
