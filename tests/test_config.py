@@ -171,3 +171,21 @@ def test_input_files_that_do_not_exist_fail_validation(tmp_path, monkeypatch):
     slice_json = stage_config_json(validate_config(data), "structure_options")
     (tmp_path / "a.pdb").unlink()
     assert load_config(slice_json).structures["a"] == "a.pdb"
+
+
+def test_a_class_slice_holds_that_class_alone():
+    data = {"structures": {"a": "demo:globule_a", "b": "demo:rod_a", "c": "demo:ring_a"}, "unseen": ["c"],
+            "maps": {"files": {"b": "b.mrc"}}, "alignment": {"symmetry": {"a": "C2", "b": "D2"}}}
+    cfg = Config.model_validate(data)   # (no file check: b.mrc is a name here)
+    part = load_config(stage_config_json(cfg, "maps", "alignment", class_name="b"))
+    assert part.structures == {"b": "demo:rod_a"} and part.unseen == []
+    assert part.maps.files == {"b": "b.mrc"} and part.alignment.symmetry == {"b": "D2"}
+    # the slice of one class does not change when another class does
+    other = Config.model_validate({**data, "structures": {**data["structures"], "a": "demo:globule_b"},
+                                   "unseen": ["a"], "maps": {"files": {"a": "x.mrc", "b": "b.mrc"}}})
+    for name, same in (("b", True), ("a", False)):
+        for sections in (("structure_options",), ("maps",), ("affinity",)):
+            assert (stage_config_json(cfg, *sections, class_name=name)
+                    == stage_config_json(other, *sections, class_name=name)) is same, (name, sections)
+    with pytest.raises(InputError, match="structures: expected at least 2 classes, got 1"):
+        validate_config({"structures": {"a": "demo:rod_a"}})

@@ -209,3 +209,36 @@ def test_keep_going_finishes_independent_branches_and_names_the_bad_file(tmp_pat
     assert not (tmp_path / "out/structures/rod_a.cif").exists()
     for cls in ("globule_a", "ring_a", "ell_a"):
         assert np.load(tmp_path / f"out/affinity/soap/{cls}.npy").ndim == 1
+
+
+def _dry_run_jobs(proc: subprocess.CompletedProcess) -> set[tuple[str, str]]:
+    """(rule, wildcards) of every job a dry run lists."""
+    jobs, rule = set(), None
+    for line in (proc.stdout + proc.stderr).splitlines():
+        line = line.strip()
+        if line.startswith(("rule ", "localrule ")) and line.endswith(":"):
+            rule = line.split()[1].rstrip(":")
+            jobs.add((rule, ""))
+        elif line.startswith("wildcards:") and rule is not None:
+            jobs.discard((rule, ""))
+            jobs.add((rule, line.removeprefix("wildcards:").strip()))
+            rule = None
+    return jobs
+
+
+def test_changing_one_structure_reruns_that_class_alone(tmp_path):
+    """Only the changed class's structure, descriptor and map jobs, and what gathers all
+    classes (the affinity matrix), run again."""
+    out = tmp_path / "out"
+    config = write_config(tmp_path / "tiny.yaml", out)
+    classes = list(yaml.safe_load(TINY.read_text())["structures"])
+    targets = [str(out / "affinity/affinity.csv"), *(str(out / f"maps/{c}.mrc") for c in classes)]
+    snakemake(*targets, "--configfile", str(config), cwd=tmp_path)
+    assert "Nothing to be done" in (lambda p: p.stdout + p.stderr)(
+        snakemake(*targets, "--configfile", str(config), "-n", cwd=tmp_path))
+    data = yaml.safe_load(config.read_text())
+    data["structures"]["rod_a"] = "demo:rod_b"
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump(data, sort_keys=False))
+    jobs = _dry_run_jobs(snakemake(*targets, "--configfile", str(changed), "-n", cwd=tmp_path))
+    assert jobs == {("structure", "cls=rod_a"), ("descriptor", "cls=rod_a"), ("map", "cls=rod_a"), ("affinity", "")}

@@ -21,6 +21,7 @@ from cryovae.errors import InputError
 PDB_ID_PATTERN = re.compile(r"[0-9][A-Za-z0-9]{3}")
 GLOBAL_KEYS = ("output_dir", "seed", "structures", "unseen", "pixel_size_angstrom", "box_size")
 SECTIONS_KEY = "stage_sections"
+CLASS_KEY = "stage_class"
 
 
 class _Section(BaseModel):
@@ -282,7 +283,7 @@ class Config(_Section):
     output_dir: str = Field("results", description="Where every output lands.")
     seed: int = Field(0, ge=0, description="Seed of every stochastic step.")
     structures: dict[str, str] = Field(
-        ..., min_length=2,
+        ..., json_schema_extra={"minProperties": 2},  # checked below: a one-class stage slice has one
         description="Class name -> local PDB/mmCIF file (.gz accepted), a 4-character PDB id, "
         "or demo:NAME for a generated synthetic structure.",
     )
@@ -311,13 +312,17 @@ class Config(_Section):
     def _classes_consistent(self, info: ValidationInfo):
         # A stage's config slice (see stage_config_json) holds only some sections; checks
         # across sections run only where every section they read is in the slice.
-        sections = (info.context or {}).get(SECTIONS_KEY)
+        context = info.context or {}
+        sections = context.get(SECTIONS_KEY)
         present = set(type(self).model_fields) if sections is None else {*GLOBAL_KEYS, *sections}
         for name in self.unseen:
             if name not in self.structures:
                 raise ValueError(f"unseen class {name!r} is not a key of structures")
-        if len(self.seen_classes) < 2:
-            raise ValueError("at least two classes must be seen in training")
+        if context.get(CLASS_KEY) is None:
+            if len(self.structures) < 2:
+                raise ValueError(f"structures: expected at least 2 classes, got {len(self.structures)}")
+            if len(self.seen_classes) < 2:
+                raise ValueError("at least two classes must be seen in training")
         if {"classification", "matching"} <= present:
             cc = self.classification
             needs_matching = sorted({"template", "fit"} & set(cc.features + cc.unknown_features))
@@ -361,14 +366,16 @@ def _format_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def validate_config(data: dict[str, Any], source: str = "", sections: list[str] | None = None) -> Config:
+def validate_config(data: dict[str, Any], source: str = "", sections: list[str] | None = None,
+                    class_name: str | None = None) -> Config:
     """Validate a config mapping; raise :class:`InputError` naming every bad key.
 
     ``sections``: the sections of a stage's slice (the others are defaults, so checks
-    that read them are skipped); None for a whole config.
+    that read them are skipped); None for a whole config.  ``class_name``: the one class
+    of a per-class slice.
     """
     try:
-        config = Config.model_validate(data, context={SECTIONS_KEY: sections})
+        config = Config.model_validate(data, context={SECTIONS_KEY: sections, CLASS_KEY: class_name})
     except ValidationError as err:
         raise InputError(_format_error(err, source)) from None
     if sections is None:  # a stage's slice is cut from a whole config that was checked
@@ -411,22 +418,36 @@ class _Undeclared:
         )
 
 
-def stage_config_json(config: Config, *sections: str) -> str:
+# Per-class entries of sections, cut down to the one class of a per-class slice.
+_PER_CLASS = {"maps": "files", "alignment": "symmetry"}
+
+
+def stage_config_json(config: Config, *sections: str, class_name: str | None = None) -> str:
     """The part of ``config`` a workflow stage depends on, as JSON for ``--config``.
 
     The rule passes it as a param, so changing any of it (and nothing else) reruns the
     rule; :func:`load_config` makes every other section raise when read, so a stage
-    cannot silently depend on a section its rule does not declare.
+    cannot silently depend on a section its rule does not declare.  With ``class_name``
+    (a job of one class), ``structures`` and the per-class entries of ``maps.files`` and
+    ``alignment.symmetry`` hold that class alone and ``unseen`` is empty, so changing
+    another class does not rerun the job.
     """
     dump = config.model_dump(mode="json")
     part = {k: dump[k] for k in (*GLOBAL_KEYS, *sections)}
+    if class_name is not None:
+        part["structures"] = {class_name: config.structures[class_name]}
+        part["unseen"] = []
+        for section, key in _PER_CLASS.items():
+            if section in sections:
+                part[section][key] = {k: v for k, v in part[section][key].items() if k == class_name}
+        part[CLASS_KEY] = class_name
     part[SECTIONS_KEY] = list(sections)
     return json.dumps(part)  # insertion order: the order of structures is the class order
 
 
 def _from_stage_json(data: dict[str, Any]) -> Config:
     sections = data.pop(SECTIONS_KEY)
-    config = validate_config(data, "(stage config)", sections)
+    config = validate_config(data, "(stage config)", sections, data.pop(CLASS_KEY, None))
     for name in Config.model_fields:
         if name not in GLOBAL_KEYS and name not in sections:
             object.__setattr__(config, name, _Undeclared(name))

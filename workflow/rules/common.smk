@@ -21,6 +21,12 @@ def stage_config(*sections):
     return stage_config_json(CFG, *sections)
 
 
+def class_stage_config(*sections):
+    """A param function: the stage config of one class's job ({cls}), holding that class's
+    structure alone, so that changing another class does not rerun the job."""
+    return lambda wildcards: stage_config_json(CFG, *sections, class_name=wildcards.cls)
+
+
 def shard_names(split):
     return [f"shard_{k:03d}" for k in range(len(shard_plan(CFG, split)))]
 

@@ -7,7 +7,7 @@ rule map:
     output:
         f"{OUT}/maps/{{cls}}.mrc",
     params:
-        config=stage_config("maps"),
+        config=class_stage_config("maps"),
         structure=lambda wildcards, input: f"--structure {input[0]}" if input else "",
     conda:
         CONDA_ENV
