@@ -77,7 +77,10 @@ EVAL_SPLITS = ["val", "test"]
 
 
 def all_targets():
+    # The simulated shards are targets: snakemake does not remake a deleted input of a job
+    # whose output is up to date, only a deleted target (and then everything downstream).
     return [
+        *(f for split in SIM_SPLITS for ext in ("npy", "star") for f in shard_files(split, ext)),
         f"{OUT}/affinity/affinity.csv",
         f"{OUT}/affinity/affinity.png",
         *expand(f"{OUT}/embeddings/{{split}}.csv", split=SIM_SPLITS + TOMOGRAMS),
