@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from cryovae.atomic import atomic_path
-from cryovae.model.io import read_record
+from cryovae.model.io import read_record, save_record
 from cryovae.model.losses import COMPONENTS
 
 STOP_SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s)
@@ -123,7 +123,7 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, noise: torch.Genera
         "history": list(state.history),
     }
     with atomic_path(path) as tmp:
-        torch.save(record, tmp)
+        save_record(record, tmp)
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, noise: torch.Generator,

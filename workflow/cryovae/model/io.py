@@ -53,7 +53,14 @@ def model_record(model: AffinityVAE, class_names: list[str], config: dict, extra
 def save_model(path: str | Path, model: AffinityVAE, class_names: list[str], config: dict, extra: dict | None = None) -> None:
     """Write ``model.pt`` atomically."""
     with atomic_path(path) as tmp:
-        torch.save(model_record(model, class_names, config, extra), tmp)
+        save_record(model_record(model, class_names, config, extra), tmp)
+
+
+def save_record(record: Any, path: Path) -> None:
+    """``torch.save`` through an open file: given a path, torch names the archive's folder
+    after the file, and an atomic write's temporary name would make every save differ."""
+    with open(path, "wb") as fh:
+        torch.save(record, fh)
 
 
 def read_record(path: Path, what: str, remedy: str, map_location: str | torch.device = "cpu") -> Any:
