@@ -18,6 +18,7 @@ from cryovae.affinity import (
     build_affinity,
     centre_indices,
     compute_descriptor,
+    load_descriptors,
     read_affinity_csv,
     write_affinity_csv,
 )
@@ -47,15 +48,20 @@ def demo_cifs(tmp_path_factory) -> dict[str, Path]:
     return {n: folder / f"{n}.cif" for n in names}
 
 
-def _affinity_of(structures: dict[str, str], folder: Path, mode: str, max_centres: int = FAST_CENTRES):
-    """The whole stage through the public functions; returns (names, matrix) read back from the CSV."""
-    config = _config(structures, mode, max_centres)
+def _descriptors_of(config, folder: Path, mode: str) -> list[Path]:
     descriptors = []
     for name in config.class_names:
         cif = folder / "structures" / f"{name}.cif"
         prepare_structure(config, name, cif)
         descriptors.append(folder / mode / f"{name}.npy")
         compute_descriptor(config, cif, descriptors[-1])
+    return descriptors
+
+
+def _affinity_of(structures: dict[str, str], folder: Path, mode: str, max_centres: int = FAST_CENTRES):
+    """The whole stage through the public functions; returns (names, matrix) read back from the CSV."""
+    config = _config(structures, mode, max_centres)
+    descriptors = _descriptors_of(config, folder, mode)
     csv, png = folder / f"{mode}.csv", folder / f"{mode}.png"
     build_affinity(config, descriptors[::-1], csv, png)
     assert matplotlib.image.imread(png).shape[2] in (3, 4)
@@ -78,10 +84,27 @@ def test_rotated_and_translated_copy_has_affinity_one(mode, demo_cifs, tmp_path)
     _moved_copy(demo_cifs["ell_a"], moved, seed=7)
     structures = {"original": str(demo_cifs["ell_a"]), "moved": str(moved),
                   "rod": str(demo_cifs["rod_a"]), "ring": str(demo_cifs["ring_a"])}
-    names, matrix = _affinity_of(structures, tmp_path, mode)
-    assert names == ["original", "moved", "rod", "ring"]
-    assert matrix[0, 1] >= 0.999
+    config = _config(structures, mode)
+    matrix = affinity_matrix(load_descriptors(config.class_names, _descriptors_of(config, tmp_path, mode)))
+    assert matrix[0, 1] >= 0.9999
     assert matrix[0, 2] < 0.9 and matrix[0, 3] < 0.9
+    # as classes, the two copies cannot be told apart: the affinity stage says so
+    with pytest.raises(InputError, match=r"original and moved have affinity 1\.0000.*split them at random"):
+        build_affinity(config, _descriptors_of(config, tmp_path, mode), tmp_path / "a.csv", tmp_path / "a.png")
+    assert not (tmp_path / "a.csv").exists()
+
+
+def test_two_classes_of_one_structure_are_an_error(tmp_path):
+    config = _config({"a": "demo:rod_a", "b": "demo:ring_a", "c": "demo:rod_a"})
+    paths = [_npy(tmp_path, n, v) for n, v in (("a", [1.0, 2, 3]), ("b", [3.0, 1, 0]), ("c", [1.0, 2, 3.5]))]
+    with pytest.raises(InputError, match=r"a and c name the same structure \(demo:rod_a\)"):
+        build_affinity(config, paths, tmp_path / "a.csv", tmp_path / "a.png")
+    pdb = tmp_path / "x.pdb"
+    pdb.write_text("")
+    same_file = _config({"a": str(pdb), "b": "demo:ring_a", "c": str(tmp_path / "." / "x.pdb")})
+    with pytest.raises(InputError, match=r"a and c name the same structure"):
+        build_affinity(same_file, paths, tmp_path / "a.csv", tmp_path / "a.png")
+    assert not (tmp_path / "a.csv").exists()
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from cryovae.cli import VERBS, build_parser, main
-from cryovae.config import Config, json_schema, load_config, validate_config
+from cryovae.config import GLOBAL_KEYS, Config, json_schema, load_config, stage_config_json, validate_config
 from cryovae.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -106,3 +106,91 @@ def test_every_verb_and_argument_has_help_and_the_example_parses():
         words = shlex.split(example)
         assert words[:2] == ["cryovae", verb], example
         assert parser.parse_args(words[1:]).verb == verb
+
+
+def _leaves(tree, prefix=""):
+    """(dotted key, value) of every leaf of a nested mapping."""
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+# The embedded default's own choices, which no other config should inherit: its demo
+# classes (structures has no default) and the class it holds out.
+DEMO_CHOICES = {"unseen"}
+
+
+def test_embedded_default_equals_the_typed_defaults_value_for_value():
+    data = yaml.safe_load((REPO / "config.yaml").read_text())
+    embedded = dict(_leaves(validate_config(data).model_dump(mode="json")))
+    typed = dict(_leaves(validate_config({"structures": data["structures"]}).model_dump(mode="json")))
+    assert embedded.keys() == typed.keys()
+    differences = {k: (embedded[k], typed[k]) for k in embedded if k not in DEMO_CHOICES and embedded[k] != typed[k]}
+    assert differences == {}, f"config.yaml vs Config defaults (yaml, typed): {differences}"
+    # and every value written in config.yaml is the validated one (no key left for a default to fill)
+    written = dict(_leaves(data))
+    assert {k: v for k, v in written.items() if k in embedded and embedded[k] != v} == {}
+
+
+def test_stage_slices_of_a_config_without_matching_validate():
+    data = {**MINIMAL, "matching": {"enabled": False},
+            "classification": {"features": ["latent"], "unknown_features": ["latent"]}}
+    cfg = validate_config(data)
+    for sections in [(s,) for s in Config.model_fields if s not in GLOBAL_KEYS] + [("matching", "simulation")]:
+        part = load_config(stage_config_json(cfg, *sections))
+        assert part.matching.enabled is False if "matching" in sections else True
+    # the whole config still checks the two sections together
+    with pytest.raises(InputError, match=r"lists \['fit', 'template'\] but matching.enabled is false"):
+        validate_config({**MINIMAL, "matching": {"enabled": False}})
+
+
+def test_batch_larger_than_the_training_split_names_both_numbers():
+    data = {**MINIMAL, "simulation": {"particles_per_class": 20}, "training": {"batch_size": 41}}
+    with pytest.raises(InputError, match=r"training.batch_size 41 is larger than the training split, 40 particles"):
+        validate_config(data, "my.yaml")
+    assert validate_config({**data, "training": {"batch_size": 40}}).training.batch_size == 40
+
+
+def test_input_files_that_do_not_exist_fail_validation(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.pdb").write_text("")
+    (tmp_path / "ts.mrc").write_text("")
+    data = {
+        "structures": {"a": "a.pdb", "b": "1bxn", "c": "demo:rod_a", "d": "missing/d.cif"},
+        "maps": {"files": {"b": "maps/b.mrc"}},
+        "extraction": {"tomograms": {"ts": {"tomogram": "ts.mrc", "coordinates": "ts.star"}}},
+    }
+    with pytest.raises(InputError) as err:
+        validate_config(data, "my.yaml")
+    lines = str(err.value).splitlines()
+    assert lines[0] == f"invalid config my.yaml: no such file (relative paths are taken from {tmp_path}):"
+    assert lines[1:4] == ["  structures.d: missing/d.cif", "  maps.files.b: maps/b.mrc",
+                          "  extraction.tomograms.ts.coordinates: ts.star"]
+    for name in ("missing/d.cif", "maps/b.mrc", "ts.star"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text("")
+    assert validate_config(data).structures["b"] == "1bxn"   # PDB ids and demo names are not files
+    # a stage's slice is cut from a whole config that was checked when the workflow parsed it
+    slice_json = stage_config_json(validate_config(data), "structure_options")
+    (tmp_path / "a.pdb").unlink()
+    assert load_config(slice_json).structures["a"] == "a.pdb"
+
+
+def test_a_class_slice_holds_that_class_alone():
+    data = {"structures": {"a": "demo:globule_a", "b": "demo:rod_a", "c": "demo:ring_a"}, "unseen": ["c"],
+            "maps": {"files": {"b": "b.mrc"}}, "alignment": {"symmetry": {"a": "C2", "b": "D2"}}}
+    cfg = Config.model_validate(data)   # (no file check: b.mrc is a name here)
+    part = load_config(stage_config_json(cfg, "maps", "alignment", class_name="b"))
+    assert part.structures == {"b": "demo:rod_a"} and part.unseen == []
+    assert part.maps.files == {"b": "b.mrc"} and part.alignment.symmetry == {"b": "D2"}
+    # the slice of one class does not change when another class does
+    other = Config.model_validate({**data, "structures": {**data["structures"], "a": "demo:globule_b"},
+                                   "unseen": ["a"], "maps": {"files": {"a": "x.mrc", "b": "b.mrc"}}})
+    for name, same in (("b", True), ("a", False)):
+        for sections in (("structure_options",), ("maps",), ("affinity",)):
+            assert (stage_config_json(cfg, *sections, class_name=name)
+                    == stage_config_json(other, *sections, class_name=name)) is same, (name, sections)
+    with pytest.raises(InputError, match="structures: expected at least 2 classes, got 1"):
+        validate_config({"structures": {"a": "demo:rod_a"}})

@@ -72,10 +72,11 @@ def _write_coords(folder: Path, fmt: str, pixel=PIXEL, table=None) -> Path:
     return path
 
 
-def _config(tomo: Path, coords: Path, **extraction):
+def _config(tomo: Path, coords: Path, pixel_size_angstrom: float = PIXEL, **extraction):
     return validate_config({
         "structures": {"a": "demo:a", "b": "demo:b"},
         "box_size": BOX,
+        "pixel_size_angstrom": pixel_size_angstrom,
         "extraction": {"tomograms": {"TS_01": {"tomogram": str(tomo), "coordinates": str(coords)}},
                        "normalise": False, **extraction},
     })
@@ -146,7 +147,8 @@ def test_skipping_logs_the_count(tmp_path, tomogram, caplog):
 def test_binning_2(tmp_path, tomogram):
     tomo, _ = tomogram
     out = tmp_path / "out"
-    extract_tomogram(_config(tomo, _write_coords(tmp_path, "relion4"), binning=2, out_of_bounds="skip"), "TS_01", out)
+    config = _config(tomo, _write_coords(tmp_path, "relion4"), 2 * PIXEL, binning=2, out_of_bounds="skip")
+    extract_tomogram(config, "TS_01", out)
     subtomos = SubtomogramSet.open(out)
     assert subtomos.pixel_size_angstrom == 2 * PIXEL
     kept = [0, 1, 2, 3]  # the 32-px boxes of particles 5 (z) and 6 (x) leave the tomogram
@@ -227,7 +229,7 @@ def test_pixel_size_disagreement(tmp_path, tomogram):
     with pytest.raises(InputError, match=r"coords_relion4\.star: pixel size 13.5 Å disagrees with 10 Å"):
         extract_tomogram(_config(tomo, coords), "TS_01", tmp_path / "a")
     assert not (tmp_path / "a").exists()
-    extract_tomogram(_config(tomo, coords, trust_pixel_size="star"), "TS_01", tmp_path / "b")
+    extract_tomogram(_config(tomo, coords, 13.5, trust_pixel_size="star"), "TS_01", tmp_path / "b")
     assert SubtomogramSet.open(tmp_path / "b").pixel_size_angstrom == pytest.approx(13.5)
     extract_tomogram(_config(tomo, coords, trust_pixel_size="mrc"), "TS_01", tmp_path / "c")
     assert SubtomogramSet.open(tmp_path / "c").pixel_size_angstrom == pytest.approx(10.0)
@@ -241,10 +243,29 @@ def test_pixel_size_from_config_when_header_has_none(tmp_path, tomogram):
     coords = _write_coords(tmp_path, "csv")
     with pytest.raises(InputError, match=r"set extraction\.tomograms\.TS_01\.pixel_size_angstrom"):
         extract_tomogram(_config(path, coords), "TS_01", tmp_path / "a")
-    config = _config(path, coords)
+    config = _config(path, coords, 7.5)
     config.extraction.tomograms["TS_01"].pixel_size_angstrom = 7.5
     extract_tomogram(config, "TS_01", tmp_path / "b")
     assert SubtomogramSet.open(tmp_path / "b").pixel_size_angstrom == pytest.approx(7.5)
+
+
+@pytest.mark.parametrize("workflow_px, binning, expected", [
+    (20.0, 1, r"set extraction\.binning: 2 \(bins 10 Å to 20 Å\)"),
+    (30.0, 2, r"= 20 Å, but the workflow's maps and model are at pixel_size_angstrom 30 Å; set extraction\.binning: 3"),
+    (24.0, 1, r"24 / 10 is not an integer binning"),
+    (5.0, 1, r"5 / 10 is not an integer binning"),
+])
+def test_tomogram_at_another_pixel_size_than_the_workflow(tmp_path, tomogram, workflow_px, binning, expected):
+    tomo, _ = tomogram
+    config = _config(tomo, _write_coords(tmp_path, "csv"), workflow_px, binning=binning, out_of_bounds="skip")
+    with pytest.raises(InputError, match=rf"TS_01\.mrc \(extraction\.tomograms\.TS_01\): pixel size 10 Å .*{expected}"):
+        extract_tomogram(config, "TS_01", tmp_path / "out")
+    _assert_nothing_written(tmp_path, tmp_path / "out")
+    if "set extraction" in expected:  # doing what the message says extracts at the workflow's pixel size
+        config = _config(tomo, _write_coords(tmp_path, "csv"), workflow_px, binning=round(workflow_px / PIXEL),
+                         out_of_bounds="pad")
+        extract_tomogram(config, "TS_01", tmp_path / "out")
+        assert SubtomogramSet.open(tmp_path / "out").pixel_size_angstrom == pytest.approx(workflow_px)
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -173,3 +173,23 @@ def test_bad_given_map_is_an_error_naming_the_file(tmp_path, kind):
 def test_missing_structure_is_an_error(tmp_path):
     with pytest.raises(InputError, match="nothere.cif"):
         make_map(_config(), "a", tmp_path / "nothere.cif", tmp_path / "out.mrc")
+
+
+def test_written_maps_do_not_depend_on_the_clock(tmp_path, monkeypatch):
+    """mrcfile stamps the creation time into a new header's label: the same map must
+    still give the same bytes when written at another time."""
+    import datetime as dt
+
+    import mrcfile.mrcobject
+
+    from cryovae.maps import write_map
+
+    volume = np.arange(4**3, dtype=np.float32).reshape(4, 4, 4)
+    for k, when in enumerate([dt.datetime(2020, 1, 1, 0, 0, 0), dt.datetime(2031, 6, 7, 8, 9, 10)]):
+        clock = type("Clock", (), {"now": staticmethod(lambda when=when: when)})
+        monkeypatch.setattr(mrcfile.mrcobject, "datetime", clock)
+        write_map(volume, 7.5, tmp_path / f"{k}.mrc")
+    assert (tmp_path / "0.mrc").read_bytes() == (tmp_path / "1.mrc").read_bytes()
+    with mrcfile.open(tmp_path / "0.mrc") as mrc:
+        np.testing.assert_array_equal(mrc.data, volume)
+        assert float(mrc.voxel_size.x) == 7.5

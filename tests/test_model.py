@@ -108,6 +108,14 @@ def test_save_load_round_trip(tmp_path, decoder):
     torch.testing.assert_close(model.decode_canonical(a["latent_mean"]), loaded.decode_canonical(a["latent_mean"]))
 
 
+def test_the_same_model_saved_twice_gives_the_same_bytes(tmp_path):
+    torch.manual_seed(2)
+    model = AffinityVAE((8, 8, 8), [4, 8], latent_dims=2, decoder="cnn", hidden=8)
+    for folder in ("one", "two"):  # atomic writes go through temporaries of different names
+        save_model(tmp_path / folder / "model.pt", model, ["a", "b"], {"seed": 1})
+    assert (tmp_path / "one/model.pt").read_bytes() == (tmp_path / "two/model.pt").read_bytes()
+
+
 def test_load_model_rejects_other_files(tmp_path):
     from cryovae.errors import InputError
 
@@ -116,6 +124,13 @@ def test_load_model_rejects_other_files(tmp_path):
         load_model(tmp_path / "other.pt")
     with pytest.raises(InputError, match="does not exist"):
         load_model(tmp_path / "absent.pt")
+    model = AffinityVAE((8, 8, 8), [4, 8], latent_dims=2, decoder="cnn", hidden=8)
+    save_model(tmp_path / "model.pt", model, ["a", "b"], {})
+    whole = (tmp_path / "model.pt").read_bytes()
+    for keep in (len(whole) // 2, 0):
+        (tmp_path / "model.pt").write_bytes(whole[:keep])
+        with pytest.raises(InputError, match=f"{tmp_path / 'model.pt'}: the model file cannot be read .*rerun"):
+            load_model(tmp_path / "model.pt")
 
 
 # ----------------------------------------------------------------------------- a trained tiny model

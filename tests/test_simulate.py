@@ -44,6 +44,7 @@ def _config(simulation: dict | None = None, **top) -> object:
         "box_size": BOX,
         "seed": 5,
         "simulation": {"particles_per_class": 20, "particles_per_shard": 16, **(simulation or {})},
+        "training": {"batch_size": 16},  # at most the 2 x 20 training particles
     }
     data.update(top)
     return validate_config(data)
@@ -121,7 +122,7 @@ def test_same_config_same_bytes_and_shards_differ(map_files, tmp_path):
 
 
 def test_star_columns_and_optics(map_files, tmp_path):
-    config = _config()
+    config = _config({"snr": 0.1})
     sim.simulate_shard(config, "test", 1, map_files, tmp_path / "shard_001.npy", tmp_path / "shard_001.star")
     particles, optics = read_particles_star(tmp_path / "shard_001.star")
     n = splits.shard_plan(config, "test")[1]

@@ -158,8 +158,14 @@ def test_truncated_gzip_and_truncated_pdb_are_errors(shrec_dir, tmp_path):
 
 
 def test_missing_file_and_unknown_spec_name_what_was_expected(tmp_path):
-    with pytest.raises(InputError, match=r"'nope/missing\.pdb': no such file.*4-character PDB id.*demo:NAME"):
-        prepare_structure(_config({"x": "nope/missing.pdb"}), "x", tmp_path / "out.cif")
+    with pytest.raises(InputError, match=r"structures\.x: nope/missing\.pdb\n.*4-character PDB id.*demo:NAME"):
+        _config({"x": "nope/missing.pdb"})   # caught when the config is validated
+    gone = tmp_path / "gone.pdb"
+    gone.write_text("")
+    config = _config({"x": str(gone)})
+    gone.unlink()                            # and if it goes after that, when it is read
+    with pytest.raises(InputError, match=r"gone\.pdb': no such file.*4-character PDB id.*demo:NAME"):
+        prepare_structure(config, "x", tmp_path / "out.cif")
     with pytest.raises(InputError, match=r"class 'y' is not a key of structures"):
         prepare_structure(_config({"x": "demo:rod_a"}), "y", tmp_path / "out.cif")
     assert not (tmp_path / "out.cif").exists()

@@ -197,3 +197,37 @@ def test_symmetry_table_locates_the_axes_in_each_map(tmp_path):
     assert abs(abs(twofold[0, 0]) - 1) < 0.02  # ... about x
     with pytest.raises(InputError, match="reference map is needed"):
         symmetry_table(["a", "b"], {"b": "C2"}, [])
+
+
+def _truncate(path, keep: float = 0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.0])
+def test_corrupt_checkpoint_names_the_file_and_set_aside_restarts(tiny, tmp_path, keep):
+    cfg = _config()
+    _run(cfg, tiny, tmp_path / "straight")
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit):
+        _run(cfg, tiny, out, hook=_interrupt_at(1, 1, signal.SIGTERM))
+    _truncate(out / "checkpoint.pt", keep)
+    with pytest.raises(InputError) as err:
+        _run(cfg, tiny, out)
+    message = str(err.value)
+    assert f"{out / 'checkpoint.pt'}: the training checkpoint cannot be read" in message
+    assert f"mv {out / 'checkpoint.pt'} {out / 'checkpoint.pt'}.corrupt" in message
+    (out / "checkpoint.pt").rename(out / "checkpoint.pt.corrupt")  # what the message says to do
+    _run(cfg, tiny, out)
+    a, b = _state(tmp_path / "straight"), _state(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_truncated_shard_names_the_file(tiny, tmp_path):
+    import shutil
+
+    split = tmp_path / "train"
+    shutil.copytree(tiny / "train", split)
+    _truncate(split / "shard_001.npy", 0.7)
+    with pytest.raises(InputError, match=r"shard_001.npy: shard cannot be read \(truncated or corrupt.*delete it"):
+        run_training(_config(), split, tiny / "val", tiny / "affinity.csv", tmp_path / "out")

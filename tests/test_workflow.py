@@ -175,22 +175,46 @@ def test_changed_parameter_reruns_exactly_what_it_affects(run):
         assert f"\n{rule} " not in text and f"\n{rule}\n" not in text, rule
 
 
+def test_a_deleted_shard_is_simulated_again(run, tmp_path):
+    _, config, out = run
+    shard = out / "subtomograms/train/shard_001.npy"
+    kept = tmp_path / "shard_001.npy"
+    shutil.copy2(shard, kept)
+    shard.unlink()
+    try:
+        jobs = _dry_run_jobs(snakemake("--configfile", str(config), "-n"))
+    finally:
+        shutil.copy2(kept, shard)  # same bytes and time: the shared run is up to date again
+    simulated = sorted(w for rule, w in jobs if rule == "simulate")
+    assert len(simulated) == 1 and "simsplit=train" in simulated[0] and "shard=shard_001" in simulated[0]
+    assert {"gather", "train"} <= {rule for rule, _ in jobs}
+
+
+# Outputs that two runs of one config may write differently, and why.
+MAY_DIFFER = {
+    "logs/": "progress bars, timings and samples per second",
+    "model/history.csv": "its seconds column is wall time (the other columns are compared)",
+}
+
+
 def test_rerun_from_scratch_gives_identical_files(run, tmp_path):
+    """Same config, same bytes: every output file (MRC maps and exports included), but the
+    few in MAY_DIFFER."""
     base, config, out = run
     first = tmp_path / "first"
     shutil.copytree(out, first)
     shutil.rmtree(out)
     shutil.rmtree(REPO / ".snakemake" / "metadata", ignore_errors=True)
     snakemake("--configfile", str(config))
-    for rel in ["affinity/affinity.csv", "subtomograms/train/shard_000.npy", "subtomograms/test/particles.star",
-                "embeddings/match/test.npz", "embeddings/test.csv", "priors/test.star",
-                "evaluation/test/metrics.json"]:
-        assert filecmp.cmp(first / rel, out / rel, shallow=False), rel
-    a = torch.load(first / "model/model.pt", weights_only=True)
-    b = torch.load(out / "model/model.pt", weights_only=True)
-    state_a, state_b = a["state_dict"], b["state_dict"]
-    assert state_a.keys() == state_b.keys()
-    assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+    files = {p.relative_to(first).as_posix() for p in first.rglob("*") if p.is_file()}
+    assert files == {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    assert {"maps/ell_a.mrc", "export/test/particles.star", "model/model.pt"} <= files
+    assert any(f.startswith("export/test/subtomograms/") and f.endswith(".mrc") for f in files)
+    compared = [f for f in sorted(files) if not any(f.startswith(k) for k in MAY_DIFFER)]
+    differing = [f for f in compared if not filecmp.cmp(first / f, out / f, shallow=False)]
+    assert differing == []
+    history = [pd.read_csv(d / "model/history.csv").drop(columns="seconds") for d in (first, out)]
+    pd.testing.assert_frame_equal(*history)
 
 
 def _train_pid(out: Path) -> int | None:
@@ -246,10 +270,16 @@ def test_keep_going_finishes_independent_branches_and_names_the_bad_file(tmp_pat
     config = tmp_path / "bad.yaml"
     config.write_text(yaml.safe_dump(data, sort_keys=False))
     targets = [str(tmp_path / f"out/affinity/soap/{c}.npy") for c in data["structures"]]
+    # a structure file that does not exist stops the workflow when it parses its config
+    proc = snakemake(*targets, "-n", "--configfile", str(config), cwd=tmp_path, check=False)
+    assert proc.returncode != 0
+    assert f"structures.rod_a: {tmp_path / 'missing_rod.pdb'}" in proc.stdout + proc.stderr
+    # one that exists but holds no atoms fails its own job; the other classes' jobs finish
+    (tmp_path / "missing_rod.pdb").write_text("HEADER    NOT A STRUCTURE\nEND\n")
     proc = snakemake(*targets, "--keep-going", "--configfile", str(config), cwd=tmp_path, check=False)
     assert proc.returncode != 0
     message = (tmp_path / "out/logs/structure/rod_a.log").read_text()
-    assert "missing_rod.pdb" in message and "expected an existing PDB/mmCIF file" in message
+    assert "missing_rod.pdb" in message and "no atoms found" in message
     # the verb's one-line error reaches snakemake's own output, not only the rule's log
     error_line = message.strip().splitlines()[-1]
     assert error_line.startswith("cryovae structure: error: ") and error_line in proc.stderr.splitlines()
@@ -257,3 +287,36 @@ def test_keep_going_finishes_independent_branches_and_names_the_bad_file(tmp_pat
     assert not (tmp_path / "out/structures/rod_a.cif").exists()
     for cls in ("globule_a", "ring_a", "ell_a"):
         assert np.load(tmp_path / f"out/affinity/soap/{cls}.npy").ndim == 1
+
+
+def _dry_run_jobs(proc: subprocess.CompletedProcess) -> set[tuple[str, str]]:
+    """(rule, wildcards) of every job a dry run lists."""
+    jobs, rule = set(), None
+    for line in (proc.stdout + proc.stderr).splitlines():
+        line = line.strip()
+        if line.startswith(("rule ", "localrule ")) and line.endswith(":"):
+            rule = line.split()[1].rstrip(":")
+            jobs.add((rule, ""))
+        elif line.startswith("wildcards:") and rule is not None:
+            jobs.discard((rule, ""))
+            jobs.add((rule, line.removeprefix("wildcards:").strip()))
+            rule = None
+    return jobs
+
+
+def test_changing_one_structure_reruns_that_class_alone(tmp_path):
+    """Only the changed class's structure, descriptor and map jobs, and what gathers all
+    classes (the affinity matrix), run again."""
+    out = tmp_path / "out"
+    config = write_config(tmp_path / "tiny.yaml", out)
+    classes = list(yaml.safe_load(TINY.read_text())["structures"])
+    targets = [str(out / "affinity/affinity.csv"), *(str(out / f"maps/{c}.mrc") for c in classes)]
+    snakemake(*targets, "--configfile", str(config), cwd=tmp_path)
+    assert "Nothing to be done" in (lambda p: p.stdout + p.stderr)(
+        snakemake(*targets, "--configfile", str(config), "-n", cwd=tmp_path))
+    data = yaml.safe_load(config.read_text())
+    data["structures"]["rod_a"] = "demo:rod_b"
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump(data, sort_keys=False))
+    jobs = _dry_run_jobs(snakemake(*targets, "--configfile", str(changed), "-n", cwd=tmp_path))
+    assert jobs == {("structure", "cls=rod_a"), ("descriptor", "cls=rod_a"), ("map", "cls=rod_a"), ("affinity", "")}

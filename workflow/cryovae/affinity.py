@@ -135,8 +135,32 @@ def build_affinity(config: Config, descriptors: list[Path], csv: Path, plot: Pat
     """Affinity matrix of all classes (config order) as CSV (header of class names) and a heatmap PNG."""
     vectors = load_descriptors(config.class_names, descriptors)
     matrix = affinity_matrix(vectors)
+    check_distinct_classes(config.structures, matrix)
     write_affinity_csv(csv, config.class_names, matrix)
     plot_affinity(plot, config.class_names, matrix, config.affinity.mode)
+
+
+IDENTICAL_AFFINITY = 0.9999
+
+
+def check_distinct_classes(structures: dict[str, str], matrix: np.ndarray) -> None:
+    """InputError if two classes name the same structure or have affinity 1 (>= IDENTICAL_AFFINITY):
+    their particles are the same shape, and a classifier would split them at random."""
+    names = list(structures)
+    same = []
+    for i, j in zip(*np.triu_indices(len(names), k=1)):
+        a, b = names[i], names[j]
+        source_a, source_b = structures[a], structures[b]
+        if source_a == source_b or (Path(source_a).is_file() and Path(source_b).is_file()
+                                    and Path(source_a).resolve() == Path(source_b).resolve()):
+            same.append(f"{a} and {b} name the same structure ({source_a})")
+        elif matrix[i, j] >= IDENTICAL_AFFINITY:
+            same.append(f"{a} and {b} have affinity {matrix[i, j]:.6f} ({source_a}, {source_b})")
+    if same:
+        raise InputError(
+            "structures: " + "; ".join(same) + ". Their particles are the same shape: the classifier would "
+            "split them at random. Give each class its own structure, or merge them into one class."
+        )
 
 
 def load_descriptors(class_names: list[str], paths: list[Path]) -> np.ndarray:

@@ -8,13 +8,20 @@ fails at load time with a message that names the key and what was expected.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from cryovae.errors import InputError
+
+# A structure given as a PDB id rather than a file (see structures.resolve_structure_file).
+PDB_ID_PATTERN = re.compile(r"[0-9][A-Za-z0-9]{3}")
+GLOBAL_KEYS = ("output_dir", "seed", "structures", "unseen", "pixel_size_angstrom", "box_size")
+SECTIONS_KEY = "stage_sections"
+CLASS_KEY = "stage_class"
 
 
 class _Section(BaseModel):
@@ -89,7 +96,7 @@ class SimulationConfig(_Section):
     """Simulated subtomograms with known poses."""
 
     particles_per_class: int = Field(
-        200, ge=3, description="Particles per class in the training split; val and test get "
+        1500, ge=3, description="Particles per class in the training split; val and test get "
         "val_fraction and test_fraction of this."
     )
     val_fraction: float = Field(0.25, gt=0, le=1, description="Validation particles per class, relative.")
@@ -98,7 +105,7 @@ class SimulationConfig(_Section):
         512, ge=1, description="Particles per shard file (and per simulation job)."
     )
     snr: float | None = Field(
-        0.1, gt=0, description="Signal variance over noise variance in the box; null: noise-free."
+        0.5, gt=0, description="Signal variance over noise variance in the box; null: noise-free."
     )
     tilt_range_deg: tuple[float, float] | None = Field(
         (-60.0, 60.0), description="Tilt range of the missing wedge about Y; null: no missing wedge."
@@ -174,7 +181,7 @@ class Schedule(_Section):
 class TrainingConfig(_Section):
     """The affinity-VAE and its training."""
 
-    epochs: int = Field(30, ge=1, description="Training epochs.")
+    epochs: int = Field(5, ge=1, description="Training epochs.")
     batch_size: int = Field(64, ge=2, description="Particles per batch (pairs in a batch feed the affinity loss).")
     latent_dims: int = Field(8, ge=2, description="Size of the shape latent.")
     decoder: Literal["cnn", "splat"] = Field("cnn", description="cnn: volume decoder; splat: Gaussian splats.")
@@ -194,7 +201,7 @@ class TrainingConfig(_Section):
         True, description="Compare reconstructions only where the missing wedge leaves data."
     )
     learning_rate: float = Field(1e-3, gt=0, description="Adam learning rate.")
-    checkpoint_every: int = Field(5, ge=1, description="Write a checkpoint every this many epochs.")
+    checkpoint_every: int = Field(1, ge=1, description="Write a checkpoint every this many epochs.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present.")
     threads: int = Field(2, ge=1, description="CPU threads the train rule asks for.")
 
@@ -276,7 +283,7 @@ class Config(_Section):
     output_dir: str = Field("results", description="Where every output lands.")
     seed: int = Field(0, ge=0, description="Seed of every stochastic step.")
     structures: dict[str, str] = Field(
-        ..., min_length=2,
+        ..., json_schema_extra={"minProperties": 2},  # checked below: a one-class stage slice has one
         description="Class name -> local PDB/mmCIF file (.gz accepted), a 4-character PDB id, "
         "or demo:NAME for a generated synthetic structure.",
     )
@@ -302,21 +309,44 @@ class Config(_Section):
         return v
 
     @model_validator(mode="after")
-    def _classes_consistent(self):
+    def _classes_consistent(self, info: ValidationInfo):
+        # A stage's config slice (see stage_config_json) holds only some sections; checks
+        # across sections run only where every section they read is in the slice.
+        context = info.context or {}
+        sections = context.get(SECTIONS_KEY)
+        present = set(type(self).model_fields) if sections is None else {*GLOBAL_KEYS, *sections}
         for name in self.unseen:
             if name not in self.structures:
                 raise ValueError(f"unseen class {name!r} is not a key of structures")
-        if len(self.seen_classes) < 2:
-            raise ValueError("at least two classes must be seen in training")
-        cc = self.classification
-        needs_matching = sorted({"template", "fit"} & set(cc.features + cc.unknown_features))
-        if needs_matching and not self.matching.enabled:
-            raise ValueError(f"classification.features lists {needs_matching} but matching.enabled is false")
+        if context.get(CLASS_KEY) is None:
+            if len(self.structures) < 2:
+                raise ValueError(f"structures: expected at least 2 classes, got {len(self.structures)}")
+            if len(self.seen_classes) < 2:
+                raise ValueError("at least two classes must be seen in training")
+        if {"classification", "matching"} <= present:
+            cc = self.classification
+            needs_matching = sorted({"template", "fit"} & set(cc.features + cc.unknown_features))
+            if needs_matching and not self.matching.enabled:
+                raise ValueError(f"classification.features lists {needs_matching} but matching.enabled is false")
         for section, names in (("alignment.symmetry", self.alignment.symmetry), ("maps.files", self.maps.files)):
-            for name in names:
+            for name in names if section.split(".")[0] in present else ():
                 if name not in self.structures:
                     raise ValueError(f"{section} names {name!r}, which is not a key of structures")
+        if {"training", "simulation"} <= present:
+            self._batch_fits_training_split()
         return self
+
+    def _batch_fits_training_split(self) -> None:
+        from cryovae.splits import particles_per_class
+
+        per_class = particles_per_class(self, "train")
+        n_train = len(self.seen_classes) * per_class
+        if self.training.batch_size > n_train:
+            raise ValueError(
+                f"training.batch_size {self.training.batch_size} is larger than the training split, "
+                f"{n_train} particles ({len(self.seen_classes)} seen classes x {per_class} particles "
+                f"per class): every epoch would be one optimiser step; set training.batch_size <= {n_train}"
+            )
 
     @property
     def class_names(self) -> list[str]:
@@ -336,16 +366,43 @@ def _format_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def validate_config(data: dict[str, Any], source: str = "") -> Config:
-    """Validate a config mapping; raise :class:`InputError` naming every bad key."""
+def validate_config(data: dict[str, Any], source: str = "", sections: list[str] | None = None,
+                    class_name: str | None = None) -> Config:
+    """Validate a config mapping; raise :class:`InputError` naming every bad key.
+
+    ``sections``: the sections of a stage's slice (the others are defaults, so checks
+    that read them are skipped); None for a whole config.  ``class_name``: the one class
+    of a per-class slice.
+    """
     try:
-        return Config.model_validate(data)
+        config = Config.model_validate(data, context={SECTIONS_KEY: sections, CLASS_KEY: class_name})
     except ValidationError as err:
         raise InputError(_format_error(err, source)) from None
+    if sections is None:  # a stage's slice is cut from a whole config that was checked
+        check_input_files(config, source)
+    return config
 
 
-GLOBAL_KEYS = ("output_dir", "seed", "structures", "unseen", "pixel_size_angstrom", "box_size")
-SECTIONS_KEY = "stage_sections"
+def _local_inputs(config: Config) -> list[tuple[str, str]]:
+    """(config key, path) of every input file the config names (not PDB ids, not demo:NAME)."""
+    named = [(f"structures.{name}", spec) for name, spec in config.structures.items()
+             if not spec.startswith("demo:") and not PDB_ID_PATTERN.fullmatch(spec)]
+    named += [(f"maps.files.{name}", path) for name, path in config.maps.files.items()]
+    for name, tomo in config.extraction.tomograms.items():
+        named += [(f"extraction.tomograms.{name}.tomogram", tomo.tomogram),
+                  (f"extraction.tomograms.{name}.coordinates", tomo.coordinates)]
+    return named
+
+
+def check_input_files(config: Config, source: str = "") -> None:
+    """InputError listing every input file the config names that is not an existing file."""
+    missing = [f"  {key}: {path}" for key, path in _local_inputs(config) if not Path(path).expanduser().is_file()]
+    if missing:
+        raise InputError(
+            f"invalid config {source}: no such file (relative paths are taken from {Path.cwd()}):\n"
+            + "\n".join(missing)
+            + "\n(a structure can also be a 4-character PDB id such as 1bxn, or demo:NAME)"
+        )
 
 
 class _Undeclared:
@@ -361,22 +418,36 @@ class _Undeclared:
         )
 
 
-def stage_config_json(config: Config, *sections: str) -> str:
+# Per-class entries of sections, cut down to the one class of a per-class slice.
+_PER_CLASS = {"maps": "files", "alignment": "symmetry"}
+
+
+def stage_config_json(config: Config, *sections: str, class_name: str | None = None) -> str:
     """The part of ``config`` a workflow stage depends on, as JSON for ``--config``.
 
     The rule passes it as a param, so changing any of it (and nothing else) reruns the
     rule; :func:`load_config` makes every other section raise when read, so a stage
-    cannot silently depend on a section its rule does not declare.
+    cannot silently depend on a section its rule does not declare.  With ``class_name``
+    (a job of one class), ``structures`` and the per-class entries of ``maps.files`` and
+    ``alignment.symmetry`` hold that class alone and ``unseen`` is empty, so changing
+    another class does not rerun the job.
     """
     dump = config.model_dump(mode="json")
     part = {k: dump[k] for k in (*GLOBAL_KEYS, *sections)}
+    if class_name is not None:
+        part["structures"] = {class_name: config.structures[class_name]}
+        part["unseen"] = []
+        for section, key in _PER_CLASS.items():
+            if section in sections:
+                part[section][key] = {k: v for k, v in part[section][key].items() if k == class_name}
+        part[CLASS_KEY] = class_name
     part[SECTIONS_KEY] = list(sections)
     return json.dumps(part)  # insertion order: the order of structures is the class order
 
 
 def _from_stage_json(data: dict[str, Any]) -> Config:
     sections = data.pop(SECTIONS_KEY)
-    config = validate_config(data, "(stage config)")
+    config = validate_config(data, "(stage config)", sections, data.pop(CLASS_KEY, None))
     for name in Config.model_fields:
         if name not in GLOBAL_KEYS and name not in sections:
             object.__setattr__(config, name, _Undeclared(name))

@@ -14,15 +14,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import mrcfile
 import numpy as np
 import pandas as pd
 import torch
 from tqdm import tqdm
 
-from cryovae.atomic import atomic_path
 from cryovae.ctf import ctf_3d, missing_wedge_mask
 from cryovae.errors import InputError
+from cryovae.maps import write_map
 from cryovae.star import write_star_blocks
 from cryovae.shards import POSE_COLUMNS, SubtomogramSet
 
@@ -83,13 +82,6 @@ def optics_for_export(config, optics: pd.DataFrame, box: int, pixel_size_angstro
     }
 
 
-def _write_mrc(volume_zyx: np.ndarray, pixel_size_angstrom: float, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        with mrcfile.new(tmp, overwrite=True) as mrc:
-            mrc.set_data(np.ascontiguousarray(volume_zyx, dtype=np.float32))
-            mrc.voxel_size = pixel_size_angstrom
-
-
 def ctf_models(config, data: SubtomogramSet, rows: np.ndarray, box: int) -> np.ndarray | None:
     """RELION 3D CTF models of ``rows``: (n, box, box, box // 2 + 1) float32, CTF × wedge, or None.
 
@@ -135,9 +127,9 @@ def export_relion3(config, split_dir: Path, output_dir: Path) -> None:
         models = ctf_models(config, data, idx, box)
         has_ctf = models is not None
         for k, (i, volume) in enumerate(zip(idx, volumes)):
-            _write_mrc(volume, pixel, output_dir / names[i])
+            write_map(volume, pixel, output_dir / names[i])
             if has_ctf:
-                _write_mrc(models[k], pixel, output_dir / ctf_names[i])
+                write_map(models[k], pixel, output_dir / ctf_names[i])
     table = data.particles.copy()
     table.insert(0, "rlnImageName", names)
     if has_ctf:

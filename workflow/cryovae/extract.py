@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import shutil
-import tempfile
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +34,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from cryovae.atomic import atomic_path
+from cryovae.atomic import atomic_dir, atomic_path
 from cryovae.errors import InputError
 from cryovae.star import COORD_COLUMNS, read_coordinates, star_pixel_size_angstrom, write_star_blocks
 
@@ -110,6 +108,26 @@ def resolve_pixel_size_angstrom(config_px: float | None, header_px: float | None
     log.warning("%s: STAR pixel size %g Å, tomogram %g Å: using %g Å (trust_pixel_size=%s)",
                 key, star_px, mrc_px, chosen, trust)
     return float(chosen)
+
+
+def check_workflow_pixel_size(tomogram_px: float, binning: int, workflow_px: float, tomogram_path: Path,
+                             key: str) -> None:
+    """InputError unless the tomogram's pixel size times ``binning`` is the workflow's
+    ``pixel_size_angstrom`` (the maps' and the model's), saying what to set."""
+    extracted = tomogram_px * binning
+    if math.isclose(extracted, workflow_px, rel_tol=1e-3):
+        return
+    factor = workflow_px / tomogram_px
+    if round(factor) >= 1 and math.isclose(factor, round(factor), rel_tol=1e-3):
+        fix = f"set extraction.binning: {round(factor)} (bins {tomogram_px:g} Å to {workflow_px:g} Å)"
+    else:
+        fix = (f"{workflow_px:g} / {tomogram_px:g} is not an integer binning: set pixel_size_angstrom to an integer "
+               f"multiple of {tomogram_px:g} Å (and extraction.binning to that multiple), or resample the tomogram")
+    raise InputError(
+        f"{tomogram_path} (extraction.tomograms.{key}): pixel size {tomogram_px:g} Å x extraction.binning "
+        f"{binning} = {extracted:g} Å, but the workflow's maps and model are at pixel_size_angstrom "
+        f"{workflow_px:g} Å; {fix}"
+    )
 
 
 def tomogram_mean(data: np.ndarray, target_voxels: int = 2_000_000) -> float:
@@ -275,25 +293,6 @@ def _cut_boxes(data, plan: _Plan, indices: range, binning: int, fill: float, nor
 # ----------------------------------------------------------------------------- output
 
 
-@contextlib.contextmanager
-def _atomic_dir(path: Path) -> Iterator[Path]:
-    """Yield an empty temporary folder beside ``path``; it replaces ``path`` only on success."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-    try:
-        yield tmp
-        if path.exists():
-            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old."))
-            os.replace(path, old / "previous")
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-
-
 def _particles_table(table: pd.DataFrame, plan: _Plan, tomogram: str, per_shard: int,
                      pixel_size_angstrom: float) -> pd.DataFrame:
     rows = table.iloc[plan.rows]
@@ -350,6 +349,7 @@ def _prepare(config, tomogram: str, mrc) -> _Job:
         spec.pixel_size_angstrom, header_pixel_size_angstrom(mrc, tomo_path),
         star_pixel_size_angstrom(coords_path), ext.trust_pixel_size, tomo_path, coords_path, tomogram,
     )
+    check_workflow_pixel_size(pixel, ext.binning, config.pixel_size_angstrom, tomo_path, tomogram)
     table = select_tomogram(read_coordinates(coords_path, shape_xyz, pixel, tomogram), tomogram, coords_path)
     if len(table) == 0:
         raise InputError(f"{coords_path}: no particles for tomogram {tomogram!r}")
@@ -375,7 +375,7 @@ def _write_output(config, job: _Job, data, output_dir: Path) -> tuple[int, int]:
     per_shard, n_rows, n_constant = ext.particles_per_shard, len(job.plan.rows), 0
     n_shards = int(np.ceil(n_rows / per_shard))
     particles = _particles_table(job.table, job.plan, job.tomogram, per_shard, job.pixel_size_angstrom)
-    with _atomic_dir(output_dir) as tmp, tqdm(total=n_rows, desc=f"extract {job.tomogram}", unit="particle",
+    with atomic_dir(output_dir) as tmp, tqdm(total=n_rows, desc=f"extract {job.tomogram}", unit="particle",
                                               disable=None, leave=False) as progress:
         buffer = np.empty((min(per_shard, n_rows), box, box, box), dtype=np.float32)
         for k in range(n_shards):

@@ -184,9 +184,18 @@ def check_map(volume_zyx: np.ndarray, source: Path) -> None:
         raise InputError(f"{source}: the map is empty (all zero) in the {volume_zyx.shape[0]}³ box")
 
 
+MRC_LABEL = "written by cryovae"
+
+
 def write_map(volume_zyx: np.ndarray, pixel_size_angstrom: float, output: Path) -> None:
-    """Write an MRC (mode 2) with the voxel size in the header, atomically."""
+    """Write an MRC (mode 2) with the voxel size in the header, atomically.
+
+    The header's one label is fixed (mrcfile's default stamps the creation time), so the
+    same volume gives the same bytes.
+    """
     with atomic_path(output) as tmp:
         with mrcfile.new(tmp, overwrite=True) as mrc:
             mrc.set_data(np.ascontiguousarray(volume_zyx, dtype=np.float32))
             mrc.voxel_size = pixel_size_angstrom
+            mrc.header.label[0] = MRC_LABEL.ljust(80).encode("ascii")
+            mrc.header.nlabl = 1

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import mrcfile
@@ -29,6 +27,7 @@ import numpy as np
 import pandas as pd
 import starfile
 
+from cryovae.atomic import atomic_dir
 from cryovae.config import Config
 from cryovae.errors import InputError
 from cryovae.shards import STRING_COLUMNS, SubtomogramSet
@@ -166,14 +165,6 @@ def _write_relion3(rows: pd.DataFrame, path: Path, optics: OpticsInfo) -> None:
 
 def _write_per_class(config: Config, rows: pd.DataFrame, folder: Path, optics: OpticsInfo, shapes) -> None:
     """One STAR per predicted class (``unknown.star`` too), swapped in as a whole folder."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-    try:
+    with atomic_dir(folder) as tmp:
         for name, group in rows.groupby("cryovaeClassName", sort=True):
             _write(config, group.copy(), tmp / f"{name}.star", optics, shapes)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)

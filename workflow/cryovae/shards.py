@@ -85,7 +85,14 @@ class SubtomogramSet:
             path = self.folder / name
             if not path.is_file():
                 raise InputError(f"{path}: shard named in particles.star does not exist")
-            self._shards[name] = np.load(path, mmap_mode="r")
+            try:
+                self._shards[name] = np.load(path, mmap_mode="r")
+            except (ValueError, EOFError, OSError) as err:
+                raise InputError(
+                    f"{path}: shard cannot be read (truncated or corrupt: {err or type(err).__name__}); "
+                    f"delete it and rerun the workflow, which makes it again (a simulated shard is "
+                    f"simulated again; an extracted one needs its extraction folder deleted)"
+                ) from err
         return self._shards[name]
 
     @functools.cached_property

@@ -10,7 +10,6 @@ hydrogens as configured, maps or drops elements the SOAP descriptor does not kno
 from __future__ import annotations
 
 import gzip
-import re
 import urllib.error
 import urllib.request
 import warnings
@@ -22,7 +21,7 @@ import gemmi
 import numpy as np
 
 from cryovae.atomic import atomic_path
-from cryovae.config import Config
+from cryovae.config import PDB_ID_PATTERN, Config
 from cryovae.errors import InputError
 
 KNOWN_ELEMENTS = ("C", "N", "O", "S", "P")
@@ -33,7 +32,6 @@ MAPPED_ELEMENTS = {"Se": "S"}
 
 PROTEIN_BACKBONE = frozenset({"N", "CA", "C", "O", "OXT"})
 NUCLEIC_BACKBONE = frozenset({"P", "OP1", "OP2", "OP3", "O5'", "C5'", "C4'", "C3'", "O3'"})
-PDB_ID_PATTERN = re.compile(r"[0-9][A-Za-z0-9]{3}")
 DOWNLOAD_TIMEOUT_S = 60.0
 
 

@@ -24,8 +24,19 @@ def stage_config(*sections):
     return stage_config_json(CFG, *sections)
 
 
+def class_stage_config(*sections):
+    """A param function: the stage config of one class's job ({cls}), holding that class's
+    structure alone, so that changing another class does not rerun the job."""
+    return lambda wildcards: stage_config_json(CFG, *sections, class_name=wildcards.cls)
+
+
 def shard_names(split):
     return [f"shard_{k:03d}" for k in range(len(shard_plan(CFG, split)))]
+
+
+def shard_files(split, extension):
+    """A simulated split's shard files (npy) or their STAR files (star)."""
+    return expand(f"{OUT}/subtomograms/{split}/{{shard}}.{extension}", shard=shard_names(split))
 
 
 def split_dir(split):
@@ -69,7 +80,10 @@ EVAL_SPLITS = ["val", "test"]
 
 
 def all_targets():
+    # The simulated shards are targets: snakemake does not remake a deleted input of a job
+    # whose output is up to date, only a deleted target (and then everything downstream).
     return [
+        *(f for split in SIM_SPLITS for ext in ("npy", "star") for f in shard_files(split, ext)),
         f"{OUT}/affinity/affinity.csv",
         f"{OUT}/affinity/affinity.png",
         *expand(f"{OUT}/embeddings/{{split}}.csv", split=SIM_SPLITS + TOMOGRAMS),

@@ -5,7 +5,7 @@ rule structure:
     output:
         f"{OUT}/structures/{{cls}}.cif",
     params:
-        config=stage_config("structure_options"),
+        config=class_stage_config("structure_options"),
     conda:
         CONDA_ENV
     log:
@@ -28,7 +28,7 @@ rule descriptor:
     output:
         f"{OUT}/affinity/soap/{{cls}}.npy",
     params:
-        config=stage_config("affinity"),
+        config=class_stage_config("affinity"),
     conda:
         CONDA_ENV
     log:

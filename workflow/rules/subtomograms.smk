@@ -7,7 +7,7 @@ rule map:
     output:
         f"{OUT}/maps/{{cls}}.mrc",
     params:
-        config=stage_config("maps"),
+        config=class_stage_config("maps"),
         structure=lambda wildcards, input: f"--structure {input[0]}" if input else "",
     conda:
         CONDA_ENV
@@ -52,9 +52,10 @@ rule simulate:
 
 rule gather:
     input:
-        lambda wildcards: expand(
-            f"{OUT}/subtomograms/{wildcards.simsplit}/{{shard}}.star", shard=shard_names(wildcards.simsplit)
-        ),
+        # the shards too: a deleted or stale shard reruns its simulate job (the split's STAR
+        # is what later rules name, and it is only as good as the shards beside it)
+        stars=lambda wildcards: shard_files(wildcards.simsplit, "star"),
+        shards=lambda wildcards: shard_files(wildcards.simsplit, "npy"),
     output:
         f"{OUT}/subtomograms/{{simsplit}}/particles.star",
     params:
@@ -70,7 +71,7 @@ rule gather:
     message:
         "Gathering the {wildcards.simsplit} shards -> {output} (log: {log})"
     shell:
-        "cryovae gather --config {params.config:q} --inputs {input} --output {output} 2> {log} || (tail -n 1 {log} >&2; exit 1)"
+        "cryovae gather --config {params.config:q} --inputs {input.stars} --output {output} 2> {log} || (tail -n 1 {log} >&2; exit 1)"
 
 
 rule extract:

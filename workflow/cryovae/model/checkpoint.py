@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from cryovae.atomic import atomic_path
+from cryovae.model.io import read_record, save_record
 from cryovae.model.losses import COMPONENTS
 
 STOP_SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s)
@@ -122,7 +123,7 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, noise: torch.Genera
         "history": list(state.history),
     }
     with atomic_path(path) as tmp:
-        torch.save(record, tmp)
+        save_record(record, tmp)
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, noise: torch.Generator,
@@ -130,8 +131,11 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, noise: torch.Genera
     """Restore a checkpoint of the same run into the given objects; None (and a message) otherwise."""
     if not path.is_file():
         return None
-    record = torch.load(path, map_location="cpu", weights_only=True)
-    if record.get("format") != "cryovae-checkpoint" or record.get("fingerprint") != fingerprint:
+    record = read_record(
+        path, "training checkpoint",
+        f"set it aside (mv {path} {path}.corrupt) and rerun: training restarts from the first epoch",
+    )
+    if not isinstance(record, dict) or record.get("format") != "cryovae-checkpoint" or record.get("fingerprint") != fingerprint:
         tqdm.write(f"cryovae train: {path} belongs to a different configuration or data; starting afresh",
                    file=sys.stderr)
         return None

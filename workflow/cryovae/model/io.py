@@ -13,6 +13,7 @@ It holds only tensors, dicts, lists, strings and numbers:
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,24 @@ def model_record(model: AffinityVAE, class_names: list[str], config: dict, extra
 def save_model(path: str | Path, model: AffinityVAE, class_names: list[str], config: dict, extra: dict | None = None) -> None:
     """Write ``model.pt`` atomically."""
     with atomic_path(path) as tmp:
-        torch.save(model_record(model, class_names, config, extra), tmp)
+        save_record(model_record(model, class_names, config, extra), tmp)
+
+
+def save_record(record: Any, path: Path) -> None:
+    """``torch.save`` through an open file: given a path, torch names the archive's folder
+    after the file, and an atomic write's temporary name would make every save differ."""
+    with open(path, "wb") as fh:
+        torch.save(record, fh)
+
+
+def read_record(path: Path, what: str, remedy: str, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)``; a truncated, empty or foreign file is an
+    :class:`InputError` naming ``path``, saying it is the ``what`` and what to do."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InputError(f"{path}: the {what} cannot be read (truncated or corrupt: {reason}); {remedy}") from err
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[AffinityVAE, dict]:
@@ -63,7 +81,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Af
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: model file does not exist")
-    record = torch.load(path, map_location=device, weights_only=True)
+    record = read_record(path, "model file", "delete it and rerun the workflow, which trains the model again",
+                         map_location=device)
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         raise InputError(f"{path}: not a cryovae model file (expected format {FORMAT!r})")
     if record.get("format_version") != FORMAT_VERSION:
