@@ -7,16 +7,18 @@ known factors), the affinity matrix and the trained model (for decoded traversal
 
 - **Disentanglement** (on the judged split): the mutual information (nats) between each
   latent dimension and each known factor that varies in the split: the class (true class
-  where the STAR file has one, else the predicted class), the first two principal
-  coordinates of the affinity matrix (classical MDS of 1 − affinity, one value per class:
-  structural similarity), the true pose angles, shift, defocus, SNR and position in the
-  tomogram.  Latents are cut into ``mi_bins`` equal-width bins, continuous factors into
-  ``mi_bins`` quantile bins.  The score is the **mutual information gap** (MIG, Chen et
-  al. 2018): per factor, (largest − second largest MI over dimensions) / factor entropy,
-  in [0, 1], 1 when exactly one dimension carries the factor.  MIG is chosen because it
-  needs no fitted predictor (DCI and SAP depend on a regressor's capacity and on a
-  train/test split of the judged data), treats the discrete class and continuous factors
-  alike, and rewards what the sparse and symbolic models rely on: one factor, one axis.
+  where the STAR file has one, else the predicted class; with more than two classes also
+  each class's one-vs-rest indicator ``is_{class}``), the first two principal coordinates
+  of the affinity matrix (classical MDS of 1 − affinity, one value per class: structural
+  similarity), the true pose angles, shift, defocus, SNR and position in the tomogram.
+  Latents are cut into ``mi_bins`` equal-width bins, continuous factors into ``mi_bins``
+  quantile bins; MI and entropies are Miller–Madow corrected.  The score is the **mutual
+  information gap** (MIG, Chen et al. 2018): per factor, (largest − second largest MI over
+  dimensions) / factor entropy, in [0, 1], 1 when exactly one dimension carries the
+  factor.  MIG is chosen because it needs no fitted predictor (DCI and SAP depend on a
+  regressor's capacity and on a train/test split of the judged data), treats the discrete
+  class and continuous factors alike, and rewards what the sparse and symbolic models
+  rely on: one factor, one axis.
 - **Black box**: the project's classifier (Gaussian classes, shared shrunk covariance,
   :class:`cryovae.classify.ClassModel`) on the latents alone, fitted on the training
   split, judged on the split's seen-class particles.
@@ -75,18 +77,32 @@ def discretise(values: np.ndarray, bins: int, quantile: bool) -> np.ndarray:
     return np.digitize(values, edges)
 
 
+def mutual_information(a: np.ndarray, b: np.ndarray) -> float:
+    """MI (nats) of two code arrays (n,), Miller–Madow corrected: the plug-in estimate less its
+    bias (ka − 1)(kb − 1)/(2n) for ka, kb occupied codes, clipped at 0 (the plug-in estimate
+    of independent factors is that bias, large for few particles and many bins)."""
+    from sklearn.metrics import mutual_info_score
+
+    ka, kb = len(np.unique(a)), len(np.unique(b))
+    return max(0.0, float(mutual_info_score(a, b)) - (ka - 1) * (kb - 1) / (2 * len(a)))
+
+
+def entropy(codes: np.ndarray) -> float:
+    """Entropy (nats) of codes (n,), Miller–Madow corrected (+ (k − 1)/(2n))."""
+    counts = np.unique(codes, return_counts=True)[1]
+    p = counts / counts.sum()
+    return float(-(p * np.log(p)).sum() + (len(counts) - 1) / (2 * len(codes)))
+
+
 def mutual_information_matrix(latents: np.ndarray, factors: dict[str, np.ndarray], bins: int) -> dict:
     """MI (nats) of each latent dim with each factor, and each factor's entropy.
 
     latents (n, L); factors: name -> (n,) bin or class codes.  Returns
     {"mi": {name: (L,)}, "entropy": {name: float}}.
     """
-    from sklearn.metrics import mutual_info_score
-
     codes = [discretise(latents[:, j], bins, quantile=False) for j in range(latents.shape[1])]
-    mi = {name: np.array([mutual_info_score(v, c) for c in codes]) for name, v in factors.items()}
-    entropy = {name: float(mutual_info_score(v, v)) for name, v in factors.items()}
-    return {"mi": mi, "entropy": entropy}
+    mi = {name: np.array([mutual_information(v, c) for c in codes]) for name, v in factors.items()}
+    return {"mi": mi, "entropy": {name: entropy(v) for name, v in factors.items()}}
 
 
 def mutual_information_gap(mi: np.ndarray, entropy: float) -> float:
@@ -115,6 +131,8 @@ def known_factors(labels: np.ndarray, particles: pd.DataFrame, affinity: pd.Data
     factors, skipped = {}, {}
     classes = sorted(set(labels.tolist()))
     factors["class"] = np.searchsorted(classes, labels)
+    if len(classes) > 2:
+        factors |= {f"is_{c}": (labels == c).astype(np.int64) for c in classes}
     with_map = [c for c in classes if c in affinity.index]
     if len(with_map) >= 3 and len(with_map) == len(classes):
         coords = affinity_coordinates(affinity.loc[with_map, with_map].to_numpy())
@@ -145,6 +163,8 @@ def disentanglement(latents: np.ndarray, factors: dict[str, np.ndarray], skipped
         "skipped_factors": skipped, "mutual_information_nats": result["mi"], "factor_entropy_nats": result["entropy"],
         "normalised_mutual_information": normalised, "mig": mig,
         "mig_mean": float(np.mean(list(mig.values()))), "mig_class": mig.get("class"),
+        "mig_class_indicators_mean": (float(np.mean([v for n, v in mig.items() if n.startswith("is_")]))
+                                      if any(n.startswith("is_") for n in mig) else None),
         "dimension_of_factor": {n: int(np.argmax(result["mi"][n])) for n in factors},
     }
 
