@@ -334,6 +334,7 @@ def interpret(config, embeddings: Path, split_dir: Path, train_latents: Path, af
         "split": Path(split_dir).name, "labels": label_kind, "n_particles": int(len(labels)),
         "n_judged_particles": int(seen.sum()), "latent_dims": int(latents.shape[1]), "classes": classes,
         "fitted_on": "training split latents (embeddings/latent/train.npz)",
+        "standardisation": {"latent_mean": centre, "latent_std": scale},
         "judged_on": f"this split's particles of seen classes ({label_kind})",
         "disentanglement": disentanglement(latents, factors, skipped, options.mi_bins),
         "black_box": reference, "sparse": sparse, "symbolic": symbolic, "cryovae_version": __version__,
