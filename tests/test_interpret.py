@@ -40,17 +40,27 @@ def test_affinity_coordinates_of_points_on_a_line_are_the_points():
     assert coords[:, 1] == pytest.approx(0.0, abs=1e-6)
 
 
+def test_affinity_correlation_finds_the_dimension_that_orders_classes_by_similarity():
+    x = {"a": 0.0, "b": 1.0, "c": 3.0}
+    affinity = pd.DataFrame([[1 - abs(x[i] - x[j]) / 4 for j in x] for i in x], index=list(x), columns=list(x))
+    labels = np.repeat(list(x), 30)
+    rng = np.random.default_rng(4)
+    latents = np.stack([rng.standard_normal(90), np.array([x[c] for c in labels]) ** 2], axis=1)
+    rho = it.affinity_correlations(latents, labels, affinity)["affinity_pc1"]
+    assert rho[1] == pytest.approx(1.0, abs=1e-9)  # x² orders the classes as x does: the coordinate
+    assert rho[0] < 0.35
+
+
 def test_known_factors_skip_what_does_not_vary():
     labels = np.array(["a", "b"] * 50)
     particles = pd.DataFrame({"rlnAngleRot": np.linspace(0, 360, 100), "cryovaeSnr": np.full(100, 0.5),
                               "rlnDefocusU": np.linspace(2e4, 5e4, 100)})
-    affinity = pd.DataFrame(np.eye(2), index=["a", "b"], columns=["a", "b"])
-    factors, skipped = it.known_factors(labels, particles, affinity, bins=10)
+    factors, skipped = it.known_factors(labels, particles, bins=10)
     assert set(factors) == {"class", "angle_rot_deg", "defocus_angstrom"}
     assert factors["class"].tolist() == [0, 1] * 50
     assert np.bincount(factors["defocus_angstrom"]).tolist() == [10] * 10
     assert skipped["snr"] == "constant or not finite in this split"
-    assert "affinity_pc" in skipped and skipped["angle_tilt_deg"] == "not in the STAR file"
+    assert skipped["angle_tilt_deg"] == "not in the STAR file"
 
 
 def test_sparse_rules_pick_the_two_dimensions_the_class_depends_on():
@@ -136,7 +146,7 @@ def test_cli_interpret_on_a_tiny_model(tmp_path):
     for c in SEEN:
         assert f"z{CLASSES.index(c)}" in result["symbolic"]["classes"][c]["expression"]
     dis = result["disentanglement"]
-    assert {"class", "affinity_pc1", "affinity_pc2", "angle_rot_deg", "shift_x_angstrom"} <= set(dis["factors"])
+    assert {"class", "is_alpha", "angle_rot_deg", "shift_x_angstrom"} <= set(dis["factors"])
     assert dis["dimension_of_factor"]["class"] in range(4)
     text = (tmp_path / "out" / "expressions.txt").read_text()
     assert all(f"{c} = {result['symbolic']['classes'][c]['expression']}" in text for c in SEEN)

@@ -8,9 +8,10 @@ known factors), the affinity matrix and the trained model (for decoded traversal
 - **Disentanglement** (on the judged split): the mutual information (nats) between each
   latent dimension and each known factor that varies in the split: the class (true class
   where the STAR file has one, else the predicted class; with more than two classes also
-  each class's one-vs-rest indicator ``is_{class}``), the first two principal coordinates
-  of the affinity matrix (classical MDS of 1 − affinity, one value per class: structural
-  similarity), the true pose angles, shift, defocus, SNR and position in the tomogram.
+  each class's one-vs-rest indicator ``is_{class}``), the true pose angles, shift,
+  defocus, SNR and position in the tomogram; and, for structural similarity, the
+  |Spearman| of each dimension with the class's first two principal coordinates of the
+  affinity matrix (classical MDS of 1 − affinity).
   Latents are cut into ``mi_bins`` equal-width bins, continuous factors into ``mi_bins``
   quantile bins; MI and entropies are Miller–Madow corrected.  The score is the **mutual
   information gap** (MIG, Chen et al. 2018): per factor, (largest − second largest MI over
@@ -125,21 +126,13 @@ def affinity_coordinates(affinity: np.ndarray, k: int = 2) -> np.ndarray:
     return coords * np.where(coords[np.abs(coords).argmax(0), range(coords.shape[1])] < 0, -1, 1)
 
 
-def known_factors(labels: np.ndarray, particles: pd.DataFrame, affinity: pd.DataFrame,
-                  bins: int) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+def known_factors(labels: np.ndarray, particles: pd.DataFrame, bins: int) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """(factor name -> codes (n,), skipped factor -> why) for the split's particles (rows aligned)."""
     factors, skipped = {}, {}
     classes = sorted(set(labels.tolist()))
     factors["class"] = np.searchsorted(classes, labels)
     if len(classes) > 2:
         factors |= {f"is_{c}": (labels == c).astype(np.int64) for c in classes}
-    with_map = [c for c in classes if c in affinity.index]
-    if len(with_map) >= 3 and len(with_map) == len(classes):
-        coords = affinity_coordinates(affinity.loc[with_map, with_map].to_numpy())
-        for i in range(coords.shape[1]):
-            factors[f"affinity_pc{i + 1}"] = discretise(coords[np.searchsorted(classes, labels), i], bins, True)
-    else:
-        skipped["affinity_pc"] = "needs at least three classes, all in the affinity matrix"
     for name, columns in CONTINUOUS_FACTORS.items():
         column = next((c for c in columns if c in particles.columns), None)
         values = None if column is None else pd.to_numeric(particles[column], errors="coerce").to_numpy(float)
@@ -150,6 +143,22 @@ def known_factors(labels: np.ndarray, particles: pd.DataFrame, affinity: pd.Data
         else:
             factors[name] = discretise(values, bins, quantile=True)
     return factors, skipped
+
+
+def affinity_correlations(latents: np.ndarray, labels: np.ndarray, affinity: pd.DataFrame) -> dict | None:
+    """|Spearman| of each latent dim (n, L) with each particle's class coordinate on the first two
+    principal coordinates of the affinity matrix; None without three classes all in the matrix.
+
+    A correlation, not MI: any one-to-one function of the class has the class's MI, so MI
+    cannot tell whether a dimension orders the classes by structural similarity."""
+    from scipy.stats import spearmanr
+
+    classes = sorted(set(labels.tolist()))
+    if len(classes) < 3 or any(c not in affinity.index for c in classes):
+        return None
+    coords = affinity_coordinates(affinity.loc[classes, classes].to_numpy())[np.searchsorted(classes, labels)]
+    return {f"affinity_pc{i + 1}": np.array([abs(spearmanr(latents[:, j], coords[:, i]).statistic)
+                                             for j in range(latents.shape[1])]) for i in range(coords.shape[1])}
 
 
 def disentanglement(latents: np.ndarray, factors: dict[str, np.ndarray], skipped: dict[str, str], bins: int) -> dict:
@@ -317,7 +326,7 @@ def interpret(config, embeddings: Path, split_dir: Path, train_latents: Path, af
     train_z, train_y = _train_set(Path(train_latents), config)
     if train_z.shape[1] != latents.shape[1]:
         raise InputError(f"{train_latents}: {train_z.shape[1]} latent dimensions, {embeddings} {latents.shape[1]}")
-    factors, skipped = known_factors(labels, split.particles, affinity_frame, options.mi_bins)
+    factors, skipped = known_factors(labels, split.particles, options.mi_bins)
     seen = np.isin(labels, config.seen_classes)
     if not seen.any():
         raise InputError(f"{embeddings}: no particle of a seen class to judge the class models on")
@@ -336,7 +345,8 @@ def interpret(config, embeddings: Path, split_dir: Path, train_latents: Path, af
         "fitted_on": "training split latents (embeddings/latent/train.npz)",
         "standardisation": {"latent_mean": centre, "latent_std": scale},
         "judged_on": f"this split's particles of seen classes ({label_kind})",
-        "disentanglement": disentanglement(latents, factors, skipped, options.mi_bins),
+        "disentanglement": disentanglement(latents, factors, skipped, options.mi_bins)
+        | {"affinity_abs_spearman": affinity_correlations(latents, labels, affinity_frame)},
         "black_box": reference, "sparse": sparse, "symbolic": symbolic, "cryovae_version": __version__,
     }
     _write_figures(config, result, labels, latents, load_trained_model(model, latents.shape[1]), output_dir)

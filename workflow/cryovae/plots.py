@@ -274,16 +274,21 @@ def plot_training_curves(path: Path, history: pd.DataFrame) -> None:
 def plot_disentanglement(path: Path, section: dict) -> None:
     """Heatmap of the normalised mutual information (factors × latent dims), MIG per factor."""
     factors = section["factors"]
-    values = np.array([section["normalised_mutual_information"][f] for f in factors])
-    fig, ax = plt.subplots(figsize=(2.5 + 0.55 * values.shape[1], 1.4 + 0.4 * len(factors)), layout="constrained")
+    rows = [section["normalised_mutual_information"][f] for f in factors]
+    labels = [f"{f} (MIG {section['mig'][f]:.2f})" for f in factors]
+    for name, rho in (section.get("affinity_abs_spearman") or {}).items():
+        rows.append(rho)
+        labels.append(f"{name}: |Spearman|")
+    values = np.array(rows)
+    fig, ax = plt.subplots(figsize=(2.5 + 0.55 * values.shape[1], 1.4 + 0.4 * len(labels)), layout="constrained")
     im = ax.imshow(values, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
     for i in range(values.shape[0]):
         for j in range(values.shape[1]):
             ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=7,
                     color="black" if values[i, j] > 0.5 else "white")
     ax.set_xticks(range(values.shape[1]), [f"z{j}" for j in range(values.shape[1])])
-    ax.set_yticks(range(len(factors)), [f"{f} (MIG {section['mig'][f]:.2f})" for f in factors], fontsize=8)
-    fig.colorbar(im, ax=ax, label="MI / factor entropy")
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    fig.colorbar(im, ax=ax, label="MI / factor entropy (affinity rows: |Spearman|)")
     ax.set_title(f"What each latent dimension carries (mean MIG {section['mig_mean']:.2f})", fontsize=10)
     save_figure(fig, path)
 
