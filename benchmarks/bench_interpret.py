@@ -45,7 +45,7 @@ def summary_row(name: str, r: dict, seconds: float) -> str:
             f"{d['mig_class']:.3f} | {d['mig_class_indicators_mean']:.3f} | {np.mean(pose):.3f} | {seconds:.0f} s |")
 
 
-def compare_engines(config, run: Path, split: str, result: dict) -> list[str]:
+def compare_engines(config, run: Path, split: str, result: dict, n_classes: int) -> list[str]:
     """Operon and gplearn on each class's sparse dims: time, one-vs-rest accuracy, length."""
     from gplearn.genetic import SymbolicRegressor
 
@@ -64,7 +64,7 @@ def compare_engines(config, run: Path, split: str, result: dict) -> list[str]:
     rows = np.sort(np.random.default_rng(seed).permutation(len(zt))[: opt.symbolic_max_particles])
     lines = ["| class | Operon s | Operon acc | Operon length | gplearn s | gplearn acc | gplearn length |",
              "|---|---|---|---|---|---|---|"]
-    for k, c in enumerate(sorted(set(y_train.tolist()))):
+    for k, c in enumerate(sorted(set(y_train.tolist()))[:n_classes]):
         dims = result["sparse"]["ranking"][c][: opt.max_dims]
         x, y = zt[rows][:, dims], (y_train[rows] == c).astype(float)
         t0 = time.perf_counter()
@@ -90,6 +90,8 @@ def main() -> None:
     parser.add_argument("--run", action="append", required=True, help="NAME=OUTPUT_DIR (repeatable)")
     parser.add_argument("--split", default="test")
     parser.add_argument("--engines", action="store_true", help="also time Operon against gplearn")
+    parser.add_argument("--engine-classes", type=int, default=1000, help="classes in the engine comparison (first N)")
+    parser.add_argument("--skip-stage", action="store_true", help="read {run}/bench_interpret/{split} instead of running it")
     args = parser.parse_args()
     config = load_config(args.config)
     print(f"machine: {os.cpu_count()} cores; {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
@@ -99,11 +101,15 @@ def main() -> None:
     results = []
     for spec in args.run:
         name, folder = spec.split("=", 1)
-        result, seconds = run_stage(config, Path(folder), args.split)
+        if args.skip_stage:
+            path = Path(folder) / "bench_interpret" / args.split / "interpretation.json"
+            result, seconds = json.loads(path.read_text()), float("nan")
+        else:
+            result, seconds = run_stage(config, Path(folder), args.split)
         results.append((Path(folder), result))
         print(summary_row(name, result, seconds), flush=True)
     if args.engines:
-        print("\n".join(compare_engines(config, results[0][0], args.split, results[0][1])))
+        print("\n".join(compare_engines(config, results[0][0], args.split, results[0][1], args.engine_classes)))
 
 
 if __name__ == "__main__":
