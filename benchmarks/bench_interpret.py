@@ -62,8 +62,10 @@ def compare_engines(config, run: Path, split: str, result: dict, n_classes: int)
     centre, scale = z_train.mean(0), z_train.std(0) + 1e-8
     zt, ze, ye = (z_train - centre) / scale, (table[cols].to_numpy(float)[seen] - centre) / scale, truth[seen]
     rows = np.sort(np.random.default_rng(seed).permutation(len(zt))[: opt.symbolic_max_particles])
-    lines = ["| class | Operon s | Operon acc | Operon length | gplearn s | gplearn acc | gplearn length |",
-             "|---|---|---|---|---|---|---|"]
+    from sklearn.metrics import roc_auc_score
+
+    lines = ["| class | Operon s | Operon acc | Operon AUROC | Operon length | gplearn s | gplearn acc | gplearn AUROC "
+             "| gplearn length |", "|---|---|---|---|---|---|---|---|---|"]
     for k, c in enumerate(sorted(set(y_train.tolist()))[:n_classes]):
         dims = result["sparse"]["ranking"][c][: opt.max_dims]
         x, y = zt[rows][:, dims], (y_train[rows] == c).astype(float)
@@ -75,10 +77,11 @@ def compare_engines(config, run: Path, split: str, result: dict, n_classes: int)
                                function_set=("add", "sub", "mul", "div"), parsimony_coefficient=0.001,
                                random_state=seed + k, n_jobs=1).fit(x, y)
         t2 = time.perf_counter()
-        acc_op = np.mean((fit.chosen.evaluate(fit.regressor, ze[:, dims]) > 0.5) == (ye == c))
-        acc_gp = np.mean((gp.predict(ze[:, dims]) > 0.5) == (ye == c))
-        lines.append(f"| {c} | {t1 - t0:.1f} | {acc_op:.3f} | {fit.chosen.length} | {t2 - t1:.1f} | {acc_gp:.3f} "
-                     f"| {gp._program.length_} |")
+        score_op, score_gp = fit.chosen.evaluate(fit.regressor, ze[:, dims]), gp.predict(ze[:, dims])
+        acc_op, acc_gp = np.mean((score_op > 0.5) == (ye == c)), np.mean((score_gp > 0.5) == (ye == c))
+        auc_op, auc_gp = roc_auc_score(ye == c, score_op), roc_auc_score(ye == c, score_gp)
+        lines.append(f"| {c} | {t1 - t0:.1f} | {acc_op:.3f} | {auc_op:.3f} | {fit.chosen.length} | {t2 - t1:.1f} | "
+                     f"{acc_gp:.3f} | {auc_gp:.3f} | {gp._program.length_} |")
     return lines
 
 
