@@ -36,6 +36,7 @@ include: "workflow/rules/structures.smk"
 include: "workflow/rules/subtomograms.smk"
 include: "workflow/rules/model.smk"
 include: "workflow/rules/answers.smk"
+include: "workflow/rules/interpret.smk"
 
 
 rule all:

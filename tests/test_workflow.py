@@ -80,6 +80,25 @@ def test_metrics_show_the_method_works(run):
     assert np.array(metrics["confusion_matrix"]).sum() == metrics["n_particles"]
 
 
+def test_interpretation_judges_class_rules_off_the_training_split(run):
+    from cryovae.classify import ClassModel, load_latents
+
+    _, _, out = run
+    result = json.loads((out / "interpret/test/interpretation.json").read_text())
+    assert (result["n_particles"], result["n_judged_particles"], result["labels"]) == (400, 300, "true_class")
+    # the black box again, from embed's own files (truth from the shards, no join by particle id)
+    train, test = load_latents(out / "embeddings/latent/train.npz"), load_latents(out / "embeddings/latent/test.npz")
+    seen = test["class_name"] != "ell_a"
+    model = ClassModel.fit(train["latent_mean"].astype(np.float64), train["class_name"].astype(str))
+    probs, _ = model.predict(test["latent_mean"][seen].astype(np.float64))
+    accuracy = np.mean(model.classes[probs.argmax(1)] == test["class_name"][seen])
+    assert result["black_box"]["accuracy"] == pytest.approx(accuracy, abs=1.5 / 300)  # CSV rounding: one flip
+    assert [p["dims_per_class"] for p in result["sparse"]["accuracy_by_dims"]] == list(range(1, 9))
+    expressions = (out / "interpret/test/expressions.txt").read_text()
+    for cls, entry in result["symbolic"]["classes"].items():
+        assert len(entry["dims"]) == 3 and f"{cls} = {entry['expression']}" in expressions
+
+
 def test_affinity_matrix_is_that_of_the_descriptors(run):
     _, _, out = run
     table = pd.read_csv(out / "affinity/affinity.csv")
@@ -145,6 +164,8 @@ def test_report_shows_every_plot_and_metrics_table_once_with_its_caption(run, tm
     for split in ("val", "test"):
         expected |= {f"evaluation/{split}/{name}.png": name for name in plots}
         expected[f"evaluation/{split}/metrics.html"] = "metrics"
+        expected |= {f"interpret/{split}/{name}.png": f"interpret_{name}" for name in
+                     ("disentanglement", "sparse", "symbolic", "traversal_slices", "traversal_projections")}
     assert sorted(entries) == sorted(str(out / rel) for rel in expected)
     for rel, caption in expected.items():
         first_words = " ".join((REPO / f"workflow/report/{caption}.rst").read_text().split()[:3])
@@ -162,7 +183,7 @@ def test_changed_parameter_reruns_exactly_what_it_affects(run):
     changed = write_config(base / "changed.yaml", out, training__epochs=5)
     proc = snakemake("--configfile", str(changed), "-n", "--quiet", "rules")
     text = proc.stdout + proc.stderr
-    for rule in ("train", "embed", "classifier", "align", "annotate", "priors", "evaluate"):
+    for rule in ("train", "embed", "classifier", "align", "annotate", "priors", "evaluate", "interpret"):
         assert f"{rule} " in text or f"{rule}\n" in text, rule
     for rule in ("structure", "descriptor", "affinity", "map", "simulate", "gather", "match"):
         assert f"\n{rule} " not in text and f"\n{rule}\n" not in text, rule
@@ -172,6 +193,12 @@ def test_changed_parameter_reruns_exactly_what_it_affects(run):
     for rule in ("match", "classifier", "annotate", "priors", "evaluate"):
         assert f"{rule} " in text or f"{rule}\n" in text, rule
     for rule in ("train", "embed", "align", "simulate"):
+        assert f"\n{rule} " not in text and f"\n{rule}\n" not in text, rule
+    interpretation = write_config(base / "interpretation.yaml", out, interpretation__max_dims=2)
+    proc = snakemake("--configfile", str(interpretation), "-n", "--quiet", "rules")
+    text = proc.stdout + proc.stderr
+    assert "interpret " in text or "interpret\n" in text
+    for rule in ("train", "embed", "classifier", "annotate", "evaluate"):
         assert f"\n{rule} " not in text and f"\n{rule}\n" not in text, rule
 
 

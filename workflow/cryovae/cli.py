@@ -250,6 +250,21 @@ VERBS: dict[str, tuple[str, str, str, list[tuple[tuple[str, ...], dict]]]] = {
                                  "help": "folder to write metrics.json, metrics.html and the plots into"}),
         ],
     ),
+    "interpret": (
+        "cryovae.interpret:interpret",
+        "What the latent dimensions mean: disentanglement (MIG), sparse and symbolic class models, traversals.",
+        "cryovae interpret --config config.yaml --embeddings results/embeddings/test.csv "
+        "--split-dir results/subtomograms/test --train-latents results/embeddings/latent/train.npz "
+        "--affinity results/affinity/affinity.csv --model results/model/model.pt --output-dir results/interpret/test",
+        [
+            (("--embeddings",), {"type": _P, "required": True, "help": "annotate table of the judged split"}),
+            (("--split-dir",), {"type": _P, "required": True, "help": "folder of the judged split (simulated or extracted): its truth"}),
+            (("--train-latents",), {"type": _P, "required": True, "help": "embed output of the training split"}),
+            (("--affinity",), {"type": _P, "required": True, "help": "affinity CSV (structural similarity of the classes)"}),
+            (("--model",), {"type": _P, "required": True, "help": "trained model.pt (decodes the traversals)"}),
+            (("--output-dir",), {"type": _P, "required": True, "help": "folder for the JSON, expressions and plots"}),
+        ],
+    ),
 }
 
 

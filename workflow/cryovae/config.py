@@ -277,6 +277,24 @@ class PriorsConfig(_Section):
     format: Literal["relion5", "relion4", "relion3"] = Field("relion5", description="STAR flavour written.")
 
 
+class InterpretationConfig(_Section):
+    """Interpretable models of the latent space: disentanglement, sparse and symbolic class rules."""
+
+    max_dims: int = Field(3, ge=1, description="Latent dimensions each class rule may use (sparse and symbolic).")
+    mi_bins: int = Field(20, ge=2, description="Bins for the mutual information: equal-width for latents, "
+                         "quantiles for continuous factors.")
+    symbolic_generations: int = Field(50, ge=1, description="Generations of the symbolic regression per class.")
+    symbolic_population: int = Field(500, ge=10, description="Population of the symbolic regression.")
+    symbolic_max_length: int = Field(15, ge=3, description="Longest expression (nodes) the search may make.")
+    symbolic_max_particles: int = Field(
+        2000, ge=10, description="Training particles the symbolic regression sees (a seeded random subset)."
+    )
+    traversal_steps: int = Field(5, ge=2, description="Decoded steps per latent dimension in the traversal figures.")
+    traversal_range_sd: float = Field(
+        2.0, gt=0, description="Traversals span the class mean ± this many standard deviations of the dimension."
+    )
+
+
 class Config(_Section):
     """The whole workflow configuration."""
 
@@ -300,6 +318,9 @@ class Config(_Section):
     matching: MatchingConfig = Field(default_factory=MatchingConfig, description="Template matching.")
     alignment: AlignmentConfig = Field(default_factory=AlignmentConfig, description="Frame alignment.")
     priors: PriorsConfig = Field(default_factory=PriorsConfig, description="Pose priors.")
+    interpretation: InterpretationConfig = Field(
+        default_factory=InterpretationConfig, description="Interpretable models of the latent space."
+    )
 
     @field_validator("box_size")
     @classmethod

@@ -266,3 +266,83 @@ def plot_training_curves(path: Path, history: pd.DataFrame) -> None:
         ax.set_axis_off()
     fig.suptitle(f"Training curves ({len(history)} epochs)", fontsize=11)
     save_figure(fig, path)
+
+
+# ----------------------------------------------------------------------------- interpretation
+
+
+def plot_disentanglement(path: Path, section: dict) -> None:
+    """Heatmap of the normalised mutual information (factors × latent dims), MIG per factor."""
+    factors = section["factors"]
+    rows = [section["normalised_mutual_information"][f] for f in factors]
+    labels = [f"{f} (MIG {section['mig'][f]:.2f})" for f in factors]
+    for name, rho in (section.get("affinity_abs_spearman") or {}).items():
+        rows.append(rho)
+        labels.append(f"{name}: |Spearman|")
+    values = np.array(rows)
+    fig, ax = plt.subplots(figsize=(2.5 + 0.55 * values.shape[1], 1.4 + 0.4 * len(labels)), layout="constrained")
+    im = ax.imshow(values, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
+    for i in range(values.shape[0]):
+        for j in range(values.shape[1]):
+            ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                    color="black" if values[i, j] > 0.5 else "white")
+    ax.set_xticks(range(values.shape[1]), [f"z{j}" for j in range(values.shape[1])])
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    fig.colorbar(im, ax=ax, label="MI / factor entropy (affinity rows: |Spearman|)")
+    ax.set_title(f"What each latent dimension carries (mean MIG {section['mig_mean']:.2f})", fontsize=10)
+    save_figure(fig, path)
+
+
+def plot_sparse_accuracy(path: Path, sparse: dict, black_box_accuracy: float, symbolic_accuracy: float,
+                         max_dims: int) -> None:
+    """Accuracy of the sparse class rules against dimensions kept per class, beside the black box."""
+    k = [p["dims_per_class"] for p in sparse["accuracy_by_dims"]]
+    acc = [p["accuracy"] for p in sparse["accuracy_by_dims"]]
+    fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
+    ax.plot(k, acc, "o-", label="sparse (L1-ranked dims, logistic per class)")
+    ax.axhline(black_box_accuracy, color="black", ls="--", label=f"black box {black_box_accuracy:.3f}")
+    ax.axhline(0.95 * black_box_accuracy, color="grey", ls=":", label="0.95 × black box")
+    ax.plot([max_dims], [symbolic_accuracy], "s", color="C3", ms=8, label=f"symbolic ({max_dims} dims) "
+            f"{symbolic_accuracy:.3f}")
+    ax.set_xlabel("latent dimensions per class rule")
+    ax.set_ylabel("accuracy (judged split, seen classes)")
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=8, loc="lower right")
+    save_figure(fig, path)
+
+
+def plot_symbolic_fronts(path: Path, section: dict) -> None:
+    """Per class, the Pareto front of its expressions: one-vs-rest accuracy against length."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.5), layout="constrained")
+    for i, (name, entry) in enumerate(section["classes"].items()):
+        front = entry["front"]
+        ax.plot([p["length"] for p in front], [p["one_vs_rest_accuracy"] for p in front], "o-", ms=3,
+                color=plt.get_cmap("tab10")(i % 10), label=f"{name} (chosen length {entry['length']})")
+        chosen = next(p for p in front if p["expression"] == entry["expression"])
+        ax.plot([chosen["length"]], [chosen["one_vs_rest_accuracy"]], "*", ms=12, color=plt.get_cmap("tab10")(i % 10))
+    ax.set_xlabel("expression length (nodes)")
+    ax.set_ylabel("one-vs-rest accuracy (judged split)")
+    ax.set_title(f"Symbolic class models: Pareto fronts (argmax accuracy {section['accuracy']:.3f})", fontsize=10)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    save_figure(fig, path)
+
+
+def plot_traversals(path: Path, images: np.ndarray, classes: Sequence[str], steps_sd: np.ndarray, what: str) -> None:
+    """Mosaic of images (K, L, S, H, W): rows latent dims, a block of S steps per class; each
+    (class, dim) block has its own grey scale, so the change along the traversal shows."""
+    k, n, s, h, w = images.shape
+    mosaic = np.full((n * (h + 1), k * (s * w + 2)), np.nan)
+    for c in range(k):
+        for j in range(n):
+            block = images[c, j]
+            lo, hi = float(block.min()), float(block.max())
+            block = (block - lo) / (hi - lo) if hi > lo else np.zeros_like(block)
+            x0 = c * (s * w + 2)
+            mosaic[j * (h + 1): j * (h + 1) + h, x0: x0 + s * w] = np.concatenate(list(block[:, ::-1]), axis=1)
+    fig, ax = plt.subplots(figsize=(min(2 + 0.45 * k * s, 30), 1 + 0.5 * n), layout="constrained")
+    ax.imshow(mosaic, cmap="gray", interpolation="nearest")
+    ax.set_yticks([j * (h + 1) + h / 2 for j in range(n)], [f"z{j}" for j in range(n)])
+    ax.set_xticks([c * (s * w + 2) + s * w / 2 for c in range(k)], list(classes), rotation=30, ha="right", fontsize=8)
+    steps = ", ".join(f"{v:+.1f}" for v in steps_sd)
+    ax.set_title(f"Latent traversals around each class mean ({what}; steps {steps} SD)", fontsize=10)
+    save_figure(fig, path)

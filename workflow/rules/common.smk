@@ -89,6 +89,7 @@ def all_targets():
         *expand(f"{OUT}/embeddings/{{split}}.csv", split=SIM_SPLITS + TOMOGRAMS),
         *expand(f"{OUT}/priors/{{split}}.star", split=ANSWER_SPLITS),
         *expand(f"{OUT}/evaluation/{{split}}/metrics.json", split=EVAL_SPLITS + TOMOGRAMS),
+        *expand(f"{OUT}/interpret/{{split}}/interpretation.json", split=EVAL_SPLITS),
         f"{OUT}/provenance.json",
     ]
 
