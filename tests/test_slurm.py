@@ -66,8 +66,9 @@ class ClusterRun:
         return logs[0].read_text(errors="replace") if logs else ""
 
     def rules_run_by(self, job: SlurmJob) -> set[str]:
-        """Rules that the snakemake inside a SLURM job executed ("localrule NAME:" lines)."""
-        return set(re.findall(r"^localrule (\w+):", self.slurm_log(job), flags=re.MULTILINE))
+        """Rules that the snakemake inside a SLURM job finished ("Finished jobid: N (Rule: NAME)";
+        a rule's ``message:`` replaces the "localrule NAME:" header in the log)."""
+        return set(re.findall(r"^Finished jobid: \d+ \(Rule: (\w+)\)", self.slurm_log(job), flags=re.MULTILINE))
 
 
 def _stop_process_group(proc: subprocess.Popen) -> None:

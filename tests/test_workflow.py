@@ -209,12 +209,12 @@ def test_a_deleted_shard_is_simulated_again(run, tmp_path):
     shutil.copy2(shard, kept)
     shard.unlink()
     try:
-        jobs = _dry_run_jobs(snakemake("--configfile", str(config), "-n"))
+        pending = _pending_outputs("--configfile", str(config))
     finally:
         shutil.copy2(kept, shard)  # same bytes and time: the shared run is up to date again
-    simulated = sorted(w for rule, w in jobs if rule == "simulate")
-    assert len(simulated) == 1 and "simsplit=train" in simulated[0] and "shard=shard_001" in simulated[0]
-    assert {"gather", "train"} <= {rule for rule, _ in jobs}
+    simulated = {path for rule, path in pending if rule == "simulate"}
+    assert simulated == {str(shard), str(shard.with_suffix(".star"))}
+    assert {"gather", "train"} <= {rule for rule, _ in pending}
 
 
 # Outputs that two runs of one config may write differently, and why.
@@ -316,19 +316,16 @@ def test_keep_going_finishes_independent_branches_and_names_the_bad_file(tmp_pat
         assert np.load(tmp_path / f"out/affinity/soap/{cls}.npy").ndim == 1
 
 
-def _dry_run_jobs(proc: subprocess.CompletedProcess) -> set[tuple[str, str]]:
-    """(rule, wildcards) of every job a dry run lists."""
-    jobs, rule = set(), None
-    for line in (proc.stdout + proc.stderr).splitlines():
-        line = line.strip()
-        if line.startswith(("rule ", "localrule ")) and line.endswith(":"):
-            rule = line.split()[1].rstrip(":")
-            jobs.add((rule, ""))
-        elif line.startswith("wildcards:") and rule is not None:
-            jobs.discard((rule, ""))
-            jobs.add((rule, line.removeprefix("wildcards:").strip()))
-            rule = None
-    return jobs
+def _pending_outputs(*args: str, cwd: Path = REPO) -> set[tuple[str, str]]:
+    """(rule, output file) of every output a run would (re)make, from ``snakemake --summary``.
+
+    The summary names rule and file for each job; a dry run's job listing does not, since a
+    rule's ``message:`` replaces its rule name and wildcards there."""
+    proc = snakemake(*args, "--summary", cwd=cwd)
+    rows = [line.split("\t") for line in proc.stdout.splitlines()]
+    header = rows[0]
+    assert header[:3] == ["output_file", "date", "rule"] and header[-1] == "plan", header
+    return {(row[2], row[0]) for row in rows[1:] if row[-1] == "update pending"}
 
 
 def test_changing_one_structure_reruns_that_class_alone(tmp_path):
@@ -345,5 +342,9 @@ def test_changing_one_structure_reruns_that_class_alone(tmp_path):
     data["structures"]["rod_a"] = "demo:rod_b"
     changed = tmp_path / "changed.yaml"
     changed.write_text(yaml.safe_dump(data, sort_keys=False))
-    jobs = _dry_run_jobs(snakemake(*targets, "--configfile", str(changed), "-n", cwd=tmp_path))
-    assert jobs == {("structure", "cls=rod_a"), ("descriptor", "cls=rod_a"), ("map", "cls=rod_a"), ("affinity", "")}
+    pending = _pending_outputs(*targets, "--configfile", str(changed), cwd=tmp_path)
+    assert pending == {
+        ("structure", str(out / "structures/rod_a.cif")), ("descriptor", str(out / "affinity/soap/rod_a.npy")),
+        ("map", str(out / "maps/rod_a.mrc")),
+        ("affinity", str(out / "affinity/affinity.csv")), ("affinity", str(out / "affinity/affinity.png")),
+    }
