@@ -82,21 +82,16 @@ def optics_for_export(config, optics: pd.DataFrame, box: int, pixel_size_angstro
     }
 
 
-def ctf_models(config, data: SubtomogramSet, rows: np.ndarray, box: int) -> np.ndarray | None:
-    """RELION 3D CTF models of ``rows``: (n, box, box, box // 2 + 1) float32, CTF × wedge, or None.
+def ctf_models(acquisition, rows: np.ndarray, box: int, pixel_size_angstrom: float) -> np.ndarray:
+    """RELION 3D CTF models of ``rows``: (n, box, box, box // 2 + 1) float32, CTF × wedge.
 
-    The wedge and CTF are those template matching applies (:func:`cryovae.match.split_wedge_and_ctf`);
-    None when the split has neither.
+    ``acquisition`` is a split's (tilt range, defocus µm per particle, optics) as template
+    matching applies them (:func:`cryovae.match.split_wedge_and_ctf`); either may be None.
     """
-    from cryovae.match import split_wedge_and_ctf
-
-    is_simulated = "rlnTomoName" not in data.particles.columns
-    tilt, defocus_um, optics = split_wedge_and_ctf(config, data, is_simulated)
-    if tilt is None and defocus_um is None:
-        return None
+    tilt, defocus_um, optics = acquisition
     weights = torch.ones((len(rows), box, box, box // 2 + 1))
     if defocus_um is not None:
-        weights = ctf_3d(torch.as_tensor(defocus_um[rows]), box, data.pixel_size_angstrom, *optics)
+        weights = ctf_3d(torch.as_tensor(defocus_um[rows]), box, pixel_size_angstrom, *optics)
     if tilt is not None:
         weights = weights * missing_wedge_mask(box, tuple(tilt))
     return weights.numpy().astype(np.float32)
@@ -119,13 +114,16 @@ def export_relion3(config, split_dir: Path, output_dir: Path) -> None:
         raise InputError(f"{split_dir}/particles.star: duplicate particle id {ids[ids.duplicated()].iloc[0]!r}")
     names = [f"subtomograms/{pid}.mrc" for pid in ids]
     ctf_names = [f"ctf/{pid}.mrc" for pid in ids]
-    box, has_ctf = None, False
+    from cryovae.match import split_wedge_and_ctf
+
+    acquisition = split_wedge_and_ctf(config, data)
+    has_ctf = acquisition[0] is not None or acquisition[1] is not None  # a wedge, a CTF or both
+    box = None
     for start in tqdm(range(0, len(data), EXPORT_CHUNK), desc=f"export {split_dir.name}", unit="chunk"):
         idx = np.arange(start, min(len(data), start + EXPORT_CHUNK))
         volumes = data.volumes(idx)
         box = volumes.shape[-1]
-        models = ctf_models(config, data, idx, box)
-        has_ctf = models is not None
+        models = ctf_models(acquisition, idx, box, pixel) if has_ctf else None
         for k, (i, volume) in enumerate(zip(idx, volumes)):
             write_map(volume, pixel, output_dir / names[i])
             if has_ctf:

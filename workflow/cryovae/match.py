@@ -47,9 +47,14 @@ log = logging.getLogger(__name__)
 CHUNK = 256  # particles per block: bounds memory at (CHUNK, box^3) complex volumes
 
 
-def split_wedge_and_ctf(config: Config, data: SubtomogramSet, is_simulated: bool):
-    """(tilt range or None, defocus in µm per particle or None, optics (kV, Cs mm, Q0))."""
+def split_wedge_and_ctf(config: Config, data: SubtomogramSet):
+    """(tilt range or None, defocus in µm per particle or None, optics (kV, Cs mm, Q0)).
+
+    Simulated particles have the simulation's wedge; extracted ones (they name their
+    tomogram) that of ``matching.tilt_range_deg``.
+    """
     sim = config.simulation
+    is_simulated = "rlnTomoName" not in data.particles.columns
     tilt = sim.tilt_range_deg if is_simulated else config.matching.tilt_range_deg
     table, optics = data.particles, data.optics
     if "rlnDefocusU" not in table.columns or (is_simulated and not sim.ctf):
@@ -201,8 +206,7 @@ def match_split(config: Config, split_dir: Path, maps: list[Path], output: Path)
     """Template-match every particle of a split against every seen class; write an npz."""
     torch.set_num_threads(config.matching.threads)
     data = SubtomogramSet.open(split_dir)
-    is_simulated = "rlnTomoName" not in data.particles.columns  # extracted particles name their tomogram
-    tilt, defocus, optics = split_wedge_and_ctf(config, data, is_simulated)
+    tilt, defocus, optics = split_wedge_and_ctf(config, data)
     matcher = Matcher(config, read_references(config, maps), tilt)
     blocks = []
     for start in tqdm(range(0, len(data), CHUNK), desc=f"match {split_dir.name}", unit="block", mininterval=1.0):
