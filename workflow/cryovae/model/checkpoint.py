@@ -23,7 +23,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cryovae.atomic import atomic_path
 from cryovae.model.io import read_record, save_record
 from cryovae.model.losses import COMPONENTS
 
@@ -122,8 +121,7 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, noise: torch.Genera
         "seconds": state.seconds,
         "history": list(state.history),
     }
-    with atomic_path(path) as tmp:
-        save_record(record, tmp)
+    save_record(record, path)
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, noise: torch.Generator,

@@ -52,14 +52,13 @@ def model_record(model: AffinityVAE, class_names: list[str], config: dict, extra
 
 def save_model(path: str | Path, model: AffinityVAE, class_names: list[str], config: dict, extra: dict | None = None) -> None:
     """Write ``model.pt`` atomically."""
-    with atomic_path(path) as tmp:
-        save_record(model_record(model, class_names, config, extra), tmp)
+    save_record(model_record(model, class_names, config, extra), path)
 
 
-def save_record(record: Any, path: Path) -> None:
-    """``torch.save`` through an open file: given a path, torch names the archive's folder
-    after the file, and an atomic write's temporary name would make every save differ."""
-    with open(path, "wb") as fh:
+def save_record(record: Any, path: str | Path) -> None:
+    """``torch.save`` atomically, through an open file: given a path, torch names the archive's
+    folder after the file, and the atomic write's temporary name would make every save differ."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         torch.save(record, fh)
 
 
