@@ -231,11 +231,11 @@ def sparse_models(z_train, y_train, z_eval, y_eval, classes, max_dims: int, seed
 
 
 def symbolic_models(z_train, y_train, z_eval, y_eval, classes, dims: dict[str, list[int]], options, seed: int
-                    ) -> tuple[dict, dict]:
-    """The symbolic section (JSON) and the per-class fits, one-vs-rest indicator ≈ f(its dims)."""
+                    ) -> dict:
+    """The symbolic section (JSON): per class, its one-vs-rest indicator ≈ f(its dims)."""
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.permutation(len(z_train))[: options.symbolic_max_particles])
-    scores, per_class, fits = np.zeros((len(z_eval), len(classes))), {}, {}
+    scores, per_class = np.zeros((len(z_eval), len(classes))), {}
     for k, c in enumerate(classes):
         names = [f"z{j}" for j in dims[c]]
         fit = fit_symbolic(z_train[rows][:, dims[c]], (y_train[rows] == c).astype(float), names, seed + k,
@@ -246,13 +246,12 @@ def symbolic_models(z_train, y_train, z_eval, y_eval, classes, dims: dict[str, l
                  for e in fit.front]
         scores[:, k] = fit.chosen.evaluate(fit.regressor, z_eval[:, dims[c]])
         per_class[c] = {"dims": dims[c], "expression": fit.chosen.text, "length": fit.chosen.length, "front": front}
-        fits[c] = fit
     accuracy = float(np.mean(np.asarray(classes)[scores.argmax(1)] == y_eval))
     section = {"engine": "pyoperon (Operon), objectives r2 and length; chosen: minimum description length",
                "variables": "z{j}: latent dimension j standardised with the training split's mean and std",
                "fitted_particles": int(len(rows)), "classes": per_class, "accuracy": accuracy,
                "total_length": int(sum(p["length"] for p in per_class.values()))}
-    return section, fits
+    return section
 
 
 def black_box(train_latents, y_train, eval_latents, y_eval) -> dict:
@@ -336,7 +335,7 @@ def interpret(config, embeddings: Path, split_dir: Path, train_latents: Path, af
     reference = black_box(train_z, train_y, latents[seen], ye)
     sparse = sparse_models(zt, train_y, ze, ye, classes, options.max_dims, config.seed)
     dims = {c: sparse["ranking"][c][: options.max_dims] for c in classes}
-    symbolic, _ = symbolic_models(zt, train_y, ze, ye, classes, dims, options, config.seed)
+    symbolic = symbolic_models(zt, train_y, ze, ye, classes, dims, options, config.seed)
     for section in (sparse["kept"], symbolic):
         section["fraction_of_black_box"] = section["accuracy"] / reference["accuracy"] if reference["accuracy"] else None
     result = {
@@ -348,6 +347,8 @@ def interpret(config, embeddings: Path, split_dir: Path, train_latents: Path, af
         "disentanglement": disentanglement(latents, factors, skipped, options.mi_bins)
         | {"affinity_abs_spearman": affinity_correlations(latents, labels, affinity_frame)},
         "black_box": reference, "sparse": sparse, "symbolic": symbolic, "cryovae_version": __version__,
+        "traversal_steps_sd": np.linspace(-options.traversal_range_sd, options.traversal_range_sd,
+                                          options.traversal_steps),
     }
     _write_figures(config, result, labels, latents, load_trained_model(model, latents.shape[1]), output_dir)
     write_text_atomic(output_dir / "expressions.txt", expressions_text(symbolic))
@@ -365,10 +366,9 @@ def _write_figures(config, result: dict, labels, latents, model, output_dir: Pat
     plots.plot_symbolic_fronts(output_dir / "symbolic.png", result["symbolic"])
     groups = [c for c in config.class_names if np.any(labels == c)]
     means = np.stack([latents[labels == c].mean(0) for c in groups])
-    steps_sd = np.linspace(-options.traversal_range_sd, options.traversal_range_sd, options.traversal_steps)
+    steps_sd = result["traversal_steps_sd"]
     volumes = traversal_volumes(model, means, latents.std(0), steps_sd)
     plots.plot_traversals(output_dir / "traversal_slices.png", volumes[..., volumes.shape[3] // 2, :, :],
                           groups, steps_sd, "central xy slice")
     plots.plot_traversals(output_dir / "traversal_projections.png", volumes.sum(axis=3), groups, steps_sd,
                           "projection along z")
-    result["traversal_steps_sd"] = steps_sd
