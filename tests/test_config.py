@@ -1,6 +1,7 @@
 """The typed config: defaults, clear errors, and the workflow schema generated from it."""
 
 import json
+import logging
 import shlex
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import jsonschema
 import pytest
 import yaml
 
-from cryovae.cli import VERBS, build_parser, main
+from cryovae.cli import RESOURCE_LINE, VERBS, build_parser, main
 from cryovae.config import GLOBAL_KEYS, Config, json_schema, load_config, stage_config_json, validate_config
 from cryovae.errors import InputError
 
@@ -84,6 +85,17 @@ def test_cli_bad_config_exits_2_with_one_message(tmp_path, capsys):
     assert code == 2
     assert "box_size" in capsys.readouterr().err
     assert not (tmp_path / "p.json").exists()
+
+
+def test_a_verb_ends_its_log_with_its_wall_time_cpu_time_and_peak_memory(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    assert main(["provenance", "--config", json.dumps(MINIMAL), "--output", str(tmp_path / "p.json")]) == 0
+    match = RESOURCE_LINE.fullmatch(caplog.records[-1].getMessage())
+    assert match is not None, caplog.records[-1].getMessage()
+    assert match["verb"] == "provenance"
+    wall, cpu, peak = float(match["wall_s"]), float(match["cpu_s"]), float(match["peak_mib"])
+    # the process has run this test session's imports: CPU and memory are those of a python
+    assert 0 < wall and 0 < cpu and 20 < peak < 64 * 1024
 
 
 def test_provenance_records_version_and_config(tmp_path):

@@ -11,12 +11,21 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import re
+import resource
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 from cryovae import __version__
 from cryovae.errors import InputError
+
+_STARTED = time.perf_counter()  # before the verb's imports: they are part of what a job costs
+RESOURCE_LINE = re.compile(
+    r"(?P<verb>[\w-]+) finished: wall (?P<wall_s>[\d.]+) s, CPU (?P<cpu_s>[\d.]+) s, "
+    r"peak memory (?P<peak_mib>\d+) MiB"
+)
 
 # verb -> (module:function, help, example, [(flags, kwargs), ...])
 # The function is called with the parsed config first, then the named arguments.
@@ -282,6 +291,16 @@ def _schema(config_path: str | None, output: Path | None) -> None:
         write_text_atomic(output, text)
 
 
+def resource_summary(verb: str) -> str:
+    """The last line of every verb's log: wall time since the process started (imports
+    included), CPU time and peak memory; benchmarks/bench_scaling.py reads it."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = usage.ru_utime + usage.ru_stime
+    peak_mib = usage.ru_maxrss / 1024  # kilobytes on Linux
+    return (f"{verb} finished: wall {time.perf_counter() - _STARTED:.2f} s, "
+            f"CPU {cpu:.2f} s, peak memory {peak_mib:.0f} MiB")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cryovae",
@@ -321,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         module_name, func_name = VERBS[verb][0].split(":")
         func = getattr(importlib.import_module(module_name), func_name)
         func(config, **args)
+        logging.getLogger("cryovae").info(resource_summary(verb))
     except InputError as err:
         print(f"cryovae {verb}: error: {err}", file=sys.stderr)
         return 2
