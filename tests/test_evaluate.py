@@ -474,3 +474,19 @@ def test_metrics_table_lists_every_value_of_the_json(perfect):
         flat.update({f"{key}.{k}": v for k, v in value.items()} if isinstance(value, dict) else {key: value})
     assert sorted(table) == sorted(flat)
     assert all(table[k] == "n/a" for k, v in flat.items() if v is None)
+
+
+def test_embed_2d_keeps_separated_clusters_apart_and_is_seeded():
+    """UMAP on exact neighbours: three far-apart clusters in 8-D stay three groups in 2-D,
+    and the same seed gives the same coordinates."""
+    from cryovae.plots import embed_2d
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(3), 40)
+    latents = rng.normal(size=(120, 8)) + 20.0 * np.eye(8)[labels]
+    coords, method = embed_2d(latents, seed=3)
+    assert method == "UMAP" and coords.shape == (120, 2)
+    centres = np.stack([coords[labels == c].mean(0) for c in range(3)])
+    nearest = np.argmin(((coords[:, None] - centres[None]) ** 2).sum(-1), axis=1)
+    assert (nearest == labels).all()
+    np.testing.assert_array_equal(embed_2d(latents, seed=3)[0], coords)

@@ -59,8 +59,15 @@ def embed_2d(latents: np.ndarray, seed: int) -> tuple[np.ndarray, str]:
     n = len(latents)
     if n >= UMAP_MIN_POINTS:
         import umap
+        from sklearn.neighbors import NearestNeighbors
 
-        reducer = umap.UMAP(n_components=2, n_neighbors=min(15, n - 1), random_state=seed, n_jobs=1)
+        # Exact neighbours from scikit-learn (each point its own first, as UMAP's own search
+        # gives): UMAP's approximate search is compiled by numba afresh in every process,
+        # about 11 s of a workflow job that otherwise takes a few.
+        k = min(15, n - 1)
+        distances, indices = NearestNeighbors(n_neighbors=k).fit(latents).kneighbors(latents)
+        reducer = umap.UMAP(n_components=2, n_neighbors=k, random_state=seed, n_jobs=1,
+                            precomputed_knn=(indices, distances, None))
         return np.asarray(reducer.fit_transform(latents), dtype=np.float64), "UMAP"
     coords = np.zeros((n, 2))
     if n >= 2:
