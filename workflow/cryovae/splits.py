@@ -42,3 +42,8 @@ def shard_plan(config, split: str) -> list[int]:
     total = len(split_classes(config, split)) * particles_per_class(config, split)
     per = config.simulation.particles_per_shard
     return [min(per, total - start) for start in range(0, total, per)]
+
+
+def shard_names(config, split: str) -> list[str]:
+    """File stems of a split's shards, in shard order (``shard_000``, ``shard_001``, ...)."""
+    return [f"shard_{k:03d}" for k in range(len(shard_plan(config, split)))]
