@@ -49,8 +49,9 @@ def _snakemake(config_file: Path, targets: list[str], cores: int) -> tuple[float
     """Run snakemake on ``targets``: (wall seconds, CPU seconds of it and its jobs)."""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
            "PYTHONPATH": str(REPO / "workflow")}
-    cmd = [str(Path(sys.executable).parent / "snakemake"), "--cores", str(cores), "--quiet", "all",
-           "--configfile", str(config_file), *targets]
+    # the targets first: --configfile takes every value after it
+    cmd = [str(Path(sys.executable).parent / "snakemake"), *targets, "--cores", str(cores), "--quiet", "all",
+           "--configfile", str(config_file)]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     subprocess.run(cmd, cwd=REPO, env=env, check=True)
