@@ -79,9 +79,11 @@ CLEAN = {"snr": None, "ctf": False, "tilt_range_deg": None, "normalise": False, 
 def test_shard_plan_totals_and_split_classes():
     config = _config({"particles_per_class": 20, "val_fraction": 0.25, "test_fraction": 0.5,
                       "particles_per_shard": 16})
-    assert splits.shard_plan(config, "train") == [16, 16, 8]  # 2 seen classes × 20
+    assert splits.shard_plan(config, "train") == [14, 13, 13]  # 2 seen classes × 20, equal shards of <= 16
     assert splits.shard_plan(config, "val") == [10]  # 2 × round(5)
-    assert splits.shard_plan(config, "test") == [16, 14]  # 3 classes × 10
+    assert splits.shard_plan(config, "test") == [15, 15]  # 3 classes × 10
+    assert [splits.shard_start(config, "train", k) for k in range(3)] == [0, 14, 27]
+    assert splits.shard_names(config, "train") == ["shard_000", "shard_001", "shard_002"]
     for split, classes in (("train", {"a", "b"}), ("val", {"a", "b"}), ("test", {"a", "b", "c"})):
         names = [config.class_names[i] for i in splits.class_sequence(config, split)]
         assert set(names) == classes
@@ -91,6 +93,15 @@ def test_shard_plan_totals_and_split_classes():
     # the classes are interleaved, not in blocks
     seq = splits.class_sequence(config, "train")
     assert 0 < np.mean(seq[:16] == seq[0]) < 1
+
+
+def test_shards_sized_by_work_hold_at_most_a_gib_of_voxels():
+    big = {"particles_per_class": 10_000, "particles_per_shard": None}
+    config = _config(big, box_size=32)
+    assert splits.max_particles_per_shard(config) == 8192
+    assert splits.shard_plan(config, "train") == [6667, 6667, 6666]  # 20,000 in 3 shards of <= 8,192
+    assert splits.max_particles_per_shard(_config(big, box_size=64)) == 1024
+    assert splits.shard_plan(_config(big, box_size=64), "val")[:2] == [1000, 1000]  # 5,000 in 5
 
 
 def test_shard_that_does_not_exist_is_an_error():
@@ -114,8 +125,9 @@ def test_same_config_same_bytes_and_shards_differ(map_files, tmp_path):
         (tmp_path / "two" / "shard_000.star").read_text().split("\n", 1)[1]  # line 1 holds a timestamp
     a = np.load(tmp_path / "one" / "shard_000.npy")
     b = np.load(tmp_path / "one" / "shard_001.npy")
-    assert a.shape == (16, BOX, BOX, BOX) and a.dtype == np.float32
-    assert abs(np.corrcoef(a.ravel(), b.ravel())[0, 1]) < 0.2
+    assert a.shape == (14, BOX, BOX, BOX) and a.dtype == np.float32
+    assert np.array_equal(a, _volumes(config)[0])  # written batch by batch: the same as made in memory
+    assert abs(np.corrcoef(a[: len(b)].ravel(), b.ravel())[0, 1]) < 0.2
     other_seed = _config(seed=6)
     sim.simulate_shard(other_seed, "train", 0, map_files, tmp_path / "s6.npy", tmp_path / "s6.star")
     assert not np.array_equal(np.load(tmp_path / "s6.npy"), a)

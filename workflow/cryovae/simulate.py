@@ -4,9 +4,10 @@ Splits: ``train`` and ``val`` hold the seen classes, ``test`` every class (unsee
 included).  Per class, train has ``particles_per_class`` particles, val
 ``round(val_fraction × that)`` and test ``round(test_fraction × that)`` (at least 1).
 The split's class sequence (each class repeated, shuffled with a seed of the split) is
-cut into shards of ``particles_per_shard``; each shard draws its particles from its own
-seed, ``SeedSequence([seed, split index, shard + 1])``, so shards are independent jobs and
-the same config gives the same bytes.
+cut into equal shards of at most ``particles_per_shard`` (null: sized by work, see
+:func:`cryovae.splits.shard_plan`); each shard draws its particles from its own seed,
+``SeedSequence([seed, split index, shard + 1])``, so shards are independent jobs and the
+same config gives the same bytes.
 
 Each particle, in order:
 
@@ -51,7 +52,7 @@ from cryovae.ctf import ctf_table, integer_k2, missing_wedge_mask
 from cryovae.errors import InputError
 from cryovae.rotations import matrix_to_relion_euler, random_rotations
 from cryovae.shards import write_particles_star
-from cryovae.splits import SPLITS, class_sequence, shard_plan, split_classes
+from cryovae.splits import SPLITS, class_sequence, shard_plan, shard_start, split_classes
 from cryovae.volumes import bandpass_filter, rfft_frequencies, rfft_weights
 
 MAX_BATCH_VOXELS = 2**22  # particles are simulated in batches of at most this many voxels
@@ -81,7 +82,7 @@ def draw_particles(config, split: str, shard: int) -> tuple[ParticleDraws, torch
     plan = shard_plan(config, split)
     if not 0 <= shard < len(plan):
         raise InputError(f"split {split!r} has {len(plan)} shards; shard {shard} does not exist")
-    start = shard * config.simulation.particles_per_shard
+    start = shard_start(config, split, shard)
     classes = class_sequence(config, split)[start : start + plan[shard]]
     pose_seed, noise_seed = shard_seed(config, split, shard).spawn(2)
     rng = np.random.default_rng(pose_seed)
@@ -352,14 +353,19 @@ def batch_size(box: int) -> int:
 
 
 def simulate_volumes(config, class_maps: np.ndarray, class_slot: np.ndarray, draws: ParticleDraws,
-                     generator: torch.Generator) -> np.ndarray:
-    """All particles of a shard: (n, B, B, B) float32, made in batches (memory ~ the shard)."""
+                     generator: torch.Generator, out: np.ndarray | None = None) -> np.ndarray:
+    """All particles of a shard into ``out``: (n, B, B, B) float32, a new array when None.
+
+    Made in batches of :func:`batch_size` particles, each written into ``out`` before the
+    next: with ``out`` memory-mapped, memory is a batch, not the shard.
+    """
     box = config.box_size
     factor = 2 if box <= OVERSAMPLED_MAX_BOX else 1
     spectra = padded_spectra(class_maps, factor)
     support = FourierSupport.from_config(config)
     n = len(class_slot)
-    out = np.empty((n, box, box, box), dtype=np.float32)
+    if out is None:
+        out = np.empty((n, box, box, box), dtype=np.float32)
     step = batch_size(box)
     for start in range(0, n, step):
         sel = slice(start, min(n, start + step))
@@ -367,8 +373,8 @@ def simulate_volumes(config, class_maps: np.ndarray, class_slot: np.ndarray, dra
                                   support)
         values = corrupt(values, draws.defocus_um[sel], config, support, generator)
         out[sel] = to_volumes(values, support).numpy()
-    if not np.all(np.isfinite(out)):
-        raise InputError("simulation produced non-finite values (check the maps and simulation settings)")
+        if not np.all(np.isfinite(out[sel])):
+            raise InputError("simulation produced non-finite values (check the maps and simulation settings)")
     return out
 
 
@@ -424,8 +430,12 @@ def simulate_shard(config, split: str, shard: int, maps: list[Path], output: Pat
     draws, generator = draw_particles(config, split, shard)
     slot_of = {config.class_names.index(c): i for i, c in enumerate(classes)}
     class_slot = np.array([slot_of[c] for c in draws.class_index], dtype=np.int64)
-    volumes = simulate_volumes(config, class_maps, class_slot, draws, generator)
     output, star = Path(output), Path(star)
+    box = config.box_size
     with atomic_path(output) as tmp:
-        np.save(tmp, volumes)
+        # written batch by batch into the .npy file itself (np.save's bytes): a shard may hold GiBs
+        volumes = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(class_slot),) + (box,) * 3)
+        simulate_volumes(config, class_maps, class_slot, draws, generator, out=volumes)
+        volumes.flush()
+        del volumes
     write_particles_star(particle_table(config, split, shard, output.name, draws), optics_table(config), star)
