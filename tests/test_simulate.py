@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import mrcfile
@@ -172,7 +175,7 @@ def test_missing_or_wrong_map_is_an_error(map_files, tmp_path):
 
 def _sphere_band(volume: np.ndarray) -> np.ndarray:
     """The volume limited to the Nyquist sphere |k| < N/2 (the simulation's Fourier support)."""
-    inside = integer_k2(volume.shape[-1]).numpy() < (volume.shape[-1] // 2) ** 2
+    inside = integer_k2(volume.shape[-1]) < (volume.shape[-1] // 2) ** 2
     return np.fft.irfftn(np.fft.rfftn(volume) * inside, s=volume.shape, axes=(0, 1, 2))
 
 
@@ -184,7 +187,7 @@ def test_fourier_rendering_agrees_with_rotations_rotate_volume():
     support = sim.FourierSupport.from_config(_config(CLEAN))
     spectra = sim.padded_spectra(MAP_A[None], 2)
     values = sim.particle_spectra(spectra, 2, np.zeros(6, int), rotation, shift, support)
-    out = sim.to_volumes(values, support).numpy()
+    out = sim.to_volumes(values, support)
     for i in range(6):
         ref = _sphere_band(rotate_volume(MAP_A, rotation[i], -shift[i] * PIXEL, PIXEL, order=5))
         assert np.corrcoef(out[i].ravel(), ref.ravel())[0, 1] > 0.999
@@ -262,21 +265,20 @@ def test_ctf_matches_torch_ctf_1d_and_is_positive_at_low_frequency():
 def test_hermitian_noise_is_the_spectrum_of_real_white_noise():
     """On the support: Hermitian-consistent, and its Parseval variance is the real-space one."""
     support = sim.FourierSupport.from_config(_config({**CLEAN, "tilt_range_deg": (-60.0, 60.0)}))
-    noise = sim.hermitian_noise(64, support, torch.Generator().manual_seed(0))
+    noise = sim.hermitian_noise(64, support, np.random.default_rng(0))
     real = sim.to_volumes(noise, support)
-    again = torch.fft.rfftn(real, dim=(-3, -2, -1)).reshape(64, -1)[:, support.flat]
-    torch.testing.assert_close(again, noise, atol=2e-3, rtol=1e-4)
-    np.testing.assert_allclose(sim._variance(noise, support).numpy(),
-                               real.double().var(dim=(1, 2, 3), unbiased=False).numpy(), rtol=1e-4)
+    again = np.fft.rfftn(real, axes=(-3, -2, -1)).reshape(64, -1)[:, support.flat]
+    np.testing.assert_allclose(again, noise, atol=2e-3, rtol=1e-4)
+    np.testing.assert_allclose(sim._variance(noise, support), real.astype(np.float64).var(axis=(1, 2, 3)), rtol=1e-4)
     # white noise of unit variance keeps the support's share of the variance
     share = float(support.weights.sum()) * BOX**3
-    assert real.var().item() == pytest.approx(share, rel=0.02)
+    assert real.var() == pytest.approx(share, rel=0.02)
 
 
 def test_particles_are_band_limited_to_the_nyquist_sphere():
     volumes, _ = _volumes(_config({"tilt_range_deg": None}))
     power = np.abs(np.fft.rfftn(volumes, axes=(1, 2, 3))) ** 2
-    outside = integer_k2(BOX).numpy() >= (BOX // 2) ** 2
+    outside = integer_k2(BOX) >= (BOX // 2) ** 2
     assert power[:, outside].sum() < 1e-10 * power.sum()
 
 
@@ -316,3 +318,22 @@ def test_padded_spectra_hold_the_centred_transform():
         got = spectra[tuple(centre + 2 * np.array(q_zyx))]
         assert got == pytest.approx(expected, rel=1e-4, abs=1e-4 * float(MAP_A.sum()))
     np.testing.assert_allclose(spectra[-1], spectra[0], rtol=1e-6)  # periodic extra plane
+
+
+# ----------------------------------------------------------------------------- what a simulate job imports
+
+
+def test_the_simulate_verb_imports_no_torch():
+    """A simulate job starts without torch (over a second of every job's start-up)."""
+    code = ("import sys; from cryovae.cli import main; import cryovae.simulate, cryovae.config; "
+            "print(sorted(m for m in ('torch', 'torch_ctf', 'cryovae.volumes') if m in sys.modules))")
+    env = {**os.environ, "PYTHONPATH": str(Path(sim.__file__).parents[1])}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(("value", "expected"), [("1", 1), ("", None), ("many", None)])
+def test_simulation_threads_follow_omp_num_threads(monkeypatch, value, expected):
+    monkeypatch.setenv("OMP_NUM_THREADS", value)
+    default = sim.numba.config.NUMBA_NUM_THREADS
+    assert sim.simulation_threads() == (expected if expected is not None else default)
