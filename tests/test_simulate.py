@@ -130,10 +130,21 @@ def test_same_config_same_bytes_and_shards_differ(map_files, tmp_path):
     b = np.load(tmp_path / "one" / "shard_001.npy")
     assert a.shape == (14, BOX, BOX, BOX) and a.dtype == np.float32
     assert np.array_equal(a, _volumes(config)[0])  # written batch by batch: the same as made in memory
+    np.save(tmp_path / "whole.npy", a)
+    assert (tmp_path / "whole.npy").read_bytes() == first  # and the bytes np.save writes
     assert abs(np.corrcoef(a[: len(b)].ravel(), b.ravel())[0, 1]) < 0.2
     other_seed = _config(seed=6)
     sim.simulate_shard(other_seed, "train", 0, map_files, tmp_path / "s6.npy", tmp_path / "s6.star")
     assert not np.array_equal(np.load(tmp_path / "s6.npy"), a)
+
+
+def test_npy_written_in_batches_is_what_numpy_saves(tmp_path):
+    whole = np.random.default_rng(0).standard_normal((7, 3, 4, 5)).astype(np.float32)
+    sim.write_npy_batches(tmp_path / "b.npy", whole.shape, iter([whole[:3], whole[3:6], whole[6:]]))
+    np.save(tmp_path / "a.npy", whole)
+    assert (tmp_path / "b.npy").read_bytes() == (tmp_path / "a.npy").read_bytes()
+    with pytest.raises(RuntimeError, match="wrote 3 of 7"):
+        sim.write_npy_batches(tmp_path / "c.npy", whole.shape, iter([whole[:3]]))
 
 
 def test_star_columns_and_optics(map_files, tmp_path):

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -378,30 +379,42 @@ def batch_size(box: int) -> int:
     return max(1, MAX_BATCH_VOXELS // box**3)
 
 
-def simulate_volumes(config, class_maps: np.ndarray, class_slot: np.ndarray, draws: ParticleDraws,
-                     generator: np.random.Generator, out: np.ndarray | None = None) -> np.ndarray:
-    """All particles of a shard into ``out``: (n, B, B, B) float32, a new array when None.
-
-    Made in batches of :func:`batch_size` particles, each written into ``out`` before the
-    next: with ``out`` memory-mapped, memory is a batch, not the shard.
-    """
+def simulate_batches(config, class_maps: np.ndarray, class_slot: np.ndarray, draws: ParticleDraws,
+                     generator: np.random.Generator) -> Iterator[np.ndarray]:
+    """The particles of a shard in order, in batches of :func:`batch_size`: (b, B, B, B) float32 each."""
     box = config.box_size
     factor = 2 if box <= OVERSAMPLED_MAX_BOX else 1
     spectra = padded_spectra(class_maps, factor)
     support = FourierSupport.from_config(config)
-    n = len(class_slot)
-    if out is None:
-        out = np.empty((n, box, box, box), dtype=np.float32)
-    step = batch_size(box)
+    n, step = len(class_slot), batch_size(box)
     for start in range(0, n, step):
         sel = slice(start, min(n, start + step))
         values = particle_spectra(spectra, factor, class_slot[sel], draws.rotation[sel], draws.shift_xyz_px[sel],
                                   support)
         values = corrupt(values, draws.defocus_um[sel], config, support, generator)
-        out[sel] = to_volumes(values, support)
-        if not np.all(np.isfinite(out[sel])):
+        volumes = to_volumes(values, support)
+        if not np.all(np.isfinite(volumes)):
             raise InputError("simulation produced non-finite values (check the maps and simulation settings)")
-    return out
+        yield volumes
+
+
+def simulate_volumes(config, class_maps: np.ndarray, class_slot: np.ndarray, draws: ParticleDraws,
+                     generator: np.random.Generator) -> np.ndarray:
+    """All particles of a shard in memory: (n, B, B, B) float32."""
+    return np.concatenate(list(simulate_batches(config, class_maps, class_slot, draws, generator)))
+
+
+def write_npy_batches(path: Path, shape: tuple[int, ...], batches: Iterator[np.ndarray]) -> None:
+    """Write float32 ``batches`` (concatenated along axis 0: ``shape``) as one .npy file, one
+    batch in memory at a time; the bytes are :func:`numpy.save`'s of the whole array."""
+    with open(path, "wb") as fh:
+        np.lib.format.write_array_header_1_0(fh, {"descr": "<f4", "fortran_order": False, "shape": shape})
+        written = 0
+        for batch in batches:
+            np.ascontiguousarray(batch, dtype="<f4").tofile(fh)
+            written += len(batch)
+    if written != shape[0]:
+        raise RuntimeError(f"{path}: wrote {written} of {shape[0]} volumes")
 
 
 def optics_table(config) -> pd.DataFrame:
@@ -457,11 +470,7 @@ def simulate_shard(config, split: str, shard: int, maps: list[Path], output: Pat
     slot_of = {config.class_names.index(c): i for i, c in enumerate(classes)}
     class_slot = np.array([slot_of[c] for c in draws.class_index], dtype=np.int64)
     output, star = Path(output), Path(star)
-    box = config.box_size
-    with atomic_path(output) as tmp:
-        # written batch by batch into the .npy file itself (np.save's bytes): a shard may hold GiBs
-        volumes = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(class_slot),) + (box,) * 3)
-        simulate_volumes(config, class_maps, class_slot, draws, generator, out=volumes)
-        volumes.flush()
-        del volumes
+    shape = (len(class_slot),) + (config.box_size,) * 3
+    with atomic_path(output) as tmp:  # batch by batch: a shard may hold GiBs, memory holds a batch
+        write_npy_batches(tmp, shape, simulate_batches(config, class_maps, class_slot, draws, generator))
     write_particles_star(particle_table(config, split, shard, output.name, draws), optics_table(config), star)
