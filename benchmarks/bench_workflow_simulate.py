@@ -7,7 +7,9 @@ The config (default: the embedded default, wedge, noise and CTF at 32³) is run 
 ``snakemake --cores N`` with ``simulation.particles_per_class`` set to ``--small`` and then
 ``--large``, each time asking for the shard files of the three simulated splits only.  The
 reference maps are made first, untimed, and shared by both runs (the map rules do not read
-the simulation section); each run starts from an empty ``subtomograms/`` folder.  The slope
+the simulation section), and the small run is made once untimed (numba compiles its kernel
+into its cache, as the first run of an installation does); each run starts from an empty
+``subtomograms/`` folder.  The slope
 
     (particles_large - particles_small) / (seconds_large - seconds_small)
 
@@ -99,6 +101,7 @@ def main() -> None:
     maps_config = _write_config(base, args.output_dir, args.small)
     classes = list(base["structures"])
     _snakemake(maps_config, [str(args.output_dir / "maps" / f"{c}.mrc") for c in classes], args.cores)
+    run_size(base, args.output_dir, args.small, args.cores)  # warm-up: numba compiles into its cache once
     small = run_size(base, args.output_dir, args.small, args.cores)
     large = run_size(base, args.output_dir, args.large, args.cores)
     extra = large["particles"] - small["particles"]
