@@ -57,10 +57,7 @@ from cryovae.rotations import matrix_to_relion_euler, random_rotations
 from cryovae.shards import write_particles_star
 from cryovae.splits import SPLITS, class_sequence, shard_plan, shard_start, split_classes
 
-# Particles are simulated in batches of at most this many voxels (32 at 32³): the batch's
-# arrays (~5 MB) are reused by the allocator, where 4x larger ones cost a page fault per
-# page (0.5 against 0.25 system CPU-ms per particle, benchmarks/RESULTS.md 2026-12-02).
-MAX_BATCH_VOXELS = 2**20
+MAX_BATCH_VOXELS = 2**22  # particles are simulated in batches of at most this many voxels
 OVERSAMPLED_MAX_BOX = 96  # spectra of larger boxes are sampled without padding (memory)
 
 
