@@ -273,6 +273,22 @@ def test_ctf_matches_torch_ctf_1d_and_is_positive_at_low_frequency():
     assert ctf[0, 0, 1] > 0.07  # first lobe positive: a white particle stays white
 
 
+def test_electron_wavelength_and_numpy_ctf_table_match_torch_ctf():
+    from torch_ctf.ctf_aberrations import calculate_relativistic_electron_wavelength
+
+    from cryovae.ctf import ctf_table, electron_wavelength_angstrom
+
+    assert electron_wavelength_angstrom(300.0) == pytest.approx(0.019687, abs=1e-6)  # textbook value
+    for kv in (100.0, 200.0, 300.0):
+        assert electron_wavelength_angstrom(kv) == pytest.approx(
+            float(calculate_relativistic_electron_wavelength(kv * 1e3)) * 1e10, rel=1e-6)
+    table = ctf_table(np.array([1.5, 4.0]), 32, 10.0, 300.0, 2.7, 0.07)
+    gathered = table[:, integer_k2(32)]
+    ctf = ctf_3d(torch.tensor([1.5, 4.0]), 32, 10.0, 300.0, 2.7, 0.07).numpy()
+    np.testing.assert_array_equal(gathered, ctf)  # the tensor route is the table, gathered
+    assert table.dtype == np.float32 and table.shape == (2, 3 * 16**2 + 1)
+
+
 def test_hermitian_noise_is_the_spectrum_of_real_white_noise():
     """On the support: Hermitian-consistent, and its Parseval variance is the real-space one."""
     support = sim.FourierSupport.from_config(_config({**CLEAN, "tilt_range_deg": (-60.0, 60.0)}))
