@@ -24,7 +24,7 @@ wildcard_constraints:
     split="|".join(SIM_SPLITS + TOMOGRAMS),
     simsplit="|".join(SIM_SPLITS),
     tomo="|".join(TOMOGRAMS) if TOMOGRAMS else "(?!)",
-    shard=r"shard_\d{3}",
+    shard=r"shard_\d\d\d+",  # shard_{k:03d}: a split may have a thousand shards or more
 
 
 

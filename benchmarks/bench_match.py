@@ -54,7 +54,7 @@ def main() -> None:
     n = args.particles
     draws = ParticleDraws(rng.integers(0, len(SEEN), n), random_rotations(n, rng), rng.uniform(-1, 1, (n, 3)),
                           rng.uniform(2.0, 5.0, n))
-    volumes = simulate_volumes(config, maps, draws.class_index, draws, torch.Generator().manual_seed(0))
+    volumes = simulate_volumes(config, maps, draws.class_index, draws, np.random.default_rng(0))
     start = time.perf_counter()
     matcher = Matcher(config, dict(zip(SEEN, maps)), (-60.0, 60.0))
     setup = time.perf_counter() - start

@@ -40,7 +40,7 @@ def particles(shrec_dir):
     draws = ParticleDraws(np.repeat(np.arange(3), n // 3), random_rotations(n, rng),
                           rng.uniform(-1, 1, size=(n, 3)), rng.uniform(2.0, 5.0, size=n))
     volumes = simulate_volumes(config, maps.astype(np.float32), draws.class_index, draws,
-                               torch.Generator().manual_seed(1))
+                               np.random.default_rng(1))
     matcher = Matcher(config, dict(zip(CLASSES, maps)), (-60.0, 60.0))
     ctf = ctf_3d(torch.as_tensor(draws.defocus_um), BOX, 10.0, 300.0, 2.7, 0.07)
     return config, maps.astype(np.float32), draws, matcher.match(volumes, ctf)
@@ -70,7 +70,7 @@ def test_fit_is_the_correlation_with_the_modulated_reference(particles, shrec_di
     first = np.r_[0:3, 20:23, 40:43]
     sub = ParticleDraws(draws.class_index[first], draws.rotation[first], draws.shift_xyz_px[first],
                         draws.defocus_um[first])
-    volumes = simulate_volumes(clean, maps, sub.class_index, sub, torch.Generator().manual_seed(2))
+    volumes = simulate_volumes(clean, maps, sub.class_index, sub, np.random.default_rng(2))
     ctf = ctf_3d(torch.as_tensor(sub.defocus_um), BOX, 10.0, 300.0, 2.7, 0.07)
     noise_free = Matcher(clean, dict(zip(CLASSES, maps)), (-60.0, 60.0)).match(volumes, ctf)
     clean_fit = noise_free["fit"][np.arange(9), sub.class_index]

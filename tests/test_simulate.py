@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import mrcfile
@@ -79,9 +82,11 @@ CLEAN = {"snr": None, "ctf": False, "tilt_range_deg": None, "normalise": False, 
 def test_shard_plan_totals_and_split_classes():
     config = _config({"particles_per_class": 20, "val_fraction": 0.25, "test_fraction": 0.5,
                       "particles_per_shard": 16})
-    assert splits.shard_plan(config, "train") == [16, 16, 8]  # 2 seen classes × 20
+    assert splits.shard_plan(config, "train") == [14, 13, 13]  # 2 seen classes × 20, equal shards of <= 16
     assert splits.shard_plan(config, "val") == [10]  # 2 × round(5)
-    assert splits.shard_plan(config, "test") == [16, 14]  # 3 classes × 10
+    assert splits.shard_plan(config, "test") == [15, 15]  # 3 classes × 10
+    assert [splits.shard_start(config, "train", k) for k in range(3)] == [0, 14, 27]
+    assert splits.shard_names(config, "train") == ["shard_000", "shard_001", "shard_002"]
     for split, classes in (("train", {"a", "b"}), ("val", {"a", "b"}), ("test", {"a", "b", "c"})):
         names = [config.class_names[i] for i in splits.class_sequence(config, split)]
         assert set(names) == classes
@@ -91,6 +96,15 @@ def test_shard_plan_totals_and_split_classes():
     # the classes are interleaved, not in blocks
     seq = splits.class_sequence(config, "train")
     assert 0 < np.mean(seq[:16] == seq[0]) < 1
+
+
+def test_shards_sized_by_work_hold_at_most_a_gib_of_voxels():
+    big = {"particles_per_class": 10_000, "particles_per_shard": None}
+    config = _config(big, box_size=32)
+    assert splits.max_particles_per_shard(config) == 8192
+    assert splits.shard_plan(config, "train") == [6667, 6667, 6666]  # 20,000 in 3 shards of <= 8,192
+    assert splits.max_particles_per_shard(_config(big, box_size=64)) == 1024
+    assert splits.shard_plan(_config(big, box_size=64), "val")[:2] == [1000, 1000]  # 5,000 in 5
 
 
 def test_shard_that_does_not_exist_is_an_error():
@@ -114,11 +128,23 @@ def test_same_config_same_bytes_and_shards_differ(map_files, tmp_path):
         (tmp_path / "two" / "shard_000.star").read_text().split("\n", 1)[1]  # line 1 holds a timestamp
     a = np.load(tmp_path / "one" / "shard_000.npy")
     b = np.load(tmp_path / "one" / "shard_001.npy")
-    assert a.shape == (16, BOX, BOX, BOX) and a.dtype == np.float32
-    assert abs(np.corrcoef(a.ravel(), b.ravel())[0, 1]) < 0.2
+    assert a.shape == (14, BOX, BOX, BOX) and a.dtype == np.float32
+    assert np.array_equal(a, _volumes(config)[0])  # written batch by batch: the same as made in memory
+    np.save(tmp_path / "whole.npy", a)
+    assert (tmp_path / "whole.npy").read_bytes() == first  # and the bytes np.save writes
+    assert abs(np.corrcoef(a[: len(b)].ravel(), b.ravel())[0, 1]) < 0.2
     other_seed = _config(seed=6)
     sim.simulate_shard(other_seed, "train", 0, map_files, tmp_path / "s6.npy", tmp_path / "s6.star")
     assert not np.array_equal(np.load(tmp_path / "s6.npy"), a)
+
+
+def test_npy_written_in_batches_is_what_numpy_saves(tmp_path):
+    whole = np.random.default_rng(0).standard_normal((7, 3, 4, 5)).astype(np.float32)
+    sim.write_npy_batches(tmp_path / "b.npy", whole.shape, iter([whole[:3], whole[3:6], whole[6:]]))
+    np.save(tmp_path / "a.npy", whole)
+    assert (tmp_path / "b.npy").read_bytes() == (tmp_path / "a.npy").read_bytes()
+    with pytest.raises(RuntimeError, match="wrote 3 of 7"):
+        sim.write_npy_batches(tmp_path / "c.npy", whole.shape, iter([whole[:3]]))
 
 
 def test_star_columns_and_optics(map_files, tmp_path):
@@ -160,7 +186,7 @@ def test_missing_or_wrong_map_is_an_error(map_files, tmp_path):
 
 def _sphere_band(volume: np.ndarray) -> np.ndarray:
     """The volume limited to the Nyquist sphere |k| < N/2 (the simulation's Fourier support)."""
-    inside = integer_k2(volume.shape[-1]).numpy() < (volume.shape[-1] // 2) ** 2
+    inside = integer_k2(volume.shape[-1]) < (volume.shape[-1] // 2) ** 2
     return np.fft.irfftn(np.fft.rfftn(volume) * inside, s=volume.shape, axes=(0, 1, 2))
 
 
@@ -172,7 +198,7 @@ def test_fourier_rendering_agrees_with_rotations_rotate_volume():
     support = sim.FourierSupport.from_config(_config(CLEAN))
     spectra = sim.padded_spectra(MAP_A[None], 2)
     values = sim.particle_spectra(spectra, 2, np.zeros(6, int), rotation, shift, support)
-    out = sim.to_volumes(values, support).numpy()
+    out = sim.to_volumes(values, support)
     for i in range(6):
         ref = _sphere_band(rotate_volume(MAP_A, rotation[i], -shift[i] * PIXEL, PIXEL, order=5))
         assert np.corrcoef(out[i].ravel(), ref.ravel())[0, 1] > 0.999
@@ -247,24 +273,39 @@ def test_ctf_matches_torch_ctf_1d_and_is_positive_at_low_frequency():
     assert ctf[0, 0, 1] > 0.07  # first lobe positive: a white particle stays white
 
 
+def test_electron_wavelength_and_numpy_ctf_table_match_torch_ctf():
+    from torch_ctf.ctf_aberrations import calculate_relativistic_electron_wavelength
+
+    from cryovae.ctf import ctf_table, electron_wavelength_angstrom
+
+    assert electron_wavelength_angstrom(300.0) == pytest.approx(0.019687, abs=1e-6)  # textbook value
+    for kv in (100.0, 200.0, 300.0):
+        assert electron_wavelength_angstrom(kv) == pytest.approx(
+            float(calculate_relativistic_electron_wavelength(kv * 1e3)) * 1e10, rel=1e-6)
+    table = ctf_table(np.array([1.5, 4.0]), 32, 10.0, 300.0, 2.7, 0.07)
+    gathered = table[:, integer_k2(32)]
+    ctf = ctf_3d(torch.tensor([1.5, 4.0]), 32, 10.0, 300.0, 2.7, 0.07).numpy()
+    np.testing.assert_array_equal(gathered, ctf)  # the tensor route is the table, gathered
+    assert table.dtype == np.float32 and table.shape == (2, 3 * 16**2 + 1)
+
+
 def test_hermitian_noise_is_the_spectrum_of_real_white_noise():
     """On the support: Hermitian-consistent, and its Parseval variance is the real-space one."""
     support = sim.FourierSupport.from_config(_config({**CLEAN, "tilt_range_deg": (-60.0, 60.0)}))
-    noise = sim.hermitian_noise(64, support, torch.Generator().manual_seed(0))
+    noise = sim.hermitian_noise(64, support, np.random.default_rng(0))
     real = sim.to_volumes(noise, support)
-    again = torch.fft.rfftn(real, dim=(-3, -2, -1)).reshape(64, -1)[:, support.flat]
-    torch.testing.assert_close(again, noise, atol=2e-3, rtol=1e-4)
-    np.testing.assert_allclose(sim._variance(noise, support).numpy(),
-                               real.double().var(dim=(1, 2, 3), unbiased=False).numpy(), rtol=1e-4)
+    again = np.fft.rfftn(real, axes=(-3, -2, -1)).reshape(64, -1)[:, support.flat]
+    np.testing.assert_allclose(again, noise, atol=2e-3, rtol=1e-4)
+    np.testing.assert_allclose(sim._variance(noise, support), real.astype(np.float64).var(axis=(1, 2, 3)), rtol=1e-4)
     # white noise of unit variance keeps the support's share of the variance
     share = float(support.weights.sum()) * BOX**3
-    assert real.var().item() == pytest.approx(share, rel=0.02)
+    assert real.var() == pytest.approx(share, rel=0.02)
 
 
 def test_particles_are_band_limited_to_the_nyquist_sphere():
     volumes, _ = _volumes(_config({"tilt_range_deg": None}))
     power = np.abs(np.fft.rfftn(volumes, axes=(1, 2, 3))) ** 2
-    outside = integer_k2(BOX).numpy() >= (BOX // 2) ** 2
+    outside = integer_k2(BOX) >= (BOX // 2) ** 2
     assert power[:, outside].sum() < 1e-10 * power.sum()
 
 
@@ -304,3 +345,22 @@ def test_padded_spectra_hold_the_centred_transform():
         got = spectra[tuple(centre + 2 * np.array(q_zyx))]
         assert got == pytest.approx(expected, rel=1e-4, abs=1e-4 * float(MAP_A.sum()))
     np.testing.assert_allclose(spectra[-1], spectra[0], rtol=1e-6)  # periodic extra plane
+
+
+# ----------------------------------------------------------------------------- what a simulate job imports
+
+
+def test_the_simulate_verb_imports_no_torch():
+    """A simulate job starts without torch (over a second of every job's start-up)."""
+    code = ("import sys; from cryovae.cli import main; import cryovae.simulate, cryovae.config; "
+            "print(sorted(m for m in ('torch', 'torch_ctf', 'cryovae.volumes') if m in sys.modules))")
+    env = {**os.environ, "PYTHONPATH": str(Path(sim.__file__).parents[1])}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(("value", "expected"), [("1", 1), ("", None), ("many", None)])
+def test_simulation_threads_follow_omp_num_threads(monkeypatch, value, expected):
+    monkeypatch.setenv("OMP_NUM_THREADS", value)
+    default = sim.numba.config.NUMBA_NUM_THREADS
+    assert sim.simulation_threads() == (expected if expected is not None else default)

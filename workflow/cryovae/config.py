@@ -101,8 +101,10 @@ class SimulationConfig(_Section):
     )
     val_fraction: float = Field(0.25, gt=0, le=1, description="Validation particles per class, relative.")
     test_fraction: float = Field(0.5, gt=0, le=2, description="Test particles per class, relative.")
-    particles_per_shard: int = Field(
-        512, ge=1, description="Particles per shard file (and per simulation job)."
+    particles_per_shard: int | None = Field(
+        None, ge=1, description="At most this many particles per shard file, which is one simulate job "
+        "(a split is cut into equal shards); null: sized by work, at most 2^28 voxels (1 GiB of float32) "
+        "a shard: 8,192 particles at 32³, 1,024 at 64³."
     )
     snr: float | None = Field(
         0.5, gt=0, description="Signal variance over noise variance in the box; null: noise-free."

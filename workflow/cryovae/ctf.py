@@ -2,7 +2,9 @@
 
 Filters come in the ``torch.fft.rfftn`` layout of a cubic box of edge ``box`` (z, y, x
 order): shape (box, box, box // 2 + 1), frequency index 0 first (no fftshift), on the grids
-of :mod:`cryovae.volumes` (which also holds the low-pass and band-pass filters).
+of :mod:`cryovae.volumes` (which also holds the low-pass and band-pass filters).  They are
+computed with NumPy; the functions that return tensors import torch when called, so that
+the simulation, which needs only the arrays, starts without it.
 Frequencies are in cycles per pixel (``fftfreq``) unless a name says ``per_angstrom``.
 
 CTF model (a 3D, isotropic simplification for subtomograms): the 2D phase-contrast CTF
@@ -13,7 +15,7 @@ evaluated at the 3D spatial frequency ``|k|``,
 
 with ``dz`` > 0 underfocus, ``lambda`` the relativistic electron wavelength, ``Cs`` the
 spherical aberration and ``A`` the amplitude contrast.  This is torch-ctf's sign
-(``calculate_ctf_1d``): positive at low frequency, so a white particle (protein bright, as
+(``calculate_ctf_1d``, which the tests hold it to): positive at low frequency, so a white particle (protein bright, as
 RELION expects particles) stays white.  It ignores the
 defocus gradient across tilts and the per-tilt dose (a real subtomogram's CTF is a sum
 over the tilt series).
@@ -26,42 +28,53 @@ into (-90, 90]) lies in that range.  Everything else (a double wedge about kz) i
 
 from __future__ import annotations
 
-import torch
-from torch_ctf.ctf_utils import calculate_total_phase_shift
+from typing import TYPE_CHECKING
 
-from cryovae.volumes import rfft_frequencies
+import numpy as np
+from scipy import constants
+
+if TYPE_CHECKING:
+    import torch
 
 
-def integer_k2(box: int) -> torch.Tensor:
+def _rfft_frequencies(box: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(kz, ky, kx) in cycles/pixel, broadcastable to (box, box, box//2+1), float64."""
+    full, half = np.fft.fftfreq(box), np.fft.rfftfreq(box)
+    return full[:, None, None], full[None, :, None], half[None, None, :]
+
+
+def integer_k2(box: int) -> np.ndarray:
     """|k|^2 in Fourier pixels^2 (an integer) on the rfft grid: (box, box, box//2+1) int64."""
-    kz, ky, kx = rfft_frequencies(box)
-    return torch.round((kz**2 + ky**2 + kx**2) * box**2).long()
+    kz, ky, kx = _rfft_frequencies(box)
+    return np.round((kz**2 + ky**2 + kx**2) * box**2).astype(np.int64)
+
+
+def electron_wavelength_angstrom(voltage_kv: float) -> float:
+    """Relativistic electron wavelength at an acceleration voltage, in Å."""
+    energy = constants.e * voltage_kv * 1e3  # J
+    momentum = np.sqrt(2.0 * constants.m_e * energy * (1.0 + energy / (2.0 * constants.m_e * constants.c**2)))
+    return constants.h / momentum * 1e10
 
 
 def ctf_table(
-    defocus_um: torch.Tensor,
+    defocus_um: np.ndarray,
     box: int,
     pixel_size_angstrom: float,
     voltage_kv: float,
     spherical_aberration_mm: float,
     amplitude_contrast: float,
-) -> torch.Tensor:
+) -> np.ndarray:
     """The isotropic CTF at every integer |k|^2 (Fourier pixels^2) of the box: (n, 3·(box/2)^2 + 1) float32.
 
     ``defocus_um``: shape (n,), positive = underfocus.  Index it with :func:`integer_k2`.
     """
-    k2_values = torch.arange(3 * (box // 2) ** 2 + 1, dtype=torch.float64)
-    k2_per_angstrom2 = k2_values / (box * pixel_size_angstrom) ** 2
-    defocus = torch.as_tensor(defocus_um, dtype=torch.float64).view(-1, 1)
-    phase = calculate_total_phase_shift(
-        defocus_um=defocus,
-        voltage_kv=torch.tensor(float(voltage_kv), dtype=torch.float64),
-        spherical_aberration_mm=torch.tensor(float(spherical_aberration_mm), dtype=torch.float64),
-        phase_shift_degrees=torch.tensor(0.0, dtype=torch.float64),
-        amplitude_contrast_fraction=torch.tensor(float(amplitude_contrast), dtype=torch.float64),
-        fftfreq_grid_angstrom_squared=k2_per_angstrom2.unsqueeze(0),
-    )
-    return (-torch.sin(phase)).to(torch.float32)
+    k2 = np.arange(3 * (box // 2) ** 2 + 1, dtype=np.float64)[None, :] / (box * pixel_size_angstrom) ** 2
+    wavelength = electron_wavelength_angstrom(voltage_kv)
+    defocus = np.asarray(defocus_um, dtype=np.float64).reshape(-1, 1) * 1e4  # Å
+    cs = spherical_aberration_mm * 1e7  # Å
+    gamma = np.pi * wavelength * defocus * k2 - 0.5 * np.pi * cs * wavelength**3 * k2**2
+    contrast = np.arctan(amplitude_contrast / np.sqrt(1.0 - amplitude_contrast**2))
+    return np.sin(gamma + contrast).astype(np.float32)
 
 
 def ctf_3d(
@@ -74,25 +87,37 @@ def ctf_3d(
 ) -> torch.Tensor:
     """Isotropic 3D CTF (see the module docstring) per particle: shape (n, box, box, box//2+1), float32.
 
-    ``defocus_um``: shape (n,), positive = underfocus.  Evaluated once per distinct |k|^2
-    (:func:`ctf_table`, torch-ctf's phase) and gathered.
+    ``defocus_um``: shape (n,), positive = underfocus; the result is on its device.  Evaluated
+    once per distinct |k|^2 (:func:`ctf_table`) and gathered.
     """
-    table = ctf_table(defocus_um, box, pixel_size_angstrom, voltage_kv, spherical_aberration_mm, amplitude_contrast)
-    return table.index_select(1, integer_k2(box).reshape(-1)).reshape(-1, box, box, box // 2 + 1)
+    import torch
+
+    defocus = torch.as_tensor(defocus_um)
+    table = ctf_table(defocus.detach().cpu().numpy(), box, pixel_size_angstrom, voltage_kv,
+                      spherical_aberration_mm, amplitude_contrast)
+    gathered = table[:, integer_k2(box).reshape(-1)].reshape(-1, box, box, box // 2 + 1)
+    return torch.from_numpy(gathered).to(defocus.device)
 
 
-def missing_wedge_mask(box: int, tilt_range_deg: tuple[float, float]) -> torch.Tensor:
+def wedge_sampled(box: int, tilt_range_deg: tuple[float, float]) -> np.ndarray:
     """Boolean (box, box, box//2+1): True where a tilt series over ``tilt_range_deg`` about Y samples.
 
     The k = 0 line along ky (kx = kz = 0) is sampled by every tilt and is always True.
     """
     lo, hi = float(tilt_range_deg[0]), float(tilt_range_deg[1])
-    kz, _, kx = rfft_frequencies(box)
-    angle = torch.rad2deg(torch.atan2(-kz, kx))  # (-180, 180]
-    angle = torch.where(angle > 90.0, angle - 180.0, angle)
-    angle = torch.where(angle <= -90.0, angle + 180.0, angle)  # folded into (-90, 90]
+    kz, _, kx = _rfft_frequencies(box)
+    angle = np.rad2deg(np.arctan2(-kz, kx))  # (-180, 180]
+    angle = np.where(angle > 90.0, angle - 180.0, angle)
+    angle = np.where(angle <= -90.0, angle + 180.0, angle)  # folded into (-90, 90]
     sampled = (angle >= lo - 1e-9) & (angle <= hi + 1e-9)
     if lo <= -90.0:  # -90 and 90 are the same direction
         sampled |= angle >= 90.0 - 1e-9
     on_axis = (kz == 0) & (kx == 0)
-    return (sampled | on_axis).expand(box, box, box // 2 + 1).contiguous()
+    return np.ascontiguousarray(np.broadcast_to(sampled | on_axis, (box, box, box // 2 + 1)))
+
+
+def missing_wedge_mask(box: int, tilt_range_deg: tuple[float, float]) -> torch.Tensor:
+    """:func:`wedge_sampled` as a boolean tensor (box, box, box//2+1)."""
+    import torch
+
+    return torch.from_numpy(wedge_sampled(box, tilt_range_deg))

@@ -22,12 +22,15 @@ from __future__ import annotations
 
 import functools
 import warnings
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from scipy.spatial.transform import Rotation
 
 from cryovae.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
 
 # ----------------------------------------------------------------------------- sampling
 
@@ -96,6 +99,8 @@ def matrix_from_6d_torch(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     Vectors are divided by max(norm, ``eps``): exact for ordinary inputs, finite for a
     degenerate one (a zero vector, or two parallel ones).
     """
+    import torch  # here, not at the top: the simulation imports this module and needs no torch
+
     a1, a2 = x[..., 0:3], x[..., 3:6]
     b1 = torch.nn.functional.normalize(a1, dim=-1, eps=eps)
     b2 = a2 - (b1 * a2).sum(-1, keepdim=True) * b1
@@ -132,6 +137,8 @@ def geodesic_distance_torch(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-12
     gradient stays finite at 0 and at pi (``eps`` under the square root of the skew norm;
     it biases the angle by at most sqrt(eps)/2 radians).
     """
+    import torch
+
     rel = a.transpose(-1, -2) @ b
     skew = torch.stack(
         [rel[..., 2, 1] - rel[..., 1, 2], rel[..., 0, 2] - rel[..., 2, 0], rel[..., 1, 0] - rel[..., 0, 1]], -1

@@ -4,9 +4,10 @@ Splits: ``train`` and ``val`` hold the seen classes, ``test`` every class (unsee
 included).  Per class, train has ``particles_per_class`` particles, val
 ``round(val_fraction × that)`` and test ``round(test_fraction × that)`` (at least 1).
 The split's class sequence (each class repeated, shuffled with a seed of the split) is
-cut into shards of ``particles_per_shard``; each shard draws its particles from its own
-seed, ``SeedSequence([seed, split index, shard + 1])``, so shards are independent jobs and
-the same config gives the same bytes.
+cut into equal shards of at most ``particles_per_shard`` (null: sized by work, see
+:func:`cryovae.splits.shard_plan`); each shard draws its particles from its own seed,
+``SeedSequence([seed, split index, shard + 1])``, so shards are independent jobs and the
+same config gives the same bytes.
 
 Each particle, in order:
 
@@ -30,12 +31,16 @@ Each particle, in order:
    zero mean, unit variance.  ``cryovaeSnr`` is the SNR before the band-pass.
 
 Cost: about 0.9 CPU-ms per 32³ particle (one core); shards are independent jobs, so a
-simulate job is best run with one thread (see benchmarks/bench_simulate.py).
+simulate job is best run with one thread (see benchmarks/bench_simulate.py).  NumPy, SciPy
+and numba only: a job does not pay torch's import (over a second); only a configured
+band-pass imports :mod:`cryovae.volumes`, and torch with it.
 """
 
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,15 +49,13 @@ import numba
 import numpy as np
 import pandas as pd
 import scipy.fft
-import torch
 
 from cryovae.atomic import atomic_path
-from cryovae.ctf import ctf_table, integer_k2, missing_wedge_mask
+from cryovae.ctf import ctf_table, integer_k2, wedge_sampled
 from cryovae.errors import InputError
 from cryovae.rotations import matrix_to_relion_euler, random_rotations
 from cryovae.shards import write_particles_star
-from cryovae.splits import SPLITS, class_sequence, shard_plan, split_classes
-from cryovae.volumes import bandpass_filter, rfft_frequencies, rfft_weights
+from cryovae.splits import SPLITS, class_sequence, shard_plan, shard_start, split_classes
 
 MAX_BATCH_VOXELS = 2**22  # particles are simulated in batches of at most this many voxels
 OVERSAMPLED_MAX_BOX = 96  # spectra of larger boxes are sampled without padding (memory)
@@ -61,6 +64,14 @@ OVERSAMPLED_MAX_BOX = 96  # spectra of larger boxes are sampled without padding 
 def shard_seed(config, split: str, shard: int) -> np.random.SeedSequence:
     """The seed of one shard; spawned children seed the pose draws and the noise."""
     return np.random.SeedSequence([config.seed, SPLITS.index(split), shard + 1])
+
+
+def simulation_threads() -> int:
+    """Threads of the sampling kernel and the inverse FFTs: ``OMP_NUM_THREADS`` when set
+    (snakemake sets it to the rule's threads), else numba's default (the CPUs)."""
+    value = os.environ.get("OMP_NUM_THREADS", "")
+    threads = int(value) if value.isdigit() else numba.config.NUMBA_NUM_THREADS
+    return max(1, min(threads, numba.config.NUMBA_NUM_THREADS))
 
 
 # ----------------------------------------------------------------------------- draws
@@ -76,12 +87,12 @@ class ParticleDraws:
     defocus_um: np.ndarray  # (n,) underfocus in µm (NaN without CTF)
 
 
-def draw_particles(config, split: str, shard: int) -> tuple[ParticleDraws, torch.Generator]:
-    """Poses, shifts and defoci of a shard, and the torch generator of its noise."""
+def draw_particles(config, split: str, shard: int) -> tuple[ParticleDraws, np.random.Generator]:
+    """Poses, shifts and defoci of a shard, and the generator of its noise."""
     plan = shard_plan(config, split)
     if not 0 <= shard < len(plan):
         raise InputError(f"split {split!r} has {len(plan)} shards; shard {shard} does not exist")
-    start = shard * config.simulation.particles_per_shard
+    start = shard_start(config, split, shard)
     classes = class_sequence(config, split)[start : start + plan[shard]]
     pose_seed, noise_seed = shard_seed(config, split, shard).spawn(2)
     rng = np.random.default_rng(pose_seed)
@@ -89,8 +100,7 @@ def draw_particles(config, split: str, shard: int) -> tuple[ParticleDraws, torch
     rotation = random_rotations(n, rng)
     shift = rng.uniform(-sim.max_shift_px, sim.max_shift_px, size=(n, 3))
     defocus = rng.uniform(*sim.defocus_range_um, size=n) if sim.ctf else np.full(n, np.nan)
-    generator = torch.Generator().manual_seed(int(noise_seed.generate_state(1, np.uint64)[0] >> np.uint64(1)))
-    return ParticleDraws(classes, rotation, shift, defocus), generator
+    return ParticleDraws(classes, rotation, shift, defocus), np.random.default_rng(noise_seed)
 
 
 # ----------------------------------------------------------------------------- maps
@@ -134,19 +144,20 @@ def padded_spectra(maps_zyx: np.ndarray, factor: int) -> np.ndarray:
     """
     n = maps_zyx.shape[-1]
     size = factor * n
-    r = torch.arange(n) - n // 2
-    apod = torch.sinc(r / size) ** 2
-    corrected = torch.as_tensor(maps_zyx, dtype=torch.float32) / (
+    apod = (np.sinc((np.arange(n) - n // 2) / size) ** 2).astype(np.float32)
+    corrected = np.asarray(maps_zyx, dtype=np.float32) / (
         apod[:, None, None] * apod[None, :, None] * apod[None, None, :])
-    padded = torch.nn.functional.pad(corrected, (0, size - n) * 3)  # voxel N//2 at index N//2
-    padded = torch.roll(padded, shifts=(-(n // 2),) * 3, dims=(-3, -2, -1))  # ... now at index 0
-    spectrum = torch.fft.fftshift(torch.fft.fftn(padded, dim=(-3, -2, -1)), dim=(-3, -2, -1))
-    out = torch.empty(spectrum.shape[:-3] + (size + 1,) * 3, dtype=torch.complex64)
+    padded = np.zeros(corrected.shape[:-3] + (size,) * 3, dtype=np.float32)
+    padded[..., :n, :n, :n] = corrected  # voxel N//2 at index N//2
+    padded = np.roll(padded, shift=(-(n // 2),) * 3, axis=(-3, -2, -1))  # ... now at index 0
+    axes = (-3, -2, -1)
+    spectrum = scipy.fft.fftshift(scipy.fft.fftn(padded, axes=axes, workers=simulation_threads()), axes=axes)
+    out = np.empty(spectrum.shape[:-3] + (size + 1,) * 3, dtype=np.complex64)
     out[..., :size, :size, :size] = spectrum
     out[..., size, :size, :size] = spectrum[..., 0, :, :]
     out[..., :, size, :] = out[..., :, 0, :]
     out[..., :, :, size] = out[..., :, :, 0]
-    return out.numpy()
+    return out
 
 
 @numba.njit(parallel=True, cache=True, boundscheck=False, fastmath=True)
@@ -195,47 +206,65 @@ class FourierSupport:
     """
 
     box: int
-    flat: torch.Tensor  # (K,) int64
+    flat: np.ndarray  # (K,) int64
     freq_xyz: np.ndarray  # (K, 3) int64
-    k2: torch.Tensor  # (K,) int64
-    weights: torch.Tensor  # (K,) float32
-    band: torch.Tensor | None  # (K,) float32
-    plane: torch.Tensor  # (P,) positions with kx = 0
-    mate: torch.Tensor  # (P,) positions of their -k
+    k2: np.ndarray  # (K,) int64
+    weights: np.ndarray  # (K,) float32
+    band: np.ndarray | None  # (K,) float32
+    plane: np.ndarray  # (P,) positions with kx = 0
+    mate: np.ndarray  # (P,) positions of their -k
 
     @property
-    def weights_interleaved(self) -> torch.Tensor:
+    def weights_interleaved(self) -> np.ndarray:
         """(2K,) the weights repeated for the real and imaginary parts."""
-        return self.weights.repeat_interleave(2)
+        return np.repeat(self.weights, 2)
 
     @classmethod
     def from_config(cls, config) -> "FourierSupport":
         sim, box = config.simulation, config.box_size
-        kz, ky, kx = (f * box for f in rfft_frequencies(box))
         k2 = integer_k2(box)
         keep = k2 < (box // 2) ** 2
         if sim.tilt_range_deg is not None:
-            keep &= missing_wedge_mask(box, sim.tilt_range_deg)
+            keep &= wedge_sampled(box, sim.tilt_range_deg)
         band_grid = None
         if sim.bandpass_angstrom is not None:
-            low, high = sim.bandpass_angstrom
-            if not low > high > 0:
-                raise InputError(f"simulation.bandpass_angstrom: expected [low, high] with low > high > 0 Å, "
-                                 f"got [{low}, {high}]")
-            band_grid = bandpass_filter(box, config.pixel_size_angstrom, low, high)
+            band_grid = _bandpass(config)
             keep &= band_grid > 0
         if sim.normalise:
             keep[0, 0, 0] = False
-        flat = torch.nonzero(keep.reshape(-1)).squeeze(1)
-        grids = [g.expand(keep.shape).reshape(-1)[flat].round().long() for g in (kx, ky, kz)]
-        freq_xyz = torch.stack(grids, dim=1).numpy()
-        weights = (rfft_weights(box, dc_weight=0.0).reshape(-1)[flat] / float(box) ** 6).float()
+        flat = np.flatnonzero(keep)
+        signed = np.round(np.fft.fftfreq(box) * box).astype(np.int64)
+        kz, ky, kx = np.unravel_index(flat, keep.shape)
+        freq_xyz = np.stack([kx, signed[ky], signed[kz]], axis=1)  # the rfft axis holds kx >= 0
         band = None if band_grid is None else band_grid.reshape(-1)[flat]
         plane, mate = _hermitian_mates(freq_xyz, box)
-        return cls(box, flat, freq_xyz, k2.reshape(-1)[flat], weights, band, plane, mate)
+        return cls(box, flat, freq_xyz, k2.reshape(-1)[flat], _parseval_weights(freq_xyz, box), band, plane, mate)
 
 
-def _hermitian_mates(freq_xyz: np.ndarray, box: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _parseval_weights(freq_xyz: np.ndarray, box: int) -> np.ndarray:
+    """Per rfft coefficient: its multiplicity in the full spectrum / N^6, and 0 for the DC term.
+
+    Columns 0 < kx < N/2 stand for themselves and their Hermitian mates (2); kx = 0 and
+    kx = N/2 are their own mates (1).  So sum(w |F|^2) is the variance of the volume.
+    """
+    kx = freq_xyz[:, 0]
+    weights = np.where((kx == 0) | (2 * kx == box), 1.0, 2.0)
+    weights[np.all(freq_xyz == 0, axis=1)] = 0.0
+    return (weights / float(box) ** 6).astype(np.float32)
+
+
+def _bandpass(config) -> np.ndarray:
+    """The configured band-pass on the rfft grid (:func:`cryovae.volumes.bandpass_filter`), float32."""
+    from cryovae.volumes import bandpass_filter  # imports torch: only for a configured band-pass
+
+    low, high = config.simulation.bandpass_angstrom
+    if not low > high > 0:
+        raise InputError(f"simulation.bandpass_angstrom: expected [low, high] with low > high > 0 Å, "
+                         f"got [{low}, {high}]")
+    return bandpass_filter(config.box_size, config.pixel_size_angstrom, low, high).numpy()
+
+
+def _hermitian_mates(freq_xyz: np.ndarray, box: int) -> tuple[np.ndarray, np.ndarray]:
     """Positions of the kx = 0 coefficients and of their mates -k (mod box) in the support."""
     def key(freq: np.ndarray) -> np.ndarray:
         wrapped = freq % box
@@ -248,18 +277,18 @@ def _hermitian_mates(freq_xyz: np.ndarray, box: int) -> tuple[torch.Tensor, torc
     if missing:
         raise RuntimeError("the Fourier support is not symmetric under k -> -k")
     mate = np.array([position[int(k)] for k in mate_keys], dtype=np.int64)
-    return torch.from_numpy(plane), torch.from_numpy(mate)
+    return plane, mate
 
 
-def _symmetrise_plane(values: torch.Tensor, support: FourierSupport, scale: float) -> None:
+def _symmetrise_plane(values: np.ndarray, support: FourierSupport, scale: float) -> None:
     """On the kx = 0 plane set F(k) <- scale · (F(k) + conj F(-k)), in place (Hermitian)."""
     plane_values = values[:, support.plane]
     mates = values[:, support.mate].conj()
-    values[:, support.plane] = (plane_values + mates) * scale
+    values[:, support.plane] = (plane_values + mates) * np.float32(scale)
 
 
 def particle_spectra(spectra: np.ndarray, factor: int, class_slot: np.ndarray, rotation: np.ndarray,
-                     shift_xyz_px: np.ndarray, support: FourierSupport) -> torch.Tensor:
+                     shift_xyz_px: np.ndarray, support: FourierSupport) -> np.ndarray:
     """Noise-free particle spectra on the support: (n, K) complex64.
 
     The particle is ``map(c + A^T (x - c - d))`` (c = N//2): its spectrum is
@@ -274,76 +303,75 @@ def particle_spectra(spectra: np.ndarray, factor: int, class_slot: np.ndarray, r
     source = factor * np.transpose(np.asarray(rotation, np.float64), (0, 2, 1))
     out = np.empty((n, len(support.flat)), dtype=np.complex64)
     freq, index = support.freq_xyz, support.freq_xyz % box
-    numba.set_num_threads(max(1, min(numba.config.NUMBA_NUM_THREADS, torch.get_num_threads())))
+    numba.set_num_threads(simulation_threads())
     _sample_spectra(spectra, np.asarray(class_slot, np.int64), np.ascontiguousarray(source),
                     *(np.ascontiguousarray(freq[:, a]) for a in range(3)),
                     *(np.ascontiguousarray(index[:, a]) for a in range(3)), *phases, out)
-    values = torch.from_numpy(out)
-    _symmetrise_plane(values, support, 0.5)
-    return values
+    _symmetrise_plane(out, support, 0.5)
+    return out
 
 
-def hermitian_noise(n: int, support: FourierSupport, generator: torch.Generator) -> torch.Tensor:
+def hermitian_noise(n: int, support: FourierSupport, generator: np.random.Generator) -> np.ndarray:
     """The rfft of n unit-variance white Gaussian volumes, on the support: (n, K) complex64.
 
     Independent complex Gaussians of variance N^3, made Hermitian on the kx = 0 plane:
     the law of ``rfftn`` of real white noise (restricted to the support).
     """
     box = support.box
-    parts = torch.randn((n, len(support.flat), 2), generator=generator)
-    parts.mul_(math.sqrt(box**3 / 2.0))
-    values = torch.view_as_complex(parts)
+    parts = generator.standard_normal((n, len(support.flat), 2), dtype=np.float32)
+    parts *= np.float32(math.sqrt(box**3 / 2.0))
+    values = parts.view(np.complex64)[..., 0]  # (re, im) pairs as complex numbers
     _symmetrise_plane(values, support, 1.0 / math.sqrt(2.0))
     return values
 
 
-def _variance(values: torch.Tensor, support: FourierSupport) -> torch.Tensor:
+def _variance(values: np.ndarray, support: FourierSupport) -> np.ndarray:
     """Real-space variance of volumes from their support coefficients (Parseval): (n,) float64."""
-    parts = torch.view_as_real(values).reshape(values.shape[0], -1)  # (n, 2K): re, im, re, im, ...
-    return ((parts * parts) @ support.weights_interleaved).double()
+    parts = values.view(np.float32)  # (n, 2K): re, im, re, im, ...
+    return ((parts * parts) @ support.weights_interleaved).astype(np.float64)
 
 
-def _require_signal(variance: torch.Tensor) -> None:
-    if not bool(torch.all(variance > 0)):
-        bad = int(torch.nonzero(~(variance > 0))[0, 0])
+def _require_signal(variance: np.ndarray) -> None:
+    if not np.all(variance > 0):
+        bad = int(np.flatnonzero(~(variance > 0))[0])
         raise InputError(f"particle {bad} of the batch has no signal in the box (is the map empty?)")
 
 
-def corrupt(values: torch.Tensor, defocus_um: np.ndarray, config, support: FourierSupport,
-            generator: torch.Generator) -> torch.Tensor:
+def corrupt(values: np.ndarray, defocus_um: np.ndarray, config, support: FourierSupport,
+            generator: np.random.Generator) -> np.ndarray:
     """CTF, noise at the SNR, band-pass and normalisation of particle spectra: (n, K) -> (n, K) complex64.
 
     The wedge and the Nyquist sphere are the support itself.
     """
     sim = config.simulation
     if sim.ctf:
-        table = ctf_table(torch.as_tensor(defocus_um), support.box, config.pixel_size_angstrom, sim.voltage_kv,
+        table = ctf_table(defocus_um, support.box, config.pixel_size_angstrom, sim.voltage_kv,
                           sim.spherical_aberration_mm, sim.amplitude_contrast)
-        values = values * table.index_select(1, support.k2)
+        values = values * table[:, support.k2]
     if sim.snr is not None:
         var_signal = _variance(values, support)
         _require_signal(var_signal)
         noise = hermitian_noise(values.shape[0], support, generator)
-        sigma = torch.sqrt(var_signal / (sim.snr * _variance(noise, support))).float()
-        values = values + noise.mul_(sigma.view(-1, 1))
+        sigma = np.sqrt(var_signal / (sim.snr * _variance(noise, support))).astype(np.float32)
+        noise *= sigma[:, None]
+        values = values + noise
     if support.band is not None:
         values = values * support.band
     if sim.normalise:
         variance = _variance(values, support)
         _require_signal(variance)
-        values = values * torch.rsqrt(variance).float().view(-1, 1)
+        values = values * (1.0 / np.sqrt(variance)).astype(np.float32)[:, None]
     return values
 
 
-def to_volumes(values: torch.Tensor, support: FourierSupport) -> torch.Tensor:
+def to_volumes(values: np.ndarray, support: FourierSupport) -> np.ndarray:
     """Support coefficients (n, K) -> real volumes (n, N, N, N) float32 (zeros elsewhere)."""
     box, n = support.box, values.shape[0]
-    full = torch.zeros((n, box * box * (box // 2 + 1)), dtype=torch.complex64)
+    full = np.zeros((n, box * box * (box // 2 + 1)), dtype=np.complex64)
     full[:, support.flat] = values
-    spectrum = full.view(n, box, box, box // 2 + 1).numpy()
+    spectrum = full.reshape(n, box, box, box // 2 + 1)
     # scipy's pocketfft inverts real transforms faster than torch's on CPU (measured 0.16 vs 0.21 ms at 32³)
-    volumes = scipy.fft.irfftn(spectrum, s=(box, box, box), axes=(1, 2, 3), workers=torch.get_num_threads())
-    return torch.from_numpy(volumes)
+    return scipy.fft.irfftn(spectrum, s=(box, box, box), axes=(1, 2, 3), workers=simulation_threads())
 
 
 def batch_size(box: int) -> int:
@@ -351,25 +379,42 @@ def batch_size(box: int) -> int:
     return max(1, MAX_BATCH_VOXELS // box**3)
 
 
-def simulate_volumes(config, class_maps: np.ndarray, class_slot: np.ndarray, draws: ParticleDraws,
-                     generator: torch.Generator) -> np.ndarray:
-    """All particles of a shard: (n, B, B, B) float32, made in batches (memory ~ the shard)."""
+def simulate_batches(config, class_maps: np.ndarray, class_slot: np.ndarray, draws: ParticleDraws,
+                     generator: np.random.Generator) -> Iterator[np.ndarray]:
+    """The particles of a shard in order, in batches of :func:`batch_size`: (b, B, B, B) float32 each."""
     box = config.box_size
     factor = 2 if box <= OVERSAMPLED_MAX_BOX else 1
     spectra = padded_spectra(class_maps, factor)
     support = FourierSupport.from_config(config)
-    n = len(class_slot)
-    out = np.empty((n, box, box, box), dtype=np.float32)
-    step = batch_size(box)
+    n, step = len(class_slot), batch_size(box)
     for start in range(0, n, step):
         sel = slice(start, min(n, start + step))
         values = particle_spectra(spectra, factor, class_slot[sel], draws.rotation[sel], draws.shift_xyz_px[sel],
                                   support)
         values = corrupt(values, draws.defocus_um[sel], config, support, generator)
-        out[sel] = to_volumes(values, support).numpy()
-    if not np.all(np.isfinite(out)):
-        raise InputError("simulation produced non-finite values (check the maps and simulation settings)")
-    return out
+        volumes = to_volumes(values, support)
+        if not np.all(np.isfinite(volumes)):
+            raise InputError("simulation produced non-finite values (check the maps and simulation settings)")
+        yield volumes
+
+
+def simulate_volumes(config, class_maps: np.ndarray, class_slot: np.ndarray, draws: ParticleDraws,
+                     generator: np.random.Generator) -> np.ndarray:
+    """All particles of a shard in memory: (n, B, B, B) float32."""
+    return np.concatenate(list(simulate_batches(config, class_maps, class_slot, draws, generator)))
+
+
+def write_npy_batches(path: Path, shape: tuple[int, ...], batches: Iterator[np.ndarray]) -> None:
+    """Write float32 ``batches`` (concatenated along axis 0: ``shape``) as one .npy file, one
+    batch in memory at a time; the bytes are :func:`numpy.save`'s of the whole array."""
+    with open(path, "wb") as fh:
+        np.lib.format.write_array_header_1_0(fh, {"descr": "<f4", "fortran_order": False, "shape": shape})
+        written = 0
+        for batch in batches:
+            np.ascontiguousarray(batch, dtype="<f4").tofile(fh)
+            written += len(batch)
+    if written != shape[0]:
+        raise RuntimeError(f"{path}: wrote {written} of {shape[0]} volumes")
 
 
 def optics_table(config) -> pd.DataFrame:
@@ -424,8 +469,8 @@ def simulate_shard(config, split: str, shard: int, maps: list[Path], output: Pat
     draws, generator = draw_particles(config, split, shard)
     slot_of = {config.class_names.index(c): i for i, c in enumerate(classes)}
     class_slot = np.array([slot_of[c] for c in draws.class_index], dtype=np.int64)
-    volumes = simulate_volumes(config, class_maps, class_slot, draws, generator)
     output, star = Path(output), Path(star)
-    with atomic_path(output) as tmp:
-        np.save(tmp, volumes)
+    shape = (len(class_slot),) + (config.box_size,) * 3
+    with atomic_path(output) as tmp:  # batch by batch: a shard may hold GiBs, memory holds a batch
+        write_npy_batches(tmp, shape, simulate_batches(config, class_maps, class_slot, draws, generator))
     write_particles_star(particle_table(config, split, shard, output.name, draws), optics_table(config), star)

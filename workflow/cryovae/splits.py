@@ -11,6 +11,10 @@ import numpy as np
 from cryovae.errors import InputError
 
 SPLITS = ("train", "val", "test")
+# Voxels of a shard whose size the config leaves to the work: 1 GiB of float32, 8,192
+# particles at 32³ (a few seconds of one core), so that a simulate job's start-up (its
+# imports, ~1 s) is a small part of it.
+SHARD_VOXELS = 2**28
 
 
 def split_classes(config, split: str) -> list[str]:
@@ -37,8 +41,30 @@ def class_sequence(config, split: str) -> np.ndarray:
     return rng.permutation(sequence)
 
 
-def shard_plan(config, split: str) -> list[int]:
-    """Particle count of each shard of a split (cheap: needs only the config)."""
-    total = len(split_classes(config, split)) * particles_per_class(config, split)
+def max_particles_per_shard(config) -> int:
+    """``simulation.particles_per_shard``, or when null as many particles as fill SHARD_VOXELS."""
     per = config.simulation.particles_per_shard
-    return [min(per, total - start) for start in range(0, total, per)]
+    return per if per is not None else max(1, SHARD_VOXELS // config.box_size**3)
+
+
+def shard_plan(config, split: str) -> list[int]:
+    """Particle count of each shard of a split (cheap: needs only the config).
+
+    As few shards as hold at most :func:`max_particles_per_shard` particles each, of equal
+    size (the first ``total % count`` one particle larger), so that the simulate jobs, one per
+    shard, take equal time.
+    """
+    total = len(split_classes(config, split)) * particles_per_class(config, split)
+    count = -(-total // max_particles_per_shard(config))
+    base, larger = divmod(total, count)
+    return [base + 1 if k < larger else base for k in range(count)]
+
+
+def shard_start(config, split: str, shard: int) -> int:
+    """Index of the first particle of ``shard`` in the split's :func:`class_sequence`."""
+    return sum(shard_plan(config, split)[:shard])
+
+
+def shard_names(config, split: str) -> list[str]:
+    """File stems of a split's shards, in shard order (``shard_000``, ``shard_001``, ...)."""
+    return [f"shard_{k:03d}" for k in range(len(shard_plan(config, split)))]

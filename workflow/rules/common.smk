@@ -2,7 +2,7 @@
 import os
 
 from cryovae.config import GLOBAL_KEYS, stage_config_json, validate_config
-from cryovae.splits import shard_plan
+from cryovae.splits import shard_names as split_shard_names
 
 # Validated first with the typed config, whose messages name the bad key.
 CFG = validate_config(config, "(workflow config)")
@@ -31,7 +31,7 @@ def class_stage_config(*sections):
 
 
 def shard_names(split):
-    return [f"shard_{k:03d}" for k in range(len(shard_plan(CFG, split)))]
+    return split_shard_names(CFG, split)
 
 
 def shard_files(split, extension):
