@@ -146,9 +146,11 @@ class Matcher:
         size = bank.shape[1]
         if rank == 0 or rank >= size:
             return torch.eye(size, dtype=bank.dtype, device=bank.device), bank
-        sample = bank[:: max(1, len(bank) // (2 * rank))].float()
-        _, _, vh = torch.linalg.svd(sample, full_matrices=False)
-        basis = vh[:rank].T.contiguous()
+        sample = bank[:: max(1, len(bank) // (2 * rank))].double()
+        eigenvalues, eigenvectors = torch.linalg.eigh(sample @ sample.T)  # ascending
+        keep = min(rank, len(sample))
+        top, vectors = eigenvalues[-keep:].clamp(min=1e-12), eigenvectors[:, -keep:]
+        basis = (sample.T @ vectors / top.sqrt()).float()  # right singular vectors of the sample
         return basis.to(bank.dtype), (bank.float() @ basis).to(bank.dtype)
 
     def coarse(self, filtered: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
