@@ -1,8 +1,8 @@
 """Template-matching throughput at 32³: particles per second against the eight seen SHREC maps.
 
-    python benchmarks/bench_match.py [--particles 1024] [--threads 2] [--refine-top 2]
+    python benchmarks/bench_match.py [--particles 1024] [--threads 2] [--refine-top 2] [--snr 0.5]
 
-Particles are simulated from the shared SHREC 2021 maps (SNR 0.5, CTF, ±60° wedge) and
+Particles are simulated from the shared SHREC 2021 maps (SNR ``--snr``, CTF, ±60° wedge) and
 matched in blocks as the ``match`` stage does; the set-up (rotated reference banks) is
 timed apart.  Accuracy: the class of best fit against the true class, and the angle between
 the refined rotation of the true class and the true rotation (no symmetry taken into account).  Prints one block to append to benchmarks/RESULTS.md.
@@ -38,16 +38,32 @@ def centred(volume: np.ndarray) -> np.ndarray:
     return volume[tuple(slice(c - BOX // 2, c + BOX // 2) for c in centre)].astype(np.float32)
 
 
+def synchronise(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--particles", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--refine-top", type=int, default=2)
+    ap.add_argument("--snr", type=float, default=0.5, help="signal-to-noise ratio of the simulated particles")
+    ap.add_argument("--coarse-binning", type=int, default=2, help="matching.coarse_binning")
+    ap.add_argument("--coarse-step", type=float, default=15.0, help="matching.coarse_step_deg")
+    ap.add_argument("--coarse-rank", type=int, default=256, help="matching.coarse_rank")
+    ap.add_argument("--refine-steps", default="6,2.5", help="matching.refine_steps_deg, comma-separated ('' for none)")
+    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="matching.device")
+    ap.add_argument("--search-dtype", choices=["float32", "bfloat16", "float64"], default=None,
+                    help="dtype of the global search (default: bfloat16 on CUDA, float32 on the CPU)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     config = validate_config({
         "structures": {c: f"demo:{c}" for c in SEEN}, "box_size": BOX, "pixel_size_angstrom": 10.0,
-        "simulation": {"snr": 0.5}, "matching": {"refine_top": args.refine_top},
+        "simulation": {"snr": args.snr}, "matching": {
+            "refine_top": args.refine_top, "coarse_binning": args.coarse_binning, "coarse_step_deg": args.coarse_step,
+            "coarse_rank": args.coarse_rank,
+            "refine_steps_deg": [float(x) for x in args.refine_steps.split(",") if x], "device": args.device},
     })
     maps = np.stack([centred(mrcfile.read(MAPS / f"{c}.mrc")) for c in SEEN])
     rng = np.random.default_rng(0)
@@ -56,15 +72,18 @@ def main() -> None:
                           rng.uniform(2.0, 5.0, n))
     volumes = simulate_volumes(config, maps, draws.class_index, draws, np.random.default_rng(0))
     start = time.perf_counter()
-    matcher = Matcher(config, dict(zip(SEEN, maps)), (-60.0, 60.0))
+    dtype = None if args.search_dtype is None else getattr(torch, args.search_dtype)
+    matcher = Matcher(config, dict(zip(SEEN, maps)), (-60.0, 60.0), search_dtype=dtype)
+    synchronise(matcher.device)
     setup = time.perf_counter() - start
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     blocks = []
     for first in range(0, n, CHUNK):
         rows = slice(first, min(n, first + CHUNK))
         ctf = ctf_3d(torch.as_tensor(draws.defocus_um[rows]), BOX, 10.0, 300.0, 2.7, 0.07)
         blocks.append(matcher.match(volumes[rows], ctf))
-    seconds = time.perf_counter() - start
+    synchronise(matcher.device)
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     fit = np.concatenate([b["fit"] for b in blocks])
     rotation = np.concatenate([b["rotation"] for b in blocks])[np.arange(n), draws.class_index]
     accuracy = float((np.nan_to_num(fit, nan=-np.inf).argmax(1) == draws.class_index).mean())
@@ -72,8 +91,11 @@ def main() -> None:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"\n## Template matching ({time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} cores, "
           f"{args.threads} threads, load {os.getloadavg()[0]:.1f})")
-    print(f"- {n} particles, 32³, 8 classes, 4,401-rotation global grid at 16³, refine_top {args.refine_top}")
-    print(f"- set-up (reference banks): {setup:.1f} s; matching: {seconds:.1f} s = {n / seconds:.0f} particles/s")
+    print(f"- {n} particles at SNR {args.snr}, 32³, 8 classes, {len(matcher.grid):,}-rotation global grid at "
+          f"{matcher.small}³ (rank {args.coarse_rank}, {matcher.search_dtype}), refine_top {args.refine_top}, "
+          f"device {matcher.device}")
+    print(f"- set-up (reference banks): {setup:.1f} s; matching: {seconds:.1f} s wall = {n / seconds:.0f} particles/s, "
+          f"{cpu_seconds:.1f} s CPU (user+sys) = {n / cpu_seconds:.0f} particles per CPU-second")
     print(f"- class accuracy (best fit) {accuracy:.3f}; rotation error at the true class: median "
           f"{np.median(error_deg):.1f}°, within 10° {(error_deg < 10).mean():.3f}")
     print(f"- peak RSS {peak:.0f} MiB")

@@ -9,6 +9,7 @@ from scipy import ndimage
 from cryovae.align import orient_symmetry, symmetry_operators
 from cryovae.config import validate_config
 from cryovae.ctf import ctf_3d
+from cryovae.errors import InputError
 from cryovae.match import Matcher
 from cryovae.rotations import (
     geodesic_distance_deg, random_rotations, relion_euler_to_matrix, symmetric_geodesic_distance_deg, symmetry_group,
@@ -116,3 +117,45 @@ def test_symmetry_axes_are_found_where_the_map_has_them():
     # every located operator is within 3 degrees of one of the true ones
     errors = symmetric_geodesic_distance_deg(found, np.repeat(np.eye(3)[None], len(found), 0), expected)
     assert errors.max() < 3.0
+
+
+@pytest.fixture(scope="module")
+def global_searches(particles):
+    """The global search of the same particles in float64 over every voxel (the reference), in float32
+    in the leading principal directions (the default), and in bfloat16 there (what CUDA runs)."""
+    config, maps, draws, _ = particles
+    volumes = simulate_volumes(config, maps, draws.class_index, draws, torch.Generator().manual_seed(1))
+    ctf = ctf_3d(torch.as_tensor(draws.defocus_um), BOX, 10.0, 300.0, 2.7, 0.07)
+    out = {}
+    for name, rank, dtype in (("exact", 0, torch.float64), ("low_rank", 256, torch.float32),
+                              ("bf16", 256, torch.bfloat16)):
+        cfg = config.model_copy(update={"matching": config.matching.model_copy(
+            update={"coarse_rank": rank, "coarse_step_deg": 30.0})})
+        matcher = Matcher(cfg, dict(zip(CLASSES, maps)), (-60.0, 60.0), search_dtype=dtype)
+        spectra = torch.fft.rfftn(torch.as_tensor(volumes), dim=(1, 2, 3)) * matcher.wedge
+        spectra[:, 0, 0, 0] = 0.0
+        out[name] = matcher.coarse(spectra * ctf)
+    return out
+
+
+@pytest.mark.parametrize("name, score_tolerance, same_rotation", [("low_rank", 0.01, 0.9), ("bf16", 0.02, 0.8)])
+def test_global_search_in_principal_directions_and_bf16_agrees_with_float64(global_searches, name,
+                                                                            score_tolerance, same_rotation):
+    exact_scores, exact_rotations = global_searches["exact"]
+    scores, rotations = global_searches[name]
+    assert np.abs(scores - exact_scores).max() < score_tolerance
+    assert np.mean(geodesic_distance_deg(rotations, exact_rotations) < 1e-3) >= same_rotation
+
+
+def test_matching_device_cuda_without_a_gpu_is_an_input_error(particles, monkeypatch):
+    config, maps, _, _ = particles
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cuda = config.model_copy(update={"matching": config.matching.model_copy(update={"device": "cuda"})})
+    with pytest.raises(InputError, match="matching.device is 'cuda' but no CUDA device is available"):
+        Matcher(cuda, dict(zip(CLASSES, maps)), (-60.0, 60.0))
+    auto = config.model_copy(update={"matching": config.matching.model_copy(
+        update={"device": "auto", "coarse_step_deg": 60.0})})
+    matcher = Matcher(auto, dict(zip(CLASSES, maps)), (-60.0, 60.0))
+    assert matcher.device == torch.device("cpu") and matcher.search_dtype == torch.float32
+    basis, rows = matcher.banks[CLASSES[0]]
+    assert basis.device.type == rows.device.type == "cpu" and rows.dtype == torch.float32

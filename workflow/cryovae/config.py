@@ -234,6 +234,10 @@ class MatchingConfig(_Section):
     )
     coarse_step_deg: float = Field(15.0, gt=0, description="Angular step of the global rotation grid.")
     coarse_binning: int = Field(2, ge=1, description="Fourier-crop factor of the global search (box / factor even).")
+    coarse_rank: int = Field(
+        256, ge=0, description="Dimensions of the global search: each class's rotated references are compared "
+        "with the particle in the span of their leading principal directions (0: every voxel)."
+    )
     refine_steps_deg: list[float] = Field(
         [6.0, 2.5], description="Steps of the local refinement grids (5 x 5 x 5 rotations each), coarse to fine."
     )
@@ -243,6 +247,10 @@ class MatchingConfig(_Section):
         "use simulation.tilt_range_deg.  null: no wedge."
     )
     threads: int = Field(2, ge=1, description="CPU threads per matching job.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto: CUDA when present (global search in bfloat16 there); cuda without a GPU "
+        "is an error."
+    )
 
     @field_validator("refine_steps_deg")
     @classmethod

@@ -7,7 +7,10 @@ rotated references.  Two stages:
 
 1. a global search: every rotation of a super-Fibonacci grid (``matching.coarse_step_deg``),
    on Fourier-cropped volumes (``matching.coarse_binning``), the wedge applied to each
-   rotated reference and each normalised: one matrix product per class; the best score per
+   rotated reference and each normalised.  The rotations of one reference span few
+   dimensions, so each class's bank is kept in the basis of its ``matching.coarse_rank``
+   leading principal directions: the particle is projected once per class and compared
+   there, two small matrix products instead of one over every voxel.  The best score per
    class is a classification feature (``classify``), the best rotation a starting point;
 2. for the ``matching.refine_top`` best classes of each particle, a translation from an FFT
    cross-correlation (sub-voxel by a parabola through the peak), then local rotation grids
@@ -39,6 +42,7 @@ from cryovae.ctf import ctf_3d, missing_wedge_mask
 from cryovae.errors import InputError
 from cryovae.rotations import local_deltas, refine_rotations, so3_grid
 from cryovae.shards import SubtomogramSet
+from cryovae.train import choose_device
 from cryovae.volumes import (
     correlation_peak, cross_correlation, fourier_crop, phase_shift, rfft_weights, rigid_transform, standardise_volumes,
 )
@@ -71,61 +75,102 @@ def split_wedge_and_ctf(config: Config, data: SubtomogramSet):
 
 
 class Matcher:
-    """Template matching of particle blocks against the reference maps of the seen classes."""
+    """Template matching of particle blocks against the reference maps of the seen classes.
 
-    def __init__(self, config: Config, references: dict[str, np.ndarray], tilt_range_deg):
+    Every tensor lives on ``device`` (``matching.device``, default from the config); the
+    global search's matrix products run in ``search_dtype`` (bfloat16 on CUDA, float32 on
+    the CPU unless given), everything else in float32.
+    """
+
+    def __init__(self, config: Config, references: dict[str, np.ndarray], tilt_range_deg,
+                 device: torch.device | None = None, search_dtype: torch.dtype | None = None):
         m = config.matching
+        self.device = choose_device(m.device, "matching.device") if device is None else torch.device(device)
+        self.search_dtype = search_dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.classes = list(references)
         self.box = config.box_size
         self.small = self.box // m.coarse_binning
         if self.small % 2:
             raise InputError(f"matching.coarse_binning {m.coarse_binning} leaves an odd box {self.small}")
-        self.wedge = self._wedge(self.box, tilt_range_deg)
-        self.weights = rfft_weights(self.box).to(torch.float32)  # Parseval multiplicities (spectra have no DC)
-        self.refs = {c: torch.as_tensor(np.ascontiguousarray(v), dtype=torch.float32) for c, v in references.items()}
+        self.tilt = tilt_range_deg
+        self.wedge = self._wedge(self.box)
+        self.weights = rfft_weights(self.box).to(torch.float32).to(self.device)  # Parseval multiplicities
+        self.refs = {c: self._tensor(np.ascontiguousarray(v)) for c, v in references.items()}
         self.grid = so3_grid(m.coarse_step_deg)
-        self.banks = {c: self._coarse_bank(ref, tilt_range_deg) for c, ref in self.refs.items()}
-        self.steps = list(m.refine_steps_deg)
-        self.deltas = local_deltas(self.steps, 2)
+        self.banks = {c: self._low_rank(self._coarse_bank(ref), m.coarse_rank) for c, ref in self.refs.items()}
+        self.deltas = local_deltas(list(m.refine_steps_deg), 2)
         self.fine = {
-            c: [standardise_volumes(self._rotated(ref, delta)) for delta in self.deltas] for c, ref in self.refs.items()
+            c: [standardise_volumes(self._rotated(ref, delta)) for delta in self.deltas]
+            for c, ref in self.refs.items()
         }
         self.refine_top = min(m.refine_top, len(self.classes))
 
+    def _tensor(self, array) -> torch.Tensor:
+        return torch.as_tensor(array, dtype=torch.float32).to(self.device)
+
+    def _wedge(self, box: int) -> torch.Tensor:
+        if self.tilt is None:
+            return torch.ones(box, box, box // 2 + 1, device=self.device)
+        return missing_wedge_mask(box, tuple(self.tilt)).to(torch.float32).to(self.device)
+
     @staticmethod
-    def _wedge(box: int, tilt_range_deg) -> torch.Tensor:
-        if tilt_range_deg is None:
-            return torch.ones(box, box, box // 2 + 1)
-        return missing_wedge_mask(box, tuple(tilt_range_deg)).to(torch.float32)
+    def _cropped(volume: torch.Tensor, size: int) -> torch.Tensor:
+        """A (box^3) volume Fourier-cropped to size^3 (the frequencies both boxes hold)."""
+        spectrum = fourier_crop(torch.fft.rfftn(volume, dim=(-3, -2, -1)), size, keep_nyquist=True)
+        return torch.fft.irfftn(spectrum, s=(size,) * 3, dim=(-3, -2, -1))
 
     @staticmethod
     def _rotated(volume: torch.Tensor, rotations: np.ndarray) -> torch.Tensor:
-        mats = torch.as_tensor(rotations, dtype=torch.float32)
+        mats = torch.as_tensor(rotations, dtype=torch.float32).to(volume.device)
         return rigid_transform(volume.expand(len(mats), *volume.shape), mats)
 
-    def _coarse_bank(self, ref: torch.Tensor, tilt_range_deg) -> torch.Tensor:
+    def _coarse_bank(self, ref: torch.Tensor) -> torch.Tensor:
         """Every grid rotation of the cropped reference, wedge-filtered and normalised: (G, small^3)."""
         small = self.small
-        ref_small = torch.fft.irfftn(fourier_crop(torch.fft.rfftn(ref), small, keep_nyquist=True), s=(small,) * 3)
-        wedge = self._wedge(small, tilt_range_deg)
+        ref_small = self._cropped(ref, small)
+        wedge = self._wedge(small)
         blocks = []
         for start in range(0, len(self.grid), 1024):
             rot = self._rotated(ref_small, self.grid[start : start + 1024])
             rot = torch.fft.irfftn(torch.fft.rfftn(rot, dim=(1, 2, 3)) * wedge, s=(small,) * 3, dim=(1, 2, 3))
-            blocks.append(standardise_volumes(rot))
+            blocks.append(standardise_volumes(rot).to(self.search_dtype))
         return torch.cat(blocks)
+
+    def _low_rank(self, bank: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A bank (G, D) as a basis (D, k) of the span of its rows and its rows in that basis (G, k).
+
+        The basis is that of the ``rank`` leading principal directions of every
+        ``G // rank``-th row (the rotations of one reference span few dimensions: its
+        band-limited shells); a correlation <p, b> becomes <p V, b V>, the correlation with
+        the row's projection.  ``rank`` 0, or one at least D: the identity (exact scores)."""
+        size = bank.shape[1]
+        if rank == 0 or rank >= size:
+            return torch.eye(size, dtype=bank.dtype, device=bank.device), bank
+        sample = bank[:: max(1, len(bank) // (2 * rank))].double()
+        eigenvalues, eigenvectors = torch.linalg.eigh(sample @ sample.T)  # ascending
+        keep = min(rank, len(sample))
+        top, vectors = eigenvalues[-keep:].clamp(min=1e-12), eigenvectors[:, -keep:]
+        basis = (sample.T @ vectors / top.sqrt()).float()  # right singular vectors of the sample
+        return basis.to(bank.dtype), (bank.float() @ basis).to(bank.dtype)
 
     def coarse(self, filtered: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Best normalised correlation (n, C) and grid rotation (n, C, 3, 3) per class."""
         small = self.small
         cropped = fourier_crop(filtered, small, keep_nyquist=True)
-        p = standardise_volumes(torch.fft.irfftn(cropped, s=(small,) * 3, dim=(1, 2, 3)))
+        p = standardise_volumes(torch.fft.irfftn(cropped, s=(small,) * 3, dim=(1, 2, 3))).to(self.search_dtype)
         scores, rotations = [], []
         for c in self.classes:
-            best, where = (p @ self.banks[c].T).max(1)
-            scores.append(best.numpy())
-            rotations.append(self.grid[where.numpy()])
+            basis, rows = self.banks[c]
+            best, where = ((p @ basis) @ rows.T).max(1)
+            scores.append(best.float().cpu().numpy())
+            rotations.append(self.grid[where.cpu().numpy()])
         return np.stack(scores, 1), np.stack(rotations, 1)
+
+    def _template(self, ref: torch.Tensor, rotations: np.ndarray, wedge: torch.Tensor) -> torch.Tensor:
+        """Spectra of the reference rotated by ``rotations`` (n, 3, 3), wedge-filtered, without DC."""
+        template = torch.fft.rfftn(self._rotated(ref, rotations), dim=(1, 2, 3)) * wedge
+        template[:, 0, 0, 0] = 0.0
+        return template
 
     def correlate(
         self, filtered: torch.Tensor, ref: torch.Tensor, rotations: np.ndarray, ctf: torch.Tensor | None,
@@ -135,8 +180,7 @@ class Matcher:
         reference, and the normalised correlation there (n,): the full-size matched filter,
         corr(CTF · W · (A T), p), the CTF and wedge applied to the reference."""
         box = self.box
-        template = torch.fft.rfftn(self._rotated(ref, rotations), dim=(1, 2, 3)) * self.wedge
-        template[:, 0, 0, 0] = 0.0
+        template = self._template(ref, rotations, self.wedge)
         displacement, peak = correlation_peak(cross_correlation(filtered, template, (box,) * 3))
         modulated = template if ctf is None else template * ctf
         template_norm = ((self.weights * modulated.abs() ** 2).sum((1, 2, 3)) / box**3).sqrt()
@@ -153,22 +197,23 @@ class Matcher:
         centred = torch.fft.irfftn(phase_shift(filtered, -d), s=(self.box,) * 3, dim=(1, 2, 3))
         bank = self.fine[cls]
 
-        def score(current: np.ndarray, level: int) -> torch.Tensor:
+        def score(current: np.ndarray, level: int) -> np.ndarray:
             back = torch.as_tensor(np.ascontiguousarray(current.transpose(0, 2, 1)), dtype=torch.float32)
-            return standardise_volumes(rigid_transform(centred, back)) @ bank[level].T
+            scores = standardise_volumes(rigid_transform(centred, back.to(self.device))) @ bank[level].T
+            return scores.cpu().numpy()
 
         rotations = refine_rotations(score, rotations, self.deltas)
         d, fit = self.correlate(filtered, ref, rotations, ctf, particle_norm)
-        return rotations, d.numpy(), fit.numpy()
+        return rotations, d.cpu().numpy(), fit.cpu().numpy()
 
     def match(self, volumes: np.ndarray, ctf: torch.Tensor | None) -> dict[str, np.ndarray]:
         """One block: scores (n, C) of the global search, rotation (n, C, 3, 3),
         displacement_voxels (n, C, 3), refined (n, C) bool, and fit (n, C): the full-size
         normalised correlation at the refined pose (NaN for classes not refined)."""
-        spectra = torch.fft.rfftn(torch.as_tensor(volumes, dtype=torch.float32), dim=(1, 2, 3)) * self.wedge
+        spectra = torch.fft.rfftn(self._tensor(volumes), dim=(1, 2, 3)) * self.wedge
         spectra[:, 0, 0, 0] = 0.0
         particle_norm = ((self.weights * spectra.abs() ** 2).sum((1, 2, 3)) / self.box**3).sqrt()
-        filtered = spectra if ctf is None else spectra * ctf
+        filtered = spectra if ctf is None else spectra * ctf.to(self.device)
         scores, rotations = self.coarse(filtered)
         n, n_cls = scores.shape
         displacement = np.zeros((n, n_cls, 3))
@@ -178,9 +223,10 @@ class Matcher:
         for k, cls in enumerate(self.classes):
             rows = np.nonzero((top == k).any(1))[0]
             if len(rows):
-                block_ctf = None if ctf is None else ctf[rows]
+                index = torch.as_tensor(rows, device=self.device)
+                block_ctf = None if ctf is None else ctf.to(self.device)[index]
                 rotations[rows, k], displacement[rows, k], fit[rows, k] = self.refine(
-                    filtered[rows], cls, rotations[rows, k], block_ctf, particle_norm[rows]
+                    filtered[index], cls, rotations[rows, k], block_ctf, particle_norm[index]
                 )
                 refined[rows, k] = True
         return {"scores": scores, "rotation": rotations, "displacement_voxels": displacement, "refined": refined,

@@ -69,10 +69,10 @@ BatchHook = Callable[[int, int], None]
 # ----------------------------------------------------------------------------- devices, determinism
 
 
-def choose_device(requested: str) -> torch.device:
-    """``auto``: CUDA when present, else CPU; ``cuda`` without CUDA is an error."""
+def choose_device(requested: str, setting: str = "training.device") -> torch.device:
+    """``auto``: CUDA when present, else CPU; ``cuda`` without CUDA is an error naming ``setting``."""
     if requested == "cuda" and not torch.cuda.is_available():
-        raise InputError("training.device is 'cuda' but no CUDA device is available")
+        raise InputError(f"{setting} is 'cuda' but no CUDA device is available")
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(requested)
