@@ -9,12 +9,18 @@ Measures, each case in a fresh subprocess (so that peak memory is the case's own
   ``cryovae train``;
 - ``splat``: forward+backward time of the separable renderer at K = 128 and 512, against the
   dense (batch x voxels x K) reference evaluation (run on a smaller batch and scaled per sample);
-- ``read``: samples/s of the shard reader alone.
+- ``read``: samples/s of the shard reader alone;
+- ``workflow`` (with ``--split-root``, a workflow output folder whose train/val splits, maps and
+  affinity exist): the ``train`` rule itself, run by ``snakemake --forcerun train`` for
+  ``--epochs`` epochs, as a user's workflow runs it (a fresh process, the rule's threads and
+  environment); reports the per-epoch rates of ``history.csv``, the job's wall time and the
+  CPU time (user + sys) of everything it ran.
 
 Peak memory: the process's peak RSS (CPU) or ``torch.cuda.max_memory_allocated`` (CUDA).
 
     python benchmarks/bench_train.py --threads 2                 # CPU, 2 threads
     python benchmarks/bench_train.py --device cuda               # CUDA with bf16 autocast
+    python benchmarks/bench_train.py --what workflow --split-root /tmp/train-bench/run --epochs 2
 """
 
 from __future__ import annotations
@@ -143,6 +149,42 @@ def case_read(args, device: torch.device) -> dict:
     return {"case": "read shards", "samples_per_s": n / seconds, "batch": args.batch}
 
 
+def case_workflow(args) -> dict:
+    """The train rule through snakemake on an existing split; rates from its history.csv."""
+    import os
+
+    import pandas as pd
+
+    from cryovae.shards import read_particles_star
+
+    root = Path(args.split_root).resolve()
+    repo = Path(__file__).resolve().parents[1]
+    overrides = json.dumps({"epochs": args.epochs, "threads": args.threads, "device": args.device})
+    command = ["snakemake", "--cores", str(args.threads), "--forcerun", "train", "--config",
+               f"output_dir={root}", f"training={overrides}", "--", str(root / "model" / "model.pt")]
+    env = dict(os.environ, PYTHONPATH=str(repo / "workflow"))
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    proc = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-4000:])
+        raise SystemExit(f"snakemake failed with status {proc.returncode}")
+    history = pd.read_csv(root / "model" / "history.csv")
+    n_train = len(read_particles_star(root / "subtomograms" / "train" / "particles.star")[0])
+    rates = history["samples_per_s"] if "samples_per_s" in history else n_train / history["seconds"]
+    result = {"case": "workflow train rule", "epochs": args.epochs, "n_train": n_train,
+              "train_samples_per_s": [round(float(r), 1) for r in rates],
+              "train_seconds": [round(float(s), 1) for s in history["seconds"]],
+              "job_wall_s": round(wall, 1),
+              "job_cpu_s": round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 1),
+              "samples_per_job_wall_s": round(args.epochs * n_train / wall, 1)}
+    if "val_seconds" in history:
+        result["val_seconds"] = [round(float(s), 1) for s in history["val_seconds"]]
+    return result
+
+
 CASES = {"train": case_train, "splat": case_splat, "read": case_read}
 
 
@@ -166,7 +208,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=10, help="timed steps per case")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--what", nargs="+", default=["train", "splat", "read"], choices=list(CASES))
+    p.add_argument("--what", nargs="+", default=["train", "splat", "read"], choices=list(CASES) + ["workflow"])
+    p.add_argument("--split-root", help="workflow output folder with simulated train/val splits (case workflow)")
+    p.add_argument("--epochs", type=int, default=2, help="epochs of the workflow case")
     p.add_argument("--dense-batch", type=int, default=2, help="batch of the dense splat reference")
     p.add_argument("--channels", default="", help="encoder channels, e.g. 8,16,32 (default: the config's)")
     p.add_argument("--n-splats", type=int, default=0, help="Gaussians of the splat decoder (default: the config's)")
@@ -182,6 +226,10 @@ def main() -> None:
               "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
               "--dense-batch", str(args.dense_batch)] + (["--channels", args.channels] if args.channels else []) \
         + (["--n-splats", str(args.n_splats)] if args.n_splats else [])
+    if "workflow" in args.what:
+        if not args.split_root:
+            p.error("--what workflow needs --split-root")
+        print(json.dumps(case_workflow(args)), flush=True)
     plan = []
     if "train" in args.what:
         plan += [["--case", "train", "--decoder", d] for d in ("cnn", "splat")]

@@ -61,9 +61,10 @@ class Running:
     sums: dict[str, float] = field(default_factory=lambda: {k: 0.0 for k in ("total",) + COMPONENTS})
     count: int = 0
 
-    def add(self, losses: dict[str, torch.Tensor], n: int) -> None:
+    def add(self, losses: dict[str, float], n: int) -> None:
+        """Add a batch of ``n`` particles with mean losses ``losses`` (floats: see ``train.loss_values``)."""
         for k in self.sums:
-            self.sums[k] += float(losses[k].detach()) * n
+            self.sums[k] += losses[k] * n
         self.count += n
 
     def means(self) -> dict[str, float]:
@@ -77,7 +78,7 @@ class TrainState:
     epoch: int = 0                    # epoch in progress (or next to start)
     batch: int = 0                    # next batch of that epoch
     running: Running = field(default_factory=Running)
-    seconds: float = 0.0              # training-pass wall time of the epoch so far
+    seconds: float = 0.0              # training-pass wall time of the epoch so far (no validation, no checkpoint)
     history: list[dict] = field(default_factory=list)
 
 
