@@ -308,3 +308,27 @@ def test_bf16_training_runs_and_its_model_loads_on_the_cpu(tiny, tmp_path, monke
     assert any(not torch.equal(fp32[k], bf16[k]) for k in fp32)   # autocast was on
     x = torch.from_numpy(np.load(tiny / "train" / "shard_000.npy")[:4]).unsqueeze(1)
     assert torch.isfinite(model.encode(x)["latent_mean"]).all()
+
+
+@pytest.mark.slow
+def test_gpu_check_script_runs_its_steps_on_the_cpu(tmp_path):
+    """benchmarks/gpu_check.sh, tiny and on the CPU: the training rate and the workflow's command reach the summary."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    if shutil.which("snakemake", path=env["PATH"]) is None:
+        pytest.skip("snakemake is not installed")
+    proc = subprocess.run(["bash", str(script), "--device", "cpu", "--quick", "--only", "train", "workflow",
+                           "--work-dir", str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    summary = proc.stdout.split("== summary", 1)[1]
+    assert "train: train cnn batch 8: " in summary and "samples/s on cpu (float32)" in summary
+    assert "workflow (training.device: cpu): real " in summary
+    overlay = (tmp_path / "workflow_overlay.yaml").read_text()
+    assert '"training": {"device": "cpu"}' in overlay and str(tmp_path / "workflow") in overlay
+    bad = subprocess.run(["bash", str(script), "--device", "tpu"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--device must be cuda or cpu, got tpu" in bad.stderr
