@@ -102,16 +102,17 @@ def case_train(args, device: torch.device) -> dict:
         for i, (idx, vols) in enumerate(zip(batches, data.tensor_batches(batches, device.type == "cuda"))):
             if i == args.warmup:
                 _sync(device)
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
             losses = batch_losses(model, make_batch(data, idx, vols, device), setup, True, gen)
             opt.zero_grad(set_to_none=True)
             losses["total"].backward()
             loss_values(losses)   # the loop's one synchronisation per step
             opt.step()
         _sync(device)
-        seconds = time.perf_counter() - start
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     n_params = sum(p.numel() for p in model.parameters())
     return {"case": f"train {args.decoder}", "samples_per_s": args.batch * args.steps / seconds,
+            "cpu_ms_per_sample": 1e3 * cpu_seconds / (args.batch * args.steps),
             "params": n_params, "batch": args.batch, "box": box, "channels": tc.channels, "particles": n,
             "compute_dtype": str(mixed_precision(device)).removeprefix("torch."),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -200,6 +201,8 @@ def case_workflow(args) -> dict:
               "samples_per_job_wall_s": round(args.epochs * n_train / wall, 1)}
     if "val_seconds" in history:
         result["val_seconds"] = [round(float(s), 1) for s in history["val_seconds"]]
+    if "cpu_seconds" in history:
+        result["train_cpu_ms_per_sample"] = [round(1e3 * float(c) / n_train, 2) for c in history["cpu_seconds"]]
     return result
 
 

@@ -6,7 +6,8 @@ affinity matrix, and writes into ``output_dir``:
 - ``model.pt``: the final model (see :mod:`cryovae.model.io`), written once at the end;
 - ``history.csv``: one row per epoch (losses and their components on train and val, beta,
   gamma, learning rate; ``seconds`` and ``samples_per_s``: wall time and rate of the
-  training pass alone; ``val_seconds``: the validation pass);
+  training pass alone; ``cpu_seconds``: its process CPU time, all threads, which on a shared
+  machine says what the wall time cannot; ``val_seconds``: the validation pass);
 - ``loss_curves.png``.
 
 While it runs, ``checkpoint.pt`` (model, optimiser, scheduler, RNG states, position,
@@ -355,7 +356,7 @@ def _train_epoch(run: Run, state: TrainState, stop: StopRequest, hook: BatchHook
     run.model.train()
     bar = tqdm(total=len(batches), initial=state.batch, desc=f"epoch {state.epoch + 1}/{tc.epochs}",
                leave=False, mininterval=1.0, file=sys.stderr)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     volumes = run.train_data.tensor_batches(todo, pin_memory=run.device.type == "cuda")
     for idx, vols in zip(todo, volumes):
         losses = batch_losses(run.model, make_batch(run.train_data, idx, vols, run.device), run.setup, True, run.noise)
@@ -375,6 +376,7 @@ def _train_epoch(run: Run, state: TrainState, stop: StopRequest, hook: BatchHook
             hook(state.epoch, state.batch)
         if stop.signum is not None:
             state.seconds += time.perf_counter() - started
+            state.cpu_seconds += time.process_time() - cpu_started
             bar.close()
             save_checkpoint(run.checkpoint, run.model, run.optimizer, run.scheduler, run.noise, state, run.fingerprint)
             name = signal.Signals(stop.signum).name
@@ -382,6 +384,7 @@ def _train_epoch(run: Run, state: TrainState, stop: StopRequest, hook: BatchHook
                        f"{state.epoch + 1}, batch {state.batch}; rerun to resume", file=sys.stderr)
             raise SystemExit(128 + stop.signum)
     state.seconds += time.perf_counter() - started
+    state.cpu_seconds += time.process_time() - cpu_started
     bar.close()
 
 
@@ -394,7 +397,7 @@ def _finish_epoch(run: Run, state: TrainState) -> None:
     tr = state.running.means()
     rate = state.running.count / max(state.seconds, 1e-9)
     row = {"epoch": state.epoch + 1, "train_loss": tr["total"], "val_loss": val["total"], "seconds": state.seconds,
-           "samples_per_s": rate, "val_seconds": val_seconds}
+           "samples_per_s": rate, "cpu_seconds": state.cpu_seconds, "val_seconds": val_seconds}
     row.update({f"train_{k}": tr[k] for k in COMPONENTS})
     row.update({f"val_{k}": val[k] for k in COMPONENTS})
     row.update({"beta": run.setup.beta, "gamma": run.setup.gamma,
@@ -410,7 +413,7 @@ def _finish_epoch(run: Run, state: TrainState) -> None:
         # restored scheduler state is right, so PyTorch's order warning does not apply
         warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
         run.scheduler.step()
-    state.epoch, state.batch, state.running, state.seconds = state.epoch + 1, 0, Running(), 0.0
+    state.epoch, state.batch, state.running, state.seconds, state.cpu_seconds = state.epoch + 1, 0, Running(), 0.0, 0.0
 
 
 def _log_setup(run: Run) -> None:
