@@ -199,8 +199,8 @@ def case_workflow(args) -> dict:
               "job_wall_s": round(wall, 1),
               "job_cpu_s": round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 1),
               "samples_per_job_wall_s": round(args.epochs * n_train / wall, 1)}
-    if "val_seconds" in history:
-        result["val_seconds"] = [round(float(s), 1) for s in history["val_seconds"]]
+    if "validation_seconds" in history:
+        result["validation_seconds"] = [round(float(s), 1) for s in history["validation_seconds"]]
     if "cpu_seconds" in history:
         result["train_cpu_ms_per_sample"] = [round(1e3 * float(c) / n_train, 2) for c in history["cpu_seconds"]]
     return result

@@ -125,8 +125,8 @@ if [[ " ${steps[*]} " == *" workflow "* ]]; then
         if [ -f "$work/workflow/model/history.csv" ]; then
             summary+=("workflow train job: $(grep -h "cryovae train: device" "$work/workflow/logs/train.log")")
             summary+=("workflow train job: $(python -c 'import sys, pandas as pd; h = pd.read_csv(sys.argv[1])
-print("samples/s per epoch", h["samples_per_s"].round().tolist(), "validation s", h["val_seconds"].round(1).tolist())' \
-                "$work/workflow/model/history.csv")")
+print("samples/s per epoch", h["samples_per_s"].round().tolist(),
+      "validation s", h["validation_seconds"].round(1).tolist())' "$work/workflow/model/history.csv")")
         fi
     fi
 fi

@@ -7,7 +7,7 @@ affinity matrix, and writes into ``output_dir``:
 - ``history.csv``: one row per epoch (losses and their components on train and val, beta,
   gamma, learning rate; ``seconds`` and ``samples_per_s``: wall time and rate of the
   training pass alone; ``cpu_seconds``: its process CPU time, all threads, which on a shared
-  machine says what the wall time cannot; ``val_seconds``: the validation pass);
+  machine says what the wall time cannot; ``validation_seconds``: the validation pass);
 - ``loss_curves.png``.
 
 While it runs, ``checkpoint.pt`` (model, optimiser, scheduler, RNG states, position,
@@ -70,6 +70,7 @@ def hidden_units(channels: list[int]) -> int:
     return max(32, 8 * channels[-1])
 
 CHECKPOINT = "checkpoint.pt"
+TIMING_COLUMNS = ("seconds", "samples_per_s", "cpu_seconds", "validation_seconds")   # of history.csv: vary run to run
 
 BatchHook = Callable[[int, int], None]
 
@@ -393,11 +394,11 @@ def _finish_epoch(run: Run, state: TrainState) -> None:
     tc = run.config.training
     started = time.perf_counter()
     val = evaluate(run.model, run.val_data, run.setup, tc.batch_size, run.device)
-    val_seconds = time.perf_counter() - started
+    validation_seconds = time.perf_counter() - started
     tr = state.running.means()
     rate = state.running.count / max(state.seconds, 1e-9)
     row = {"epoch": state.epoch + 1, "train_loss": tr["total"], "val_loss": val["total"], "seconds": state.seconds,
-           "samples_per_s": rate, "cpu_seconds": state.cpu_seconds, "val_seconds": val_seconds}
+           "samples_per_s": rate, "cpu_seconds": state.cpu_seconds, "validation_seconds": validation_seconds}
     row.update({f"train_{k}": tr[k] for k in COMPONENTS})
     row.update({f"val_{k}": val[k] for k in COMPONENTS})
     row.update({"beta": run.setup.beta, "gamma": run.setup.gamma,
@@ -406,7 +407,8 @@ def _finish_epoch(run: Run, state: TrainState) -> None:
     tqdm.write(
         f"cryovae train: epoch {row['epoch']}/{tc.epochs}  train {row['train_loss']:.5g}  val {row['val_loss']:.5g}  "
         f"(recon {val['recon']:.4g}, kl {val['kl']:.4g}, affinity {val['affinity']:.4g}, pose {val['pose']:.4g})  "
-        f"training {rate:.0f} samples/s ({state.seconds:.1f} s), validation {val_seconds:.1f} s", file=sys.stderr,
+        f"training {rate:.0f} samples/s ({state.seconds:.1f} s), validation {validation_seconds:.1f} s",
+        file=sys.stderr,
     )
     with warnings.catch_warnings():
         # after resuming at the very end of an epoch no optimiser step precedes this one; the
