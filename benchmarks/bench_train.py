@@ -9,12 +9,18 @@ Measures, each case in a fresh subprocess (so that peak memory is the case's own
   ``cryovae train``;
 - ``splat``: forward+backward time of the separable renderer at K = 128 and 512, against the
   dense (batch x voxels x K) reference evaluation (run on a smaller batch and scaled per sample);
-- ``read``: samples/s of the shard reader alone.
+- ``read``: samples/s of the shard reader alone;
+- ``workflow`` (with ``--split-root``, a workflow output folder whose train/val splits, maps and
+  affinity exist): the ``train`` rule itself, run by ``snakemake --forcerun train`` for
+  ``--epochs`` epochs, as a user's workflow runs it (a fresh process, the rule's threads and
+  environment); reports the per-epoch rates of ``history.csv``, the job's wall time and the
+  CPU time (user + sys) of everything it ran.
 
 Peak memory: the process's peak RSS (CPU) or ``torch.cuda.max_memory_allocated`` (CUDA).
 
     python benchmarks/bench_train.py --threads 2                 # CPU, 2 threads
     python benchmarks/bench_train.py --device cuda               # CUDA with bf16 autocast
+    python benchmarks/bench_train.py --what workflow --split-root /tmp/train-bench/run --epochs 2
 """
 
 from __future__ import annotations
@@ -49,13 +55,26 @@ def _write_shards(folder: Path, n: int, box: int) -> None:
     write_split(folder, ["a", "b", "c", "d"], n // 4, box=box, noise_sd=1.0, particles_per_shard=256, seed=0)
 
 
+def _step_batches(n: int, batch: int, count: int) -> list:
+    """``count`` batches of shuffled indices into ``n`` particles, epoch after epoch."""
+    from cryovae.train import epoch_batches
+
+    out, epoch = [], 0
+    while len(out) < count:
+        out += epoch_batches(n, batch, 0, epoch)
+        epoch += 1
+    return out[:count]
+
+
 def case_train(args, device: torch.device) -> dict:
-    """Samples/s of training steps at the config defaults."""
+    """Samples/s of training steps at the config defaults, with the training loop's device settings,
+    precision, optimiser and (pinned, read-ahead) batches."""
     from cryovae.config import validate_config
     from cryovae.model.data import ParticleData
     from cryovae.model.losses import wedge_mask
     from cryovae.model.vae import AffinityVAE
-    from cryovae.train import LossSetup, batch_losses, epoch_batches, hidden_units, make_batch
+    from cryovae.train import (LossSetup, batch_losses, device_settings, hidden_units, loss_values, make_batch,
+                               make_optimizer, mixed_precision)
 
     training = {"decoder": args.decoder}
     if args.channels:
@@ -66,33 +85,37 @@ def case_train(args, device: torch.device) -> dict:
                            "training": training})
     tc = cfg.training
     box = args.box
-    n = args.batch * (args.steps + args.warmup)
-    with tempfile.TemporaryDirectory() as tmp:
+    n = min(args.batch * (args.steps + args.warmup), max(args.max_particles, 2 * args.batch))
+    with tempfile.TemporaryDirectory() as tmp, device_settings(device):
         _write_shards(Path(tmp), n, box)
         data = ParticleData.open(tmp, ["a", "b", "c", "d"])
         torch.manual_seed(0)
         model = AffinityVAE((box,) * 3, tc.channels, tc.latent_dims, tc.decoder, tc.n_splats,
                             hidden_units(tc.channels), 10.0).to(device)
-        opt = torch.optim.Adam(model.parameters(), lr=tc.learning_rate)
+        opt = make_optimizer(model, tc.learning_rate)
         setup = LossSetup(torch.eye(4, device=device), tc.affinity_loss,
                           wedge_mask((box,) * 3, cfg.simulation.tilt_range_deg).to(device), None, tc.pose_weight,
                           tc.beta, tc.gamma)
         gen = torch.Generator().manual_seed(0)
-        batches = epoch_batches(len(data), args.batch, 0, 0)
+        batches = _step_batches(len(data), args.batch, args.steps + args.warmup)
         start = None
-        for i, (idx, vols) in enumerate(zip(batches, data.batches(batches))):
+        for i, (idx, vols) in enumerate(zip(batches, data.tensor_batches(batches, device.type == "cuda"))):
             if i == args.warmup:
                 _sync(device)
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
             losses = batch_losses(model, make_batch(data, idx, vols, device), setup, True, gen)
             opt.zero_grad(set_to_none=True)
             losses["total"].backward()
+            loss_values(losses)   # the loop's one synchronisation per step
             opt.step()
         _sync(device)
-        seconds = time.perf_counter() - start
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     n_params = sum(p.numel() for p in model.parameters())
     return {"case": f"train {args.decoder}", "samples_per_s": args.batch * args.steps / seconds,
-            "params": n_params, "batch": args.batch, "box": box, "channels": tc.channels,
+            "cpu_ms_per_sample": 1e3 * cpu_seconds / (args.batch * args.steps),
+            "params": n_params, "batch": args.batch, "box": box, "channels": tc.channels, "particles": n,
+            "compute_dtype": str(mixed_precision(device)).removeprefix("torch."),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "n_splats": tc.n_splats if args.decoder == "splat" else None}
 
 
@@ -143,6 +166,46 @@ def case_read(args, device: torch.device) -> dict:
     return {"case": "read shards", "samples_per_s": n / seconds, "batch": args.batch}
 
 
+def case_workflow(args) -> dict:
+    """The train rule through snakemake on an existing split; rates from its history.csv."""
+    import os
+
+    import pandas as pd
+
+    from cryovae.shards import read_particles_star
+
+    root = Path(args.split_root).resolve()
+    repo = Path(__file__).resolve().parents[1]
+    overlay = root / "bench_train_overlay.yaml"   # merged over config.yaml (JSON is YAML)
+    overlay.write_text(json.dumps({"output_dir": str(root), "training": {
+        "epochs": args.epochs, "threads": args.threads, "device": args.device}}))
+    command = ["snakemake", "--cores", str(args.threads), "--forcerun", "train",
+               "--configfile", "config.yaml", str(overlay), "--", str(root / "model" / "model.pt")]
+    env = dict(os.environ, PYTHONPATH=str(repo / "workflow"))
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    proc = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-4000:])
+        raise SystemExit(f"snakemake failed with status {proc.returncode}")
+    history = pd.read_csv(root / "model" / "history.csv")
+    n_train = len(read_particles_star(root / "subtomograms" / "train" / "particles.star")[0])
+    rates = history["samples_per_s"] if "samples_per_s" in history else n_train / history["seconds"]
+    result = {"case": "workflow train rule", "epochs": args.epochs, "n_train": n_train,
+              "train_samples_per_s": [round(float(r), 1) for r in rates],
+              "train_seconds": [round(float(s), 1) for s in history["seconds"]],
+              "job_wall_s": round(wall, 1),
+              "job_cpu_s": round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 1),
+              "samples_per_job_wall_s": round(args.epochs * n_train / wall, 1)}
+    if "validation_seconds" in history:
+        result["validation_seconds"] = [round(float(s), 1) for s in history["validation_seconds"]]
+    if "cpu_seconds" in history:
+        result["train_cpu_ms_per_sample"] = [round(1e3 * float(c) / n_train, 2) for c in history["cpu_seconds"]]
+    return result
+
+
 CASES = {"train": case_train, "splat": case_splat, "read": case_read}
 
 
@@ -166,7 +229,13 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=10, help="timed steps per case")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--what", nargs="+", default=["train", "splat", "read"], choices=list(CASES))
+    p.add_argument("--decoders", nargs="+", default=["cnn", "splat"], choices=["cnn", "splat"],
+                   help="decoders of the train case")
+    p.add_argument("--max-particles", type=int, default=4096,
+                   help="particles the train case writes; longer runs cycle over them, epoch by epoch")
+    p.add_argument("--what", nargs="+", default=["train", "splat", "read"], choices=list(CASES) + ["workflow"])
+    p.add_argument("--split-root", help="workflow output folder with simulated train/val splits (case workflow)")
+    p.add_argument("--epochs", type=int, default=2, help="epochs of the workflow case")
     p.add_argument("--dense-batch", type=int, default=2, help="batch of the dense splat reference")
     p.add_argument("--channels", default="", help="encoder channels, e.g. 8,16,32 (default: the config's)")
     p.add_argument("--n-splats", type=int, default=0, help="Gaussians of the splat decoder (default: the config's)")
@@ -180,11 +249,15 @@ def main() -> None:
         return
     common = ["--device", args.device, "--threads", str(args.threads), "--box", str(args.box),
               "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
-              "--dense-batch", str(args.dense_batch)] + (["--channels", args.channels] if args.channels else []) \
+              "--dense-batch", str(args.dense_batch), "--max-particles", str(args.max_particles)] + (["--channels", args.channels] if args.channels else []) \
         + (["--n-splats", str(args.n_splats)] if args.n_splats else [])
+    if "workflow" in args.what:
+        if not args.split_root:
+            p.error("--what workflow needs --split-root")
+        print(json.dumps(case_workflow(args)), flush=True)
     plan = []
     if "train" in args.what:
-        plan += [["--case", "train", "--decoder", d] for d in ("cnn", "splat")]
+        plan += [["--case", "train", "--decoder", d] for d in args.decoders]
     if "splat" in args.what:
         plan += [["--case", "splat", "--k", str(k)] + extra for k in (128, 512) for extra in ([], ["--dense"])]
     if "read" in args.what:

@@ -124,7 +124,7 @@ def global_searches(particles):
     """The global search of the same particles in float64 over every voxel (the reference), in float32
     in the leading principal directions (the default), and in bfloat16 there (what CUDA runs)."""
     config, maps, draws, _ = particles
-    volumes = simulate_volumes(config, maps, draws.class_index, draws, torch.Generator().manual_seed(1))
+    volumes = simulate_volumes(config, maps, draws.class_index, draws, np.random.default_rng(1))
     ctf = ctf_3d(torch.as_tensor(draws.defocus_um), BOX, 10.0, 300.0, 2.7, 0.07)
     out = {}
     for name, rank, dtype in (("exact", 0, torch.float64), ("low_rank", 256, torch.float32),

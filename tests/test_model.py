@@ -199,3 +199,19 @@ def test_trained_3d_model_is_pose_equivariant_and_shape_invariant(tmp_path):
     model_path = _train_tiny(tmp_path, ndim=3, n_per_class=256, epochs=20, max_angle_deg=60.0)
     small = Rotation.from_rotvec([0.2, -0.25, 0.15]).as_matrix()     # 21 degrees
     _check_equivariance(model_path, 3, small, 45.0, pose_tol_deg=10.0, equi_tol_deg=10.0)
+
+
+def test_tensor_batches_match_the_arrays_in_order(tmp_path):
+    from cryovae.model.data import ParticleData
+    from synthetic_particles import write_split
+
+    write_split(tmp_path, ["a", "b"], 10, box=8, seed=0, particles_per_shard=7)
+    data = ParticleData.open(tmp_path, ["a", "b"])
+    order = [np.array([3, 15, 0]), np.array([19, 7]), np.array([8])]
+    every = np.concatenate([np.load(p) for p in sorted(tmp_path.glob("shard_*.npy"))])   # STAR rows in shard order
+    tensors = list(data.tensor_batches(order))
+    assert [t.dtype for t in tensors] == [torch.float32] * 3
+    for t, a, idx in zip(tensors, data.batches(order), order):
+        np.testing.assert_array_equal(t.numpy(), a)
+        np.testing.assert_array_equal(a, every[idx])
+    assert list(data.tensor_batches([])) == []

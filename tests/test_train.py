@@ -14,9 +14,10 @@ from cryovae.config import validate_config
 from cryovae.errors import InputError
 from cryovae.model import load_model
 from synthetic_particles import write_affinity_csv, write_split
-from cryovae.train import build_run, evaluate, run_training, train
+from cryovae.train import TIMING_COLUMNS, build_run, evaluate, run_training, train
 
 NAMES = ["alpha", "beta", "gamma"]
+TIMINGS = list(TIMING_COLUMNS)
 AFFINITY = np.array([[1.0, 0.6, 0.1], [0.6, 1.0, 0.3], [0.1, 0.3, 1.0]])
 
 
@@ -73,7 +74,7 @@ def test_resume_after_signal_is_bitwise_identical(tiny, tmp_path, signum, at):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    ha, hb = (pd.read_csv(p / "history.csv").drop(columns="seconds") for p in (tmp_path / "straight", out))
+    ha, hb = (pd.read_csv(p / "history.csv").drop(columns=TIMINGS) for p in (tmp_path / "straight", out))
     pd.testing.assert_frame_equal(ha, hb)
 
 
@@ -113,13 +114,18 @@ def test_outputs(tiny, tmp_path):
     cfg = _config(epochs=2, beta=1.0, beta_schedule={"kind": "ramp", "start": 0.0, "ramp_epochs": 2})
     train(cfg, tiny / "train", tiny / "val", tiny / "affinity.csv", tmp_path)
     hist = pd.read_csv(tmp_path / "history.csv")
-    for col in ("epoch", "train_loss", "val_loss", "seconds", "beta", "gamma", "learning_rate",
+    for col in ("epoch", "train_loss", "val_loss", *TIMINGS, "beta", "gamma", "learning_rate",
                 "train_recon", "train_kl", "train_affinity", "train_pose", "val_recon", "val_kl",
                 "val_affinity", "val_pose"):
         assert col in hist.columns, col
     assert hist["epoch"].tolist() == [1, 2]
     assert hist["beta"].tolist() == [0.0, 0.5]
-    assert (hist["seconds"] > 0).all() and (hist["val_pose"] > 0).all()
+    assert (hist["seconds"] > 0).all() and (hist["validation_seconds"] > 0).all() and (hist["val_pose"] > 0).all()
+    assert (hist["cpu_seconds"] > 0).all()
+    from cryovae.plots import history_components
+
+    assert list(history_components(hist)) == ["loss", "recon", "kl", "affinity", "pose"]   # no timing "losses"
+    np.testing.assert_allclose(hist["samples_per_s"], 36 / hist["seconds"], rtol=1e-9)  # 36 training particles
     total = hist["val_recon"] + hist["beta"] * hist["val_kl"] + hist["gamma"] * hist["val_affinity"] + hist["val_pose"]
     np.testing.assert_allclose(hist["val_loss"], total, rtol=1e-5)
     assert (tmp_path / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -231,3 +237,102 @@ def test_truncated_shard_names_the_file(tiny, tmp_path):
     _truncate(split / "shard_001.npy", 0.7)
     with pytest.raises(InputError, match=r"shard_001.npy: shard cannot be read \(truncated or corrupt.*delete it"):
         run_training(_config(), split, tiny / "val", tiny / "affinity.csv", tmp_path / "out")
+
+
+# ----------------------------------------------------------------------------- devices and precision
+
+
+def test_device_choice_never_falls_back_silently(monkeypatch):
+    from cryovae.train import choose_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert choose_device("auto") == torch.device("cpu")
+    assert choose_device("cpu") == torch.device("cpu")
+    with pytest.raises(InputError, match="training.device is 'cuda' but no CUDA device is available"):
+        choose_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert choose_device("auto") == torch.device("cuda")
+    assert choose_device("cuda") == torch.device("cuda")
+
+
+def test_precision_and_kernel_settings_per_device():
+    import torch.utils.deterministic as det
+
+    from cryovae.train import autocast, device_settings, mixed_precision
+
+    assert mixed_precision(torch.device("cuda")) is torch.bfloat16
+    assert mixed_precision(torch.device("cpu")) is torch.float32
+    with autocast(torch.device("cpu")):
+        assert not torch.is_autocast_enabled("cpu")
+    with autocast(torch.device("cpu"), torch.bfloat16):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") is torch.bfloat16
+    before = (torch.are_deterministic_algorithms_enabled(), det.fill_uninitialized_memory,
+              torch.backends.cudnn.benchmark, torch.get_float32_matmul_precision())
+    with device_settings(torch.device("cpu")):
+        assert torch.are_deterministic_algorithms_enabled() and not det.fill_uninitialized_memory
+    with device_settings(torch.device("cuda")):   # only flags: no GPU is touched
+        assert not torch.are_deterministic_algorithms_enabled()
+        assert torch.backends.cudnn.benchmark and torch.get_float32_matmul_precision() == "high"
+    assert (torch.are_deterministic_algorithms_enabled(), det.fill_uninitialized_memory,
+            torch.backends.cudnn.benchmark, torch.get_float32_matmul_precision()) == before
+
+
+def test_a_bf16_step_computes_layers_in_bf16_and_keeps_float32_state(tiny, tmp_path):
+    from cryovae.train import batch_losses, epoch_batches, loss_values, make_batch
+
+    run = build_run(_config(), tiny / "train", tiny / "val", tiny / "affinity.csv", tmp_path)
+    run.setup.compute_dtype = torch.bfloat16
+    seen = []
+    run.model.encoder.features[0].register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    idx = epoch_batches(len(run.train_data), 8, 0, 0)[0]
+    batch = make_batch(run.train_data, idx, run.train_data.read(idx), run.device)
+    losses = batch_losses(run.model, batch, run.setup, True, run.noise)
+    losses["total"].backward()
+    run.optimizer.step()
+    assert seen == [torch.bfloat16]
+    assert all(v.dtype is torch.float32 for v in losses.values())
+    assert all(np.isfinite(v) for v in loss_values(losses).values())
+    assert all(p.dtype is torch.float32 and p.grad.dtype is torch.float32 for p in run.model.parameters())
+
+
+def test_bf16_training_runs_and_its_model_loads_on_the_cpu(tiny, tmp_path, monkeypatch, capsys):
+    """The CUDA precision path, run on the CPU: it trains (finite, different from float32) and saves float32."""
+    import cryovae.train as training
+
+    cfg = _config(epochs=2)
+    _run(cfg, tiny, tmp_path / "fp32")
+    monkeypatch.setattr(training, "mixed_precision", lambda device: torch.bfloat16)
+    _run(cfg, tiny, tmp_path / "bf16")
+    assert "compute dtype bfloat16" in capsys.readouterr().err
+    hist = pd.read_csv(tmp_path / "bf16" / "history.csv")
+    assert np.isfinite(hist.drop(columns=TIMINGS).to_numpy()).all()
+    model, _ = load_model(tmp_path / "bf16" / "model.pt", "cpu")
+    assert all(p.dtype is torch.float32 for p in model.parameters())
+    fp32, bf16 = _state(tmp_path / "fp32"), _state(tmp_path / "bf16")
+    assert any(not torch.equal(fp32[k], bf16[k]) for k in fp32)   # autocast was on
+    x = torch.from_numpy(np.load(tiny / "train" / "shard_000.npy")[:4]).unsqueeze(1)
+    assert torch.isfinite(model.encode(x)["latent_mean"]).all()
+
+
+@pytest.mark.slow
+def test_gpu_check_script_runs_its_steps_on_the_cpu(tmp_path):
+    """benchmarks/gpu_check.sh, tiny and on the CPU: the training rate and the workflow's command reach the summary."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    if shutil.which("snakemake", path=env["PATH"]) is None:
+        pytest.skip("snakemake is not installed")
+    proc = subprocess.run(["bash", str(script), "--device", "cpu", "--quick", "--only", "train", "workflow",
+                           "--work-dir", str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    summary = proc.stdout.split("== summary", 1)[1]
+    assert "train: train cnn batch 8: " in summary and "samples/s on cpu (float32)" in summary
+    assert "workflow (training.device: cpu): real " in summary
+    overlay = (tmp_path / "workflow_overlay.yaml").read_text()
+    assert '"training": {"device": "cpu"}' in overlay and str(tmp_path / "workflow") in overlay
+    bad = subprocess.run(["bash", str(script), "--device", "tpu"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--device must be cuda or cpu, got tpu" in bad.stderr

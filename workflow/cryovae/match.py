@@ -42,7 +42,7 @@ from cryovae.ctf import ctf_3d, missing_wedge_mask
 from cryovae.errors import InputError
 from cryovae.rotations import local_deltas, refine_rotations, so3_grid
 from cryovae.shards import SubtomogramSet
-from cryovae.train import choose_device
+from cryovae.devices import choose_device
 from cryovae.volumes import (
     correlation_peak, cross_correlation, fourier_crop, phase_shift, rfft_weights, rigid_transform, standardise_volumes,
 )

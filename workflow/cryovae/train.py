@@ -5,7 +5,9 @@ affinity matrix, and writes into ``output_dir``:
 
 - ``model.pt``: the final model (see :mod:`cryovae.model.io`), written once at the end;
 - ``history.csv``: one row per epoch (losses and their components on train and val, beta,
-  gamma, learning rate, wall seconds of the training pass);
+  gamma, learning rate; ``seconds`` and ``samples_per_s``: wall time and rate of the
+  training pass alone; ``cpu_seconds``: its process CPU time, all threads, which on a shared
+  machine says what the wall time cannot; ``validation_seconds``: the validation pass);
 - ``loss_curves.png``.
 
 While it runs, ``checkpoint.pt`` (model, optimiser, scheduler, RNG states, position,
@@ -19,6 +21,12 @@ bitwise identical to an uninterrupted run's.  ``checkpoint.pt`` is deleted once
 Reproducibility: the model is initialised from ``torch.manual_seed(seed)``; the epoch's
 shuffle comes from ``numpy.random.default_rng([seed, epoch])``; the latent sampling noise
 from a CPU ``torch.Generator`` seeded with ``seed`` whose state is checkpointed.
+
+Devices (``training.device``): ``auto`` takes CUDA when present; ``cuda`` without one is an
+:class:`InputError`.  On CUDA the layers compute in bf16 under autocast (parameters, optimiser
+state and losses stay float32), batches are read into pinned memory in the background and
+copied asynchronously, and cuDNN picks its fastest kernels; bitwise reproducibility is a
+property of CPU runs only.
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ from cryovae.affinity import read_affinity_csv
 from cryovae.align import orient_symmetry
 from cryovae.atomic import atomic_path
 from cryovae.config import Config
+from cryovae.devices import choose_device
 from cryovae.errors import InputError
 from cryovae.model.checkpoint import (
     Running, StopRequest, TrainState, load_checkpoint, save_checkpoint, stop_on_signals,
@@ -62,6 +71,7 @@ def hidden_units(channels: list[int]) -> int:
     return max(32, 8 * channels[-1])
 
 CHECKPOINT = "checkpoint.pt"
+TIMING_COLUMNS = ("seconds", "samples_per_s", "cpu_seconds", "validation_seconds")   # of history.csv: vary run to run
 
 BatchHook = Callable[[int, int], None]
 
@@ -69,32 +79,44 @@ BatchHook = Callable[[int, int], None]
 # ----------------------------------------------------------------------------- devices, determinism
 
 
-def choose_device(requested: str, setting: str = "training.device") -> torch.device:
-    """``auto``: CUDA when present, else CPU; ``cuda`` without CUDA is an error naming ``setting``."""
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"{setting} is 'cuda' but no CUDA device is available")
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(requested)
+def mixed_precision(device: torch.device) -> torch.dtype:
+    """The compute dtype of the model's layers on ``device``: bf16 on CUDA (float32's exponent
+    range, so no gradient scaling is needed), float32 on the CPU."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None = None):
+    """Autocast to ``dtype`` (default: :func:`mixed_precision` of ``device``); nothing for float32.
+    Parameters, gradients and the loss stay float32."""
+    dtype = mixed_precision(device) if dtype is None else dtype
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 @contextlib.contextmanager
-def deterministic_algorithms(device: torch.device) -> Iterator[None]:
-    """Deterministic kernels for the duration (warn-only on CUDA, whose grid_sample backward is not)."""
-    previous = torch.are_deterministic_algorithms_enabled()
-    previous_warn = torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
+def device_settings(device: torch.device) -> Iterator[None]:
+    """For the duration: on the CPU deterministic kernels (a resumed run is bitwise identical),
+    without filling new tensors with NaN, which only unmasks reads of uninitialised memory and
+    costs a pass over every allocation; on CUDA the fastest kernels (cuDNN autotuning, TF32
+    matmuls), since atomics in grid_sample's backward make CUDA runs non-bitwise anyway."""
+    import torch.utils.deterministic as det
+
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+                det.fill_uninitialized_memory, torch.backends.cudnn.benchmark, torch.get_float32_matmul_precision())
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.set_float32_matmul_precision("high")
+    else:
+        torch.use_deterministic_algorithms(True)
+        det.fill_uninitialized_memory = False
     try:
         yield
     finally:
-        torch.use_deterministic_algorithms(previous, warn_only=previous_warn)
-
-
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA; nothing on the CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        det.fill_uninitialized_memory = previous[2]
+        torch.backends.cudnn.benchmark = previous[3]
+        torch.set_float32_matmul_precision(previous[4])
 
 
 # ----------------------------------------------------------------------------- losses on a batch
@@ -111,6 +133,7 @@ class LossSetup:
     pose_weight: float
     beta: float = 1.0
     gamma: float = 1.0
+    compute_dtype: torch.dtype | None = None   # autocast dtype; None: the device's (see mixed_precision)
 
 
 @dataclass
@@ -126,7 +149,7 @@ class Batch:
 def batch_losses(model: AffinityVAE, batch: Batch, setup: LossSetup, sample: bool,
                  generator: torch.Generator | None) -> dict[str, torch.Tensor]:
     """Loss components and ``total`` (scalars, float32) of one batch."""
-    with autocast(batch.volumes.device):
+    with autocast(batch.volumes.device, setup.compute_dtype):
         out = model(batch.volumes, generator=generator, sample=sample)
     losses = {
         "recon": reconstruction_error(out["reconstruction"], batch.volumes, setup.fourier_mask).mean(),
@@ -147,17 +170,28 @@ def batch_losses(model: AffinityVAE, batch: Batch, setup: LossSetup, sample: boo
     return losses
 
 
-def make_batch(data: ParticleData, indices: np.ndarray, volumes: np.ndarray, device: torch.device) -> Batch:
-    """Move a batch to ``device``: volumes get a channel axis."""
+def make_batch(data: ParticleData, indices: np.ndarray, volumes: np.ndarray | torch.Tensor,
+               device: torch.device) -> Batch:
+    """Move a batch to ``device``; volumes get a channel axis.  To CUDA every part goes through
+    pinned memory and is copied asynchronously (a copy from pageable memory waits for the GPU)."""
+    cuda = device.type == "cuda"
+
+    def move(array):
+        tensor = torch.as_tensor(array)
+        if cuda and not tensor.is_pinned():
+            tensor = tensor.pin_memory()
+        return tensor.to(device, non_blocking=cuda)
+
     rot = shift = None
     if data.has_poses:
-        rot = torch.from_numpy(data.true_rotation[indices]).to(device)
-        shift = torch.from_numpy(data.true_shift_voxels[indices]).to(device)
-    return Batch(
-        torch.from_numpy(volumes).unsqueeze(1).to(device),
-        torch.from_numpy(data.class_index[indices]).to(device),
-        rot, shift,
-    )
+        rot, shift = move(data.true_rotation[indices]), move(data.true_shift_voxels[indices])
+    return Batch(move(volumes).unsqueeze(1), move(data.class_index[indices]), rot, shift)
+
+
+def loss_values(losses: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The loss components as Python floats, in one device synchronisation."""
+    keys = list(losses)
+    return dict(zip(keys, torch.stack([losses[k].detach().float() for k in keys]).tolist()))
 
 
 def symmetry_table(
@@ -203,8 +237,8 @@ def evaluate(model: AffinityVAE, data: ParticleData, setup: LossSetup, batch_siz
     model.eval()
     running = Running()
     batches = epoch_batches(len(data), batch_size, 0, 0, shuffle=False)
-    for idx, vols in zip(batches, data.batches(batches)):
-        running.add(batch_losses(model, make_batch(data, idx, vols, device), setup, False, None), len(idx))
+    for idx, vols in zip(batches, data.tensor_batches(batches, pin_memory=device.type == "cuda")):
+        running.add(loss_values(batch_losses(model, make_batch(data, idx, vols, device), setup, False, None)), len(idx))
     return running.means()
 
 
@@ -270,6 +304,12 @@ def _open_data(train_dir: Path, val_dir: Path, class_names: list[str]) -> tuple[
     return train_data, val_data
 
 
+def make_optimizer(model: torch.nn.Module, learning_rate: float) -> torch.optim.Adam:
+    """Adam with its fused kernel: one pass over each parameter per step instead of one per
+    operation (CPU and CUDA; elementwise, so as deterministic as the default)."""
+    return torch.optim.Adam(model.parameters(), lr=learning_rate, fused=True)
+
+
 def build_run(config: Config, train_dir: Path, val_dir: Path, affinity: Path, output_dir: Path,
               maps: list[Path] | None = None) -> Run:
     """Read the data and affinity, build model, optimiser and scheduler (seeded)."""
@@ -281,7 +321,7 @@ def build_run(config: Config, train_dir: Path, val_dir: Path, affinity: Path, ou
     torch.manual_seed(config.seed)
     model = AffinityVAE(spatial, tc.channels, tc.latent_dims, tc.decoder, tc.n_splats, hidden_units(tc.channels),
                         train_data.pixel_size_angstrom).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=tc.learning_rate)
+    optimizer = make_optimizer(model, tc.learning_rate)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=tc.epochs, eta_min=0.05 * tc.learning_rate)
     noise = torch.Generator().manual_seed(config.seed)
     use_wedge = tc.wedge_masked_loss and config.simulation.tilt_range_deg is not None and len(spatial) == 3
@@ -308,17 +348,19 @@ def _train_epoch(run: Run, state: TrainState, stop: StopRequest, hook: BatchHook
     run.model.train()
     bar = tqdm(total=len(batches), initial=state.batch, desc=f"epoch {state.epoch + 1}/{tc.epochs}",
                leave=False, mininterval=1.0, file=sys.stderr)
-    started = time.perf_counter()
-    for idx, vols in zip(todo, run.train_data.batches(todo)):
+    started, cpu_started = time.perf_counter(), time.process_time()
+    volumes = run.train_data.tensor_batches(todo, pin_memory=run.device.type == "cuda")
+    for idx, vols in zip(todo, volumes):
         losses = batch_losses(run.model, make_batch(run.train_data, idx, vols, run.device), run.setup, True, run.noise)
-        if not math.isfinite(float(losses["total"].detach())):
-            parts = ", ".join(f"{k} {float(v.detach()):.4g}" for k, v in losses.items())
-            raise FloatingPointError(f"non-finite training loss at epoch {state.epoch + 1}, batch {state.batch + 1} "
-                                     f"({parts}); lower training.learning_rate or check the input particles")
         run.optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
+        values = loss_values(losses)   # the step's one synchronisation, after the work is queued
+        if not math.isfinite(values["total"]):
+            parts = ", ".join(f"{k} {v:.4g}" for k, v in values.items())
+            raise FloatingPointError(f"non-finite training loss at epoch {state.epoch + 1}, batch {state.batch + 1} "
+                                     f"({parts}); lower training.learning_rate or check the input particles")
         run.optimizer.step()
-        state.running.add(losses, len(idx))
+        state.running.add(values, len(idx))
         state.batch += 1
         bar.update(1)
         bar.set_postfix({k: f"{v:.4g}" for k, v in state.running.means().items()}, refresh=False)
@@ -326,6 +368,7 @@ def _train_epoch(run: Run, state: TrainState, stop: StopRequest, hook: BatchHook
             hook(state.epoch, state.batch)
         if stop.signum is not None:
             state.seconds += time.perf_counter() - started
+            state.cpu_seconds += time.process_time() - cpu_started
             bar.close()
             save_checkpoint(run.checkpoint, run.model, run.optimizer, run.scheduler, run.noise, state, run.fingerprint)
             name = signal.Signals(stop.signum).name
@@ -333,15 +376,20 @@ def _train_epoch(run: Run, state: TrainState, stop: StopRequest, hook: BatchHook
                        f"{state.epoch + 1}, batch {state.batch}; rerun to resume", file=sys.stderr)
             raise SystemExit(128 + stop.signum)
     state.seconds += time.perf_counter() - started
+    state.cpu_seconds += time.process_time() - cpu_started
     bar.close()
 
 
 def _finish_epoch(run: Run, state: TrainState) -> None:
     """Validate, append the history row, step the scheduler, move to the next epoch."""
     tc = run.config.training
+    started = time.perf_counter()
     val = evaluate(run.model, run.val_data, run.setup, tc.batch_size, run.device)
+    validation_seconds = time.perf_counter() - started
     tr = state.running.means()
-    row = {"epoch": state.epoch + 1, "train_loss": tr["total"], "val_loss": val["total"], "seconds": state.seconds}
+    rate = state.running.count / max(state.seconds, 1e-9)
+    row = {"epoch": state.epoch + 1, "train_loss": tr["total"], "val_loss": val["total"], "seconds": state.seconds,
+           "samples_per_s": rate, "cpu_seconds": state.cpu_seconds, "validation_seconds": validation_seconds}
     row.update({f"train_{k}": tr[k] for k in COMPONENTS})
     row.update({f"val_{k}": val[k] for k in COMPONENTS})
     row.update({"beta": run.setup.beta, "gamma": run.setup.gamma,
@@ -350,14 +398,24 @@ def _finish_epoch(run: Run, state: TrainState) -> None:
     tqdm.write(
         f"cryovae train: epoch {row['epoch']}/{tc.epochs}  train {row['train_loss']:.5g}  val {row['val_loss']:.5g}  "
         f"(recon {val['recon']:.4g}, kl {val['kl']:.4g}, affinity {val['affinity']:.4g}, pose {val['pose']:.4g})  "
-        f"{state.running.count / max(state.seconds, 1e-9):.0f} samples/s", file=sys.stderr,
+        f"training {rate:.0f} samples/s ({state.seconds:.1f} s), validation {validation_seconds:.1f} s",
+        file=sys.stderr,
     )
     with warnings.catch_warnings():
         # after resuming at the very end of an epoch no optimiser step precedes this one; the
         # restored scheduler state is right, so PyTorch's order warning does not apply
         warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
         run.scheduler.step()
-    state.epoch, state.batch, state.running, state.seconds = state.epoch + 1, 0, Running(), 0.0
+    state.epoch, state.batch, state.running, state.seconds, state.cpu_seconds = state.epoch + 1, 0, Running(), 0.0, 0.0
+
+
+def _log_setup(run: Run) -> None:
+    """One line saying where and how the run computes (device, dtype, threads, data sizes)."""
+    dtype = run.setup.compute_dtype or mixed_precision(run.device)
+    where = torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else "cpu"
+    tqdm.write(f"cryovae train: device {run.device} ({where}), compute dtype {str(dtype).removeprefix('torch.')}, "
+               f"{torch.get_num_threads()} CPU threads, {len(run.train_data)} training and {len(run.val_data)} "
+               f"validation particles, batch {run.config.training.batch_size}", file=sys.stderr)
 
 
 def run_training(config: Config, train_dir: Path, val_dir: Path, affinity: Path, output_dir: Path,
@@ -370,16 +428,20 @@ def run_training(config: Config, train_dir: Path, val_dir: Path, affinity: Path,
     run = build_run(config, train_dir, val_dir, affinity, output_dir, maps)
     state = load_checkpoint(run.checkpoint, run.model, run.optimizer, run.scheduler, run.noise,
                             run.fingerprint) or TrainState()
+    _log_setup(run)
     stop = StopRequest()
-    with deterministic_algorithms(run.device), stop_on_signals(stop):
+    with device_settings(run.device), stop_on_signals(stop):
         while state.epoch < tc.epochs:
             run.setup.beta = schedule_value(tc.beta, tc.beta_schedule, state.epoch)
             run.setup.gamma = schedule_value(tc.gamma, tc.gamma_schedule, state.epoch)
             _train_epoch(run, state, stop, batch_hook)
             _finish_epoch(run, state)
             if state.epoch % tc.checkpoint_every == 0 and state.epoch < tc.epochs:
+                started = time.perf_counter()
                 save_checkpoint(run.checkpoint, run.model, run.optimizer, run.scheduler, run.noise, state,
                                 run.fingerprint)
+                tqdm.write(f"cryovae train: checkpoint written in {time.perf_counter() - started:.2f} s",
+                           file=sys.stderr)
     extra = {"epochs_trained": state.epoch, "final_val_loss": state.history[-1]["val_loss"],
              "seed": config.seed}
     save_model(output_dir / "model.pt", run.model, run.fingerprint["class_names"], run.fingerprint["config"], extra)

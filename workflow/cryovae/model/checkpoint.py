@@ -61,9 +61,10 @@ class Running:
     sums: dict[str, float] = field(default_factory=lambda: {k: 0.0 for k in ("total",) + COMPONENTS})
     count: int = 0
 
-    def add(self, losses: dict[str, torch.Tensor], n: int) -> None:
+    def add(self, losses: dict[str, float], n: int) -> None:
+        """Add a batch of ``n`` particles with mean losses ``losses`` (floats: see ``train.loss_values``)."""
         for k in self.sums:
-            self.sums[k] += float(losses[k].detach()) * n
+            self.sums[k] += losses[k] * n
         self.count += n
 
     def means(self) -> dict[str, float]:
@@ -77,7 +78,8 @@ class TrainState:
     epoch: int = 0                    # epoch in progress (or next to start)
     batch: int = 0                    # next batch of that epoch
     running: Running = field(default_factory=Running)
-    seconds: float = 0.0              # training-pass wall time of the epoch so far
+    seconds: float = 0.0              # training-pass wall time of the epoch so far (no validation, no checkpoint)
+    cpu_seconds: float = 0.0          # and its process CPU time
     history: list[dict] = field(default_factory=list)
 
 
@@ -119,6 +121,7 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, noise: torch.Genera
         "batch": state.batch,
         "running": {"sums": dict(state.running.sums), "count": state.running.count},
         "seconds": state.seconds,
+        "cpu_seconds": state.cpu_seconds,
         "history": list(state.history),
     }
     save_record(record, path)
@@ -144,4 +147,6 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, noise: torch.Genera
     running = Running(dict(record["running"]["sums"]), int(record["running"]["count"]))
     tqdm.write(f"cryovae train: resuming from {path} at epoch {record['epoch'] + 1}, batch {record['batch']}",
                file=sys.stderr)
-    return TrainState(record["epoch"], record["batch"], running, float(record["seconds"]), list(record["history"]))
+    return TrainState(record["epoch"], record["batch"], running, seconds=float(record["seconds"]),
+                      cpu_seconds=float(record.get("cpu_seconds", 0.0)),   # absent from older checkpoints
+                      history=list(record["history"]))

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pandas as pd
+import torch
 
 from cryovae.errors import InputError
 from cryovae.rotations import relion_euler_to_matrix
 from cryovae.shards import SubtomogramSet
 
 UNKNOWN = "unknown"
+T = TypeVar("T")
 
 
 @dataclass
@@ -65,15 +68,29 @@ class ParticleData:
 
     def batches(self, batches: list[np.ndarray]) -> Iterator[np.ndarray]:
         """Volumes of each index array in ``batches``, the next one read in a background thread."""
-        if not batches:
-            return
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            pending = pool.submit(self.read, batches[0])
-            for nxt in batches[1:]:
-                current = pending.result()
-                pending = pool.submit(self.read, nxt)
-                yield current
-            yield pending.result()
+        return _read_ahead(self.read, batches)
+
+    def tensor_batches(self, batches: list[np.ndarray], pin_memory: bool = False) -> Iterator[torch.Tensor]:
+        """As :meth:`batches`, as CPU tensors; with ``pin_memory`` in page-locked memory (copied
+        there in the background thread too), which a GPU copies from asynchronously."""
+        def read(indices: np.ndarray) -> torch.Tensor:
+            tensor = torch.from_numpy(self.read(indices))
+            return tensor.pin_memory() if pin_memory else tensor
+
+        return _read_ahead(read, batches)
+
+
+def _read_ahead(read: Callable[[np.ndarray], T], batches: list[np.ndarray]) -> Iterator[T]:
+    """``read(b)`` for each b in ``batches``, in order, the next one computed in a background thread."""
+    if not batches:
+        return
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(read, batches[0])
+        for nxt in batches[1:]:
+            current = pending.result()
+            pending = pool.submit(read, nxt)
+            yield current
+        yield pending.result()
 
 
 def _check_shards(source: SubtomogramSet, shard_names: np.ndarray, rows: np.ndarray) -> tuple[int, ...]:

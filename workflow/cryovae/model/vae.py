@@ -63,7 +63,10 @@ class AffinityVAE(nn.Module):
         enc = self.encoder(x)
         z = enc["latent_mean"]
         if sample:
-            eps = torch.randn(z.shape, generator=generator, dtype=z.dtype).to(z.device)
+            eps = torch.randn(z.shape, generator=generator, dtype=z.dtype)
+            if z.device.type == "cuda":   # asynchronous copy: a pageable one would wait for the GPU
+                eps = eps.pin_memory()
+            eps = eps.to(z.device, non_blocking=True)
             z = z + eps * torch.exp(0.5 * enc["latent_logvar"])
         enc["z"] = z
         enc["reconstruction"] = self.decoder.posed(z, enc["rotation"], enc["shift_voxels"])
