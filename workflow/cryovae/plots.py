@@ -8,6 +8,8 @@ a class is set by its position in the config's class order.
 
 from __future__ import annotations
 
+import warnings
+
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -68,7 +70,11 @@ def embed_2d(latents: np.ndarray, seed: int) -> tuple[np.ndarray, str]:
         distances, indices = NearestNeighbors(n_neighbors=k).fit(latents).kneighbors(latents)
         reducer = umap.UMAP(n_components=2, n_neighbors=k, random_state=seed, n_jobs=1,
                             precomputed_knn=(indices, distances, None))
-        return np.asarray(reducer.fit_transform(latents), dtype=np.float64), "UMAP"
+        with warnings.catch_warnings():
+            # without UMAP's search index, transform() of new points is unavailable: never used here
+            warnings.filterwarnings("ignore", message=r"precomputed_knn\[2\]", category=UserWarning)
+            coords = reducer.fit_transform(latents)
+        return np.asarray(coords, dtype=np.float64), "UMAP"
     coords = np.zeros((n, 2))
     if n >= 2:
         from sklearn.decomposition import PCA
