@@ -39,10 +39,10 @@ from tqdm import tqdm
 from cryovae.atomic import atomic_path
 from cryovae.config import Config
 from cryovae.ctf import ctf_3d, missing_wedge_mask
+from cryovae.devices import choose_device
 from cryovae.errors import InputError
 from cryovae.rotations import local_deltas, refine_rotations, so3_grid
 from cryovae.shards import SubtomogramSet
-from cryovae.devices import choose_device
 from cryovae.volumes import (
     correlation_peak, cross_correlation, fourier_crop, phase_shift, rfft_weights, rigid_transform, standardise_volumes,
 )
@@ -140,7 +140,7 @@ class Matcher:
         """A bank (G, D) as a basis (D, k) of the span of its rows and its rows in that basis (G, k).
 
         The basis is that of the ``rank`` leading principal directions of every
-        ``G // rank``-th row (the rotations of one reference span few dimensions: its
+        ``G // (2 rank)``-th row (the rotations of one reference span few dimensions: its
         band-limited shells); a correlation <p, b> becomes <p V, b V>, the correlation with
         the row's projection.  ``rank`` 0, or one at least D: the identity (exact scores)."""
         size = bank.shape[1]
@@ -166,9 +166,9 @@ class Matcher:
             rotations.append(self.grid[where.cpu().numpy()])
         return np.stack(scores, 1), np.stack(rotations, 1)
 
-    def _template(self, ref: torch.Tensor, rotations: np.ndarray, wedge: torch.Tensor) -> torch.Tensor:
+    def _template(self, ref: torch.Tensor, rotations: np.ndarray) -> torch.Tensor:
         """Spectra of the reference rotated by ``rotations`` (n, 3, 3), wedge-filtered, without DC."""
-        template = torch.fft.rfftn(self._rotated(ref, rotations), dim=(1, 2, 3)) * wedge
+        template = torch.fft.rfftn(self._rotated(ref, rotations), dim=(1, 2, 3)) * self.wedge
         template[:, 0, 0, 0] = 0.0
         return template
 
@@ -180,7 +180,7 @@ class Matcher:
         reference, and the normalised correlation there (n,): the full-size matched filter,
         corr(CTF · W · (A T), p), the CTF and wedge applied to the reference."""
         box = self.box
-        template = self._template(ref, rotations, self.wedge)
+        template = self._template(ref, rotations)
         displacement, peak = correlation_peak(cross_correlation(filtered, template, (box,) * 3))
         modulated = template if ctf is None else template * ctf
         template_norm = ((self.weights * modulated.abs() ** 2).sum((1, 2, 3)) / box**3).sqrt()
@@ -213,7 +213,8 @@ class Matcher:
         spectra = torch.fft.rfftn(self._tensor(volumes), dim=(1, 2, 3)) * self.wedge
         spectra[:, 0, 0, 0] = 0.0
         particle_norm = ((self.weights * spectra.abs() ** 2).sum((1, 2, 3)) / self.box**3).sqrt()
-        filtered = spectra if ctf is None else spectra * ctf.to(self.device)
+        ctf = None if ctf is None else ctf.to(self.device)
+        filtered = spectra if ctf is None else spectra * ctf
         scores, rotations = self.coarse(filtered)
         n, n_cls = scores.shape
         displacement = np.zeros((n, n_cls, 3))
@@ -224,7 +225,7 @@ class Matcher:
             rows = np.nonzero((top == k).any(1))[0]
             if len(rows):
                 index = torch.as_tensor(rows, device=self.device)
-                block_ctf = None if ctf is None else ctf.to(self.device)[index]
+                block_ctf = None if ctf is None else ctf[index]
                 rotations[rows, k], displacement[rows, k], fit[rows, k] = self.refine(
                     filtered[index], cls, rotations[rows, k], block_ctf, particle_norm[index]
                 )
