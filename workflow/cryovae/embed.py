@@ -23,12 +23,13 @@ from tqdm import tqdm
 
 from cryovae.atomic import atomic_path
 from cryovae.config import Config
+from cryovae.devices import choose_device
 from cryovae.errors import InputError
 from cryovae.model.data import ParticleData
 from cryovae.model.encoder import rotation_3x3
 from cryovae.model.io import load_model
 from cryovae.model.losses import reconstruction_error, wedge_mask
-from cryovae.train import autocast, choose_device
+from cryovae.train import autocast
 
 
 def _check_compatible(data: ParticleData, meta: dict, model_path: Path, split_dir: Path) -> None:
