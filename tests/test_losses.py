@@ -72,10 +72,10 @@ def test_wedge_mask_geometry():
     assert mask[3, 2, 3] and mask[-3, 1, 3]   # 45 degrees either side: measured
     assert not mask[6, 0, 2]                  # atan(6/2) = 71.6 degrees: missing
     assert not mask[-6, 0, 2]
-    # an asymmetric range is not symmetric in kz: a tilt theta images along (sin theta, 0, cos theta),
-    # so it samples the direction (kx, kz) = (cos theta, -sin theta)
+    # an asymmetric range is not symmetric in kz: a tilt theta images along (-sin theta, 0, cos theta)
+    # (cryovae.ctf's tilt geometry), so it samples the direction (kx, kz) = (cos theta, sin theta)
     tilted = wedge_mask((n, n, n), (-30.0, 60.0))
-    assert tilted[-3, 0, 3] and not tilted[3, 0, 3]
+    assert tilted[3, 0, 3] and not tilted[-3, 0, 3]
 
 
 def test_masked_error_ignores_content_in_the_missing_wedge():

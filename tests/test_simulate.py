@@ -249,15 +249,32 @@ def test_missing_wedge_has_no_fourier_power():
 
 
 def test_wedge_geometry():
-    """atan2(-kz, kx) in the tilt range is sampled: ±60° keeps |kz| <= tan 60° |kx|."""
+    """atan2(kz, kx) in the tilt range is sampled: ±60° keeps |kz| <= tan 60° |kx|."""
     mask = missing_wedge_mask(16, (-60.0, 60.0)).numpy()  # (kz, ky, kx) rfft layout
     assert mask[0, 3, 0] and mask[0, 0, 1] and mask[1, 0, 1]  # ky axis, kx axis, 45°
     assert not mask[5, 0, 0] and not mask[2, 4, 1]  # kz axis, 63° off kx
     asym = missing_wedge_mask(16, (-30.0, 60.0)).numpy()
-    assert asym[-1, 0, 1]  # kz = -1, kx = 1: +45°
-    assert not asym[1, 0, 1]  # kz = +1, kx = 1: -45°
+    assert asym[1, 0, 1]  # kz = +1, kx = 1: +45°
+    assert not asym[-1, 0, 1]  # kz = -1, kx = 1: -45°
     full = missing_wedge_mask(16, (-90.0, 90.0)).numpy()
     assert full.all()
+
+
+def test_tilt_geometry_beam_and_defocus_gradient():
+    """The beam at +30° is (-sin 30°, 0, cos 30°); at a positive tilt the +x side is more underfocused."""
+    from cryovae.ctf import defocus_offset_angstrom, tilt_rotations_xyz
+
+    rotations = tilt_rotations_xyz([0.0, 30.0])
+    np.testing.assert_allclose(rotations[0], np.eye(3), atol=1e-12)
+    np.testing.assert_allclose(rotations[1, 2], [-0.5, 0.0, np.sqrt(3) / 2], atol=1e-12)
+    np.testing.assert_allclose(rotations @ rotations.transpose(0, 2, 1), np.broadcast_to(np.eye(3), (2, 3, 3)),
+                               atol=1e-12)
+    offsets = defocus_offset_angstrom(np.array([[1000.0, 0, 0], [0, 500.0, 0], [0, 0, 200.0]]), [0.0, 30.0])
+    np.testing.assert_allclose(offsets, [[0.0, 500.0], [0.0, 0.0], [-200.0, -200.0 * np.sqrt(3) / 2]], atol=1e-9)
+    # the central plane a tilt samples is normal to its beam: the wedge holds the image x axis
+    mask = missing_wedge_mask(32, (29.0, 31.0)).numpy()
+    kx, kz = 8 * np.cos(np.deg2rad(30)), 8 * np.sin(np.deg2rad(30))
+    assert mask[int(round(kz)), 0, int(round(kx))] and not mask[-int(round(kz)), 0, int(round(kx))]
 
 
 def test_ctf_matches_torch_ctf_1d_and_is_positive_at_low_frequency():

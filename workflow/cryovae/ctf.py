@@ -20,10 +20,19 @@ RELION expects particles) stays white.  It ignores the
 defocus gradient across tilts and the per-tilt dose (a real subtomogram's CTF is a sum
 over the tilt series).
 
-Missing wedge: a tilt ``theta`` about Y images the specimen along (sin theta, 0,
-cos theta) and samples the central Fourier plane normal to it; a single-axis tilt series
-over [min, max] samples the (kx, kz) directions whose angle ``atan2(-kz, kx)`` (folded
-into (-90, 90]) lies in that range.  Everything else (a double wedge about kz) is zero.
+Tilt geometry (the one definition; the tomogram simulator, the acquisition metadata and
+the wedge all use it): a tilt ``theta`` about Y images the specimen along the beam
+direction ``b = (-sin theta, 0, cos theta)`` (x, y, z in the tomogram), and the image x axis
+is ``(cos theta, 0, sin theta)``: :func:`tilt_rotations_xyz` maps tomogram coordinates to
+(image x, y, height along the beam).  The beam travels towards +height and the focal plane
+lies downstream of the specimen, so a point ``h`` Å further along the beam than the tilt axis
+is ``h`` Å *less* underfocused (:func:`defocus_offset_angstrom` = ``-h``): at a positive tilt
+the +x side of the specimen is the more underfocused one, as IMOD and Warp define it.
+
+Missing wedge: tilt ``theta`` samples the central Fourier plane normal to ``b``, which holds
+the (kx, kz) direction ``(cos theta, sin theta)``; a single-axis tilt series over [min, max]
+samples the (kx, kz) directions whose angle ``atan2(kz, kx)`` (folded into (-90, 90]) lies in
+that range.  Everything else (a double wedge about kz) is zero.
 """
 
 from __future__ import annotations
@@ -99,6 +108,30 @@ def ctf_3d(
     return torch.from_numpy(gathered).to(defocus.device)
 
 
+def tilt_rotations_xyz(tilt_deg) -> np.ndarray:
+    """Matrices (n, 3, 3), float64, that map tomogram (x, y, z) to (image x, y, height along the beam).
+
+    Rows: image x = (cos t, 0, sin t), y, beam = (-sin t, 0, cos t); see the module docstring.
+    """
+    theta = np.deg2rad(np.atleast_1d(np.asarray(tilt_deg, dtype=np.float64)))
+    c, s = np.cos(theta), np.sin(theta)
+    zero, one = np.zeros_like(c), np.ones_like(c)
+    return np.stack([np.stack([c, zero, s], -1), np.stack([zero, one, zero], -1),
+                     np.stack([-s, zero, c], -1)], axis=-2)
+
+
+def defocus_offset_angstrom(coords_xyz_angstrom: np.ndarray, tilt_deg) -> np.ndarray:
+    """Extra underfocus (Å) of points at each tilt: shape (n_points, n_tilts).
+
+    ``coords_xyz_angstrom``: (n_points, 3) relative to the tilt axis at the tomogram's centre
+    (RELION 5's centred coordinates).  The nominal (tilt-axis) defocus plus this is the
+    defocus at the point; positive = more underfocused.
+    """
+    coords = np.asarray(coords_xyz_angstrom, dtype=np.float64).reshape(-1, 3)
+    height = np.einsum("tj,nj->nt", tilt_rotations_xyz(tilt_deg)[:, 2, :], coords)
+    return -height
+
+
 def wedge_sampled(box: int, tilt_range_deg: tuple[float, float]) -> np.ndarray:
     """Boolean (box, box, box//2+1): True where a tilt series over ``tilt_range_deg`` about Y samples.
 
@@ -106,7 +139,7 @@ def wedge_sampled(box: int, tilt_range_deg: tuple[float, float]) -> np.ndarray:
     """
     lo, hi = float(tilt_range_deg[0]), float(tilt_range_deg[1])
     kz, _, kx = _rfft_frequencies(box)
-    angle = np.rad2deg(np.arctan2(-kz, kx))  # (-180, 180]
+    angle = np.rad2deg(np.arctan2(kz, kx))  # (-180, 180]
     angle = np.where(angle > 90.0, angle - 180.0, angle)
     angle = np.where(angle <= -90.0, angle + 180.0, angle)  # folded into (-90, 90]
     sampled = (angle >= lo - 1e-9) & (angle <= hi + 1e-9)

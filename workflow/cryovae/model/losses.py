@@ -58,7 +58,7 @@ def wedge_mask(spatial_shape: tuple[int, ...], tilt_range_deg: tuple[float, floa
     """Fourier components a tilt series measures, in ``torch.fft.rfftn`` layout: bool (D, H, W//2+1).
 
     The simulation's own mask (:func:`cryovae.ctf.missing_wedge_mask`: tilt about Y, beam
-    along Z, a tilt theta images along (sin theta, 0, cos theta)), so that the loss ignores
+    along Z, a tilt theta images along (-sin theta, 0, cos theta)), so that the loss ignores
     exactly what the simulated particles lack.  Cubic boxes only.
     """
     from cryovae.ctf import missing_wedge_mask
