@@ -72,12 +72,17 @@ def _write_coords(folder: Path, fmt: str, pixel=PIXEL, table=None) -> Path:
     return path
 
 
+# what an acquisition file would give (these tests use none)
+MICROSCOPE = {"tilt_range_deg": [-60.0, 60.0], "voltage_kv": 300.0, "spherical_aberration_mm": 2.7,
+              "amplitude_contrast": 0.07, "defocus_um": 3.0}
+
+
 def _config(tomo: Path, coords: Path, pixel_size_angstrom: float = PIXEL, **extraction):
     return validate_config({
         "structures": {"a": "demo:a", "b": "demo:b"},
         "box_size": BOX,
         "pixel_size_angstrom": pixel_size_angstrom,
-        "extraction": {"tomograms": {"TS_01": {"tomogram": str(tomo), "coordinates": str(coords)}},
+        "extraction": {"tomograms": {"TS_01": {"tomogram": str(tomo), "coordinates": str(coords), **MICROSCOPE}},
                        "normalise": False, **extraction},
     })
 
@@ -182,7 +187,8 @@ def test_several_shards_and_normalisation(tmp_path, tomogram):
     out = tmp_path / "out"
     config = _config(tomo, _write_coords(tmp_path, "relion4"), particles_per_shard=4, normalise=True)
     extract_tomogram(config, "TS_01", out)
-    assert sorted(p.name for p in out.iterdir()) == ["particles.star", "shard_000.npy", "shard_001.npy"]
+    assert sorted(p.name for p in out.iterdir()) == ["acquisition.star", "particles.star", "shard_000.npy",
+                                                     "shard_001.npy"]
     assert np.load(out / "shard_000.npy").shape == (4, BOX, BOX, BOX)
     assert np.load(out / "shard_001.npy").shape == (2, BOX, BOX, BOX)
     subtomos = SubtomogramSet.open(out)
@@ -204,7 +210,7 @@ def test_rerun_replaces_previous_output(tmp_path, tomogram):
     extract_tomogram(_config(tomo, _write_coords(tmp_path, "relion4"), particles_per_shard=2), "TS_01", out)
     assert (out / "shard_002.npy").exists()
     extract_tomogram(_config(tomo, _write_coords(tmp_path, "relion4"), particles_per_shard=8), "TS_01", out)
-    assert sorted(p.name for p in out.iterdir()) == ["particles.star", "shard_000.npy"]
+    assert sorted(p.name for p in out.iterdir()) == ["acquisition.star", "particles.star", "shard_000.npy"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["coords_relion4.star", "out"]
 
 

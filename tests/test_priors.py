@@ -29,7 +29,10 @@ def _config(tmp_path, fmt):
     return validate_config({
         "structures": {"a": "demo:globule_a", "b": "demo:rod_a"}, "box_size": 16, "output_dir": str(tmp_path),
         "extraction": {"tomograms": {"ts01": {"tomogram": str(tmp_path / "ts01.mrc"),
-                                               "coordinates": str(tmp_path / "ts01.csv")}}},
+                                               "coordinates": str(tmp_path / "ts01.csv"),
+                                               "tilt_range_deg": [-60.0, 60.0], "voltage_kv": 300.0,
+                                               "spherical_aberration_mm": 2.7, "amplitude_contrast": 0.07,
+                                               "defocus_um": 3.0}}},
         "priors": {"format": fmt},
     })
 

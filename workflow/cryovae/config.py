@@ -143,6 +143,33 @@ class TomogramInput(_Section):
     pixel_size_angstrom: float | None = Field(
         None, gt=0, description="Tomogram pixel size; null: from the MRC header."
     )
+    acquisition: str | None = Field(
+        None, description="Tilt angles and per-tilt defocus and dose: an IMOD .tlt, a SerialEM .mdoc or a "
+        "RELION 5 tomograms.star; null: tilt_range_deg stands for a tilt every 3 degrees with no dose."
+    )
+    tilt_range_deg: tuple[float, float] | None = Field(
+        None, description="Tilt range about Y when there is no acquisition file (one of the two is required)."
+    )
+    voltage_kv: float | None = Field(None, gt=0, description="Acceleration voltage (kV) if the file gives none.")
+    spherical_aberration_mm: float | None = Field(
+        None, ge=0, description="Spherical aberration (mm) if the file gives none."
+    )
+    amplitude_contrast: float | None = Field(
+        None, ge=0, lt=1, description="Amplitude contrast fraction if the file gives none."
+    )
+    defocus_um: float | None = Field(
+        None, gt=0, description="Underfocus at the tilt axis (µm), every tilt, if the file gives none."
+    )
+    invert_contrast: bool = Field(
+        False, description="Multiply the cut boxes by -1 (dark protein, as most tomograms are, to white)."
+    )
+
+    @field_validator("tilt_range_deg")
+    @classmethod
+    def _tilt_order(cls, v):
+        if v is not None and not (-90 <= v[0] < v[1] <= 90):
+            raise ValueError("expected [min, max] with -90 <= min < max <= 90")
+        return v
 
 
 class ExtractionConfig(_Section):
@@ -151,7 +178,10 @@ class ExtractionConfig(_Section):
     tomograms: dict[str, TomogramInput] = Field(
         default_factory=dict, description="Tomogram name -> tomogram and coordinates; empty: none."
     )
-    binning: int = Field(1, ge=1, description="Bin the tomogram by this integer factor before cutting.")
+    binning: int | Literal["auto"] = Field(
+        1, description="Bin the tomogram by this integer factor (>= 1) before cutting; auto: the integer "
+        "nearest pixel_size_angstrom / the tomogram's pixel size (checked to be exact)."
+    )
     out_of_bounds: Literal["pad", "skip"] = Field(
         "pad", description="Particles whose box leaves the tomogram are padded (mean value) or skipped."
     )
@@ -160,6 +190,13 @@ class ExtractionConfig(_Section):
     )
     normalise: bool = Field(True, description="Zero mean, unit variance per particle.")
     particles_per_shard: int = Field(512, ge=1, description="Particles per shard file.")
+
+    @field_validator("binning")
+    @classmethod
+    def _binning(cls, v):
+        if v != "auto" and v < 1:
+            raise ValueError(f"expected an integer >= 1 or auto, got {v}")
+        return v
 
     @field_validator("tomograms")
     @classmethod
@@ -422,6 +459,8 @@ def _local_inputs(config: Config) -> list[tuple[str, str]]:
     for name, tomo in config.extraction.tomograms.items():
         named += [(f"extraction.tomograms.{name}.tomogram", tomo.tomogram),
                   (f"extraction.tomograms.{name}.coordinates", tomo.coordinates)]
+        if tomo.acquisition is not None:
+            named.append((f"extraction.tomograms.{name}.acquisition", tomo.acquisition))
     return named
 
 

@@ -14,7 +14,18 @@ Box geometry (``B`` = ``config.box_size``, ``b`` = ``config.extraction.binning``
   written per particle as ``cryovaeExtractionShiftX/Y/ZAngst`` (Å); it is 0 for b = 1 and
   integer coordinates, and -0.5 px for b = 2 and integer coordinates.  (A RELION particle
   centred at X in this box would carry ``rlnOrigin = -(X - C)`` in Å.)
-- The subtomogram pixel size is the tomogram's times b.
+- The subtomogram pixel size is the tomogram's times b.  ``extraction.binning: auto`` takes b as
+  the integer nearest the workflow's pixel size over the tomogram's (and checks it is exact).
+
+Acquisition metadata (:mod:`cryovae.acquisition`, from the tomogram's ``acquisition`` file or
+its ``tilt_range_deg`` and microscope keys) travels with the particles: the optics get
+``rlnVoltage``, ``rlnSphericalAberration``, ``rlnAmplitudeContrast``; every particle its
+``rlnCenteredCoordinateX/Y/ZAngst`` (RELION 5: (pixel - size/2) x tomogram pixel size),
+``rlnDefocusU/V/Angle`` (Å: the defocus at the particle at the tilt nearest 0, from
+:func:`cryovae.ctf.defocus_offset_angstrom`), ``cryovaeTiltMinDeg/MaxDeg`` and
+``cryovaeInvertContrast``; and ``acquisition.star`` (:func:`cryovae.acquisition.write_acquisition_star`)
+holds the per-tilt table, so that matching and export compute each particle's own 3D CTF.
+``invert_contrast: true`` multiplies every cut box by -1.
 
 The whole output folder is built in a temporary folder beside it and renamed into place,
 so a failed run leaves no ``particles.star`` and no shards.
@@ -34,7 +45,9 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from cryovae.acquisition import ACQUISITION_STAR, Acquisition, tomogram_acquisition, write_acquisition_star
 from cryovae.atomic import atomic_dir, atomic_path
+from cryovae.ctf import particle_defocus_um
 from cryovae.errors import InputError
 from cryovae.star import COORD_COLUMNS, read_coordinates, star_pixel_size_angstrom, write_star_blocks
 
@@ -128,6 +141,14 @@ def check_workflow_pixel_size(tomogram_px: float, binning: int, workflow_px: flo
         f"{binning} = {extracted:g} Å, but the workflow's maps and model are at pixel_size_angstrom "
         f"{workflow_px:g} Å; {fix}"
     )
+
+
+def resolve_binning(binning: int | str, tomogram_px: float, workflow_px: float) -> int:
+    """``extraction.binning``, with ``auto`` the integer nearest workflow / tomogram pixel size (>= 1);
+    :func:`check_workflow_pixel_size` then says whether it is exact."""
+    if binning != "auto":
+        return int(binning)
+    return max(1, int(round(workflow_px / tomogram_px)))
 
 
 def tomogram_mean(data: np.ndarray, target_voxels: int = 2_000_000) -> float:
@@ -293,6 +314,25 @@ def _cut_boxes(data, plan: _Plan, indices: range, binning: int, fill: float, nor
 # ----------------------------------------------------------------------------- output
 
 
+def centred_coordinates_angstrom(coords_xyz_px: np.ndarray, shape_xyz, pixel_size_angstrom: float) -> np.ndarray:
+    """RELION 5's centred coordinates (n, 3) Å: (pixel - size / 2) x pixel size."""
+    return (np.asarray(coords_xyz_px, dtype=np.float64) - np.asarray(shape_xyz, dtype=np.float64) / 2.0) \
+        * pixel_size_angstrom
+
+
+def acquisition_columns(acq: Acquisition, centred_xyz_angstrom: np.ndarray, invert_contrast: bool) -> dict:
+    """Per-particle acquisition columns (see the module docstring), each (n,)."""
+    zero = int(np.argmin(np.abs(acq.tilt_deg)))
+    defocus_angstrom = particle_defocus_um(acq.defocus_um, acq.tilt_deg, centred_xyz_angstrom)[:, zero] * 1e4
+    lo, hi = acq.tilt_range_deg
+    n = len(centred_xyz_angstrom)
+    columns = {f"rlnCenteredCoordinate{a}Angst": centred_xyz_angstrom[:, k] for k, a in enumerate("XYZ")}
+    columns.update({"rlnDefocusU": defocus_angstrom, "rlnDefocusV": defocus_angstrom, "rlnDefocusAngle": np.zeros(n),
+                    "cryovaeTiltMinDeg": np.full(n, lo), "cryovaeTiltMaxDeg": np.full(n, hi),
+                    "cryovaeInvertContrast": np.full(n, int(invert_contrast))})
+    return columns
+
+
 def _particles_table(table: pd.DataFrame, plan: _Plan, tomogram: str, per_shard: int,
                      pixel_size_angstrom: float) -> pd.DataFrame:
     rows = table.iloc[plan.rows]
@@ -312,7 +352,7 @@ def _particles_table(table: pd.DataFrame, plan: _Plan, tomogram: str, per_shard:
     return out
 
 
-def _optics_table(pixel_size_angstrom: float, binning: int, box_size: int) -> pd.DataFrame:
+def _optics_table(pixel_size_angstrom: float, binning: int, box_size: int, acq: Acquisition) -> pd.DataFrame:
     return pd.DataFrame([{
         "rlnOpticsGroup": 1,
         "rlnTomoTiltSeriesPixelSize": pixel_size_angstrom,
@@ -320,6 +360,9 @@ def _optics_table(pixel_size_angstrom: float, binning: int, box_size: int) -> pd
         "rlnImagePixelSize": pixel_size_angstrom * binning,
         "rlnImageSize": box_size,
         "rlnImageDimensionality": 3,
+        "rlnVoltage": acq.voltage_kv,
+        "rlnSphericalAberration": acq.spherical_aberration_mm,
+        "rlnAmplitudeContrast": acq.amplitude_contrast,
     }])
 
 
@@ -334,9 +377,13 @@ class _Job:
     tomo_path: Path
     coords_path: Path
     pixel_size_angstrom: float
+    binning: int
     table: pd.DataFrame
     plan: _Plan
     fill: float
+    acquisition: Acquisition
+    shape_xyz: tuple[int, int, int]
+    invert_contrast: bool
 
 
 def _prepare(config, tomogram: str, mrc) -> _Job:
@@ -349,16 +396,18 @@ def _prepare(config, tomogram: str, mrc) -> _Job:
         spec.pixel_size_angstrom, header_pixel_size_angstrom(mrc, tomo_path),
         star_pixel_size_angstrom(coords_path), ext.trust_pixel_size, tomo_path, coords_path, tomogram,
     )
-    check_workflow_pixel_size(pixel, ext.binning, config.pixel_size_angstrom, tomo_path, tomogram)
+    binning = resolve_binning(ext.binning, pixel, config.pixel_size_angstrom)
+    check_workflow_pixel_size(pixel, binning, config.pixel_size_angstrom, tomo_path, tomogram)
+    acquisition = tomogram_acquisition(spec, tomogram)
     table = select_tomogram(read_coordinates(coords_path, shape_xyz, pixel, tomogram), tomogram, coords_path)
     if len(table) == 0:
         raise InputError(f"{coords_path}: no particles for tomogram {tomogram!r}")
     coords = table[list(COORD_COLUMNS)].to_numpy(dtype=np.float64)
     check_inside_tomogram(coords, shape_xyz, coords_path, tomo_path)
-    plan = _plan(coords, shape_xyz, config.box_size, ext.binning, ext.out_of_bounds)
+    plan = _plan(coords, shape_xyz, config.box_size, binning, ext.out_of_bounds)
     if len(plan.rows) == 0:
         raise InputError(
-            f"{coords_path}: all {len(coords)} boxes of {config.box_size * ext.binning} px leave tomogram "
+            f"{coords_path}: all {len(coords)} boxes of {config.box_size * binning} px leave tomogram "
             f"{tomo_path}; set extraction.out_of_bounds: pad to keep them"
         )
     fill = 0.0
@@ -366,7 +415,8 @@ def _prepare(config, tomogram: str, mrc) -> _Job:
         fill = tomogram_mean(mrc.data)
         if not np.isfinite(fill):
             raise InputError(f"{tomo_path}: the tomogram contains NaN or infinite values")
-    return _Job(tomogram, tomo_path, coords_path, pixel, table, plan, fill)
+    return _Job(tomogram, tomo_path, coords_path, pixel, binning, table, plan, fill, acquisition, shape_xyz,
+                spec.invert_contrast)
 
 
 def _write_output(config, job: _Job, data, output_dir: Path) -> tuple[int, int]:
@@ -375,18 +425,25 @@ def _write_output(config, job: _Job, data, output_dir: Path) -> tuple[int, int]:
     per_shard, n_rows, n_constant = ext.particles_per_shard, len(job.plan.rows), 0
     n_shards = int(np.ceil(n_rows / per_shard))
     particles = _particles_table(job.table, job.plan, job.tomogram, per_shard, job.pixel_size_angstrom)
+    centred = centred_coordinates_angstrom(particles[["rlnCoordinateX", "rlnCoordinateY", "rlnCoordinateZ"]]
+                                           .to_numpy(np.float64), job.shape_xyz, job.pixel_size_angstrom)
+    for name, values in acquisition_columns(job.acquisition, centred, job.invert_contrast).items():
+        particles[name] = values
     with atomic_dir(output_dir) as tmp, tqdm(total=n_rows, desc=f"extract {job.tomogram}", unit="particle",
                                               disable=None, leave=False) as progress:
         buffer = np.empty((min(per_shard, n_rows), box, box, box), dtype=np.float32)
         for k in range(n_shards):
             indices = range(k * per_shard, min((k + 1) * per_shard, n_rows))
-            n_constant += _cut_boxes(data, job.plan, indices, ext.binning, job.fill, ext.normalise,
+            n_constant += _cut_boxes(data, job.plan, indices, job.binning, job.fill, ext.normalise,
                                      (job.coords_path, job.tomo_path), buffer, progress)
+            if job.invert_contrast:
+                np.negative(buffer[: len(indices)], out=buffer[: len(indices)])
             with atomic_path(tmp / f"shard_{k:03d}.npy") as shard_tmp:
                 np.save(shard_tmp, buffer[: len(indices)])
         # the shards.py layout, written without a timestamp (same config, same bytes)
-        optics = _optics_table(job.pixel_size_angstrom, ext.binning, box)
+        optics = _optics_table(job.pixel_size_angstrom, job.binning, box, job.acquisition)
         write_star_blocks({"optics": optics, "particles": particles}, tmp / "particles.star")
+        write_acquisition_star({job.tomogram: job.acquisition}, tmp / ACQUISITION_STAR)
     return n_shards, n_constant
 
 
@@ -407,7 +464,7 @@ def extract_tomogram(config, tomogram: str, output_dir: Path) -> None:
         n_shards, n_constant = _write_output(config, job, mrc.data, Path(output_dir))
     action = f"padded with {job.fill:.4g}" if ext.out_of_bounds == "pad" else "skipped"
     log.info("%s: %d particles in %d shard(s) of %d px at %.4g Å/px; %d box(es) left the tomogram (%s)",
-             tomogram, len(job.plan.rows), n_shards, config.box_size, job.pixel_size_angstrom * ext.binning,
+             tomogram, len(job.plan.rows), n_shards, config.box_size, job.pixel_size_angstrom * job.binning,
              job.plan.n_outside, action)
     if n_constant:
         log.warning("%s: %d constant box(es) could not be normalised (mean removed only)", tomogram, n_constant)

@@ -106,7 +106,9 @@ def _coordinates(config: Config, split: SubtomogramSet, table: pd.DataFrame):
     """(tomo names, x/y/z pixels, tomogram shapes, tilt-series pixel size, image names or None)."""
     if "rlnTomoName" in table.columns:
         xyz = table[["rlnCoordinateX", "rlnCoordinateY", "rlnCoordinateZ"]].to_numpy(np.float64)
-        tomo_px = split.pixel_size_angstrom / config.extraction.binning
+        optics = split.optics
+        tomo_px = (float(optics["rlnTomoTiltSeriesPixelSize"].iloc[0]) if "rlnTomoTiltSeriesPixelSize" in optics
+                   else split.pixel_size_angstrom / config.extraction.binning)
         return table["rlnTomoName"].astype(str), xyz, _tomogram_shapes(config, table["rlnTomoName"]), tomo_px, None
     images = _export_images(config, split.folder.name, table["cryovaeParticleId"])
     box = config.box_size
