@@ -338,3 +338,15 @@ def read_split_acquisitions(split_dir: str | Path) -> dict[str, Acquisition] | N
     blocks = _star_blocks(path)
     names = blocks["global"]["rlnTomoName"].astype(str) if "global" in blocks else []
     return {name: read_relion5_tomograms(path, name) for name in names}
+
+
+def split_tilt_range_deg(particles: pd.DataFrame) -> tuple[float, float] | None:
+    """The tilt range extraction wrote with a split's particles (``cryovaeTiltMin/MaxDeg``); None
+    without those columns.  Several tomograms: the range they all sample."""
+    if "cryovaeTiltMinDeg" not in particles.columns or "cryovaeTiltMaxDeg" not in particles.columns:
+        return None
+    lo, hi = particles["cryovaeTiltMinDeg"].to_numpy(np.float64), particles["cryovaeTiltMaxDeg"].to_numpy(np.float64)
+    if np.ptp(lo) > 0 or np.ptp(hi) > 0:
+        log.info("particles come from tilt series with ranges %g..%g to %g..%g; wedge of [%g, %g]",
+                 lo.min(), lo.max(), hi.min(), hi.max(), lo.max(), hi.min())
+    return float(lo.max()), float(hi.min())

@@ -9,7 +9,8 @@ The output ``.npz`` (written atomically) holds, one row per particle in STAR ord
   model's canonical frame; ``align`` relates it to each class's reference map);
 - ``origin_angstrom`` (n, 3) float64: rlnOriginX/Y/ZAngst of the predicted shift;
 - ``recon_error`` (n,) float32: per-particle reconstruction error of the mean latent in the
-  predicted pose, the training reconstruction loss (wedge-masked when the config says so).
+  predicted pose, the training reconstruction loss (wedge-masked when the config says so: by
+  the split's own tilt range for extracted particles, the simulation's otherwise).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from cryovae.acquisition import split_tilt_range_deg
 from cryovae.atomic import atomic_path
 from cryovae.config import Config
 from cryovae.devices import choose_device
@@ -48,9 +50,9 @@ def encode_split(config: Config, model_path: Path, split_dir: Path) -> dict[str,
     model, meta = load_model(model_path, device)
     data = ParticleData.open(split_dir, meta["class_names"], require_known=False)
     _check_compatible(data, meta, Path(model_path), Path(split_dir))
-    use_wedge = (config.training.wedge_masked_loss and config.simulation.tilt_range_deg is not None
-                 and len(data.spatial_shape) == 3)
-    mask = wedge_mask(data.spatial_shape, config.simulation.tilt_range_deg).to(device) if use_wedge else None
+    tilt = split_tilt_range_deg(data.source.particles) or config.simulation.tilt_range_deg  # extracted: its own
+    use_wedge = config.training.wedge_masked_loss and tilt is not None and len(data.spatial_shape) == 3
+    mask = wedge_mask(data.spatial_shape, tilt).to(device) if use_wedge else None
     batches = [np.arange(i, min(i + config.training.batch_size, len(data)))
                for i in range(0, len(data), config.training.batch_size)]
     parts: dict[str, list[np.ndarray]] = {k: [] for k in

@@ -5,9 +5,11 @@ back-projects the particles with their poses; on simulated data it gives back th
 map, which is how the pose convention of the whole project is checked with RELION itself.
 
 Particles with a CTF (``rlnDefocusU``) or a missing wedge also get RELION's 3D CTF model,
-``ctf/{particle id}.mrc`` named in ``rlnCtfImage``: the CTF of :func:`cryovae.ctf.ctf_3d`
-times the wedge, on the half-spectrum grid RELION reads (nx = box // 2 + 1, frequency 0
-first), so that ``--ctf`` corrects both.
+``ctf/{particle id}.mrc`` named in ``rlnCtfImage``: for extracted particles with an
+``acquisition.star`` the particle's own per-tilt 3D CTF (:func:`cryovae.ctf.per_tilt_ctf_3d`:
+defocus gradient, dose, wedge), else the CTF of :func:`cryovae.ctf.ctf_3d` times the wedge;
+on the half-spectrum grid RELION reads (nx = box // 2 + 1, frequency 0 first), so that
+``--ctf`` corrects both.
 """
 
 from __future__ import annotations
@@ -82,12 +84,17 @@ def optics_for_export(config, optics: pd.DataFrame, box: int, pixel_size_angstro
     }
 
 
-def ctf_models(acquisition, rows: np.ndarray, box: int, pixel_size_angstrom: float) -> np.ndarray:
+def ctf_models(acquisition, rows: np.ndarray, box: int, pixel_size_angstrom: float, per_tilt=None) -> np.ndarray:
     """RELION 3D CTF models of ``rows``: (n, box, box, box // 2 + 1) float32, CTF × wedge.
 
     ``acquisition`` is a split's (tilt range, defocus µm per particle, optics) as template
     matching applies them (:func:`cryovae.match.split_wedge_and_ctf`); either may be None.
+    ``per_tilt``: the split's per-particle CTFs (:func:`cryovae.match.split_particle_ctfs`),
+    used instead when given.
     """
+    if per_tilt is not None:
+        source, names, centred = per_tilt
+        return source(names[rows], centred[rows]).numpy().astype(np.float32)
     tilt, defocus_um, optics = acquisition
     weights = torch.ones((len(rows), box, box, box // 2 + 1))
     if defocus_um is not None:
@@ -114,16 +121,17 @@ def export_relion3(config, split_dir: Path, output_dir: Path) -> None:
         raise InputError(f"{split_dir}/particles.star: duplicate particle id {ids[ids.duplicated()].iloc[0]!r}")
     names = [f"subtomograms/{pid}.mrc" for pid in ids]
     ctf_names = [f"ctf/{pid}.mrc" for pid in ids]
-    from cryovae.match import split_wedge_and_ctf
+    from cryovae.match import split_particle_ctfs, split_wedge_and_ctf
 
     acquisition = split_wedge_and_ctf(config, data)
-    has_ctf = acquisition[0] is not None or acquisition[1] is not None  # a wedge, a CTF or both
+    per_tilt = split_particle_ctfs(data)
+    has_ctf = acquisition[0] is not None or acquisition[1] is not None or per_tilt is not None
     box = None
     for start in tqdm(range(0, len(data), EXPORT_CHUNK), desc=f"export {split_dir.name}", unit="chunk"):
         idx = np.arange(start, min(len(data), start + EXPORT_CHUNK))
         volumes = data.volumes(idx)
         box = volumes.shape[-1]
-        models = ctf_models(acquisition, idx, box, pixel) if has_ctf else None
+        models = ctf_models(acquisition, idx, box, pixel, per_tilt) if has_ctf else None
         for k, (i, volume) in enumerate(zip(idx, volumes)):
             write_map(volume, pixel, output_dir / names[i])
             if has_ctf:

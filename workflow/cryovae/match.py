@@ -33,12 +33,14 @@ from pathlib import Path
 
 import mrcfile
 import numpy as np
+import pandas as pd
 import torch
 from tqdm import tqdm
 
 from cryovae.atomic import atomic_path
 from cryovae.config import Config
-from cryovae.ctf import ctf_3d, missing_wedge_mask
+from cryovae.acquisition import read_split_acquisitions, split_tilt_range_deg
+from cryovae.ctf import ParticleCtfs, ctf_3d, missing_wedge_mask
 from cryovae.devices import choose_device
 from cryovae.errors import InputError
 from cryovae.rotations import local_deltas, refine_rotations, so3_grid
@@ -55,11 +57,14 @@ def split_wedge_and_ctf(config: Config, data: SubtomogramSet):
     """(tilt range or None, defocus in µm per particle or None, optics (kV, Cs mm, Q0)).
 
     Simulated particles have the simulation's wedge; extracted ones (they name their
-    tomogram) that of ``matching.tilt_range_deg``.
+    tomogram) the tilt range extraction wrote with them, else ``matching.tilt_range_deg``.
+    Extracted splits with an ``acquisition.star`` have a per-tilt 3D CTF instead of the
+    isotropic one (:func:`split_particle_ctfs`).
     """
     sim = config.simulation
     is_simulated = "rlnTomoName" not in data.particles.columns
-    tilt = sim.tilt_range_deg if is_simulated else config.matching.tilt_range_deg
+    tilt = sim.tilt_range_deg if is_simulated else (split_tilt_range_deg(data.particles)
+                                                    or config.matching.tilt_range_deg)
     table, optics = data.particles, data.optics
     if "rlnDefocusU" not in table.columns or (is_simulated and not sim.ctf):
         return tilt, None, None
@@ -72,6 +77,52 @@ def split_wedge_and_ctf(config: Config, data: SubtomogramSet):
     q0 = optic("rlnAmplitudeContrast", sim.amplitude_contrast)
     defocus_um = table["rlnDefocusU"].to_numpy(np.float64) / 1e4
     return tilt, defocus_um, (kv, cs, q0)
+
+
+CENTRED_COLUMNS = ("rlnCenteredCoordinateXAngst", "rlnCenteredCoordinateYAngst", "rlnCenteredCoordinateZAngst")
+
+
+def split_particle_ctfs(data: SubtomogramSet) -> tuple[ParticleCtfs, np.ndarray, np.ndarray] | None:
+    """Each extracted particle's own 3D CTF (:class:`cryovae.ctf.ParticleCtfs`) with the particles'
+    tomogram names (n,) and centred coordinates (n, 3) Å; None for a split without an
+    ``acquisition.star`` (simulated ones).  ``source(names[rows], coords[rows])`` gives a block's CTFs."""
+    acquisitions = read_split_acquisitions(data.folder)
+    table = data.particles
+    if acquisitions is None or not set(CENTRED_COLUMNS) <= set(table.columns):
+        return None
+    names = table["rlnTomoName"].astype(str).to_numpy()
+    missing = sorted(set(names) - set(acquisitions))
+    if missing:
+        raise InputError(f"{data.folder}/acquisition.star: no acquisition for tomogram(s) {missing[:5]} "
+                         "named in particles.star")
+    source = ParticleCtfs(acquisitions, int(data.optics["rlnImageSize"].iloc[0]), data.pixel_size_angstrom)
+    return source, names, table[list(CENTRED_COLUMNS)].to_numpy(np.float64)
+
+
+def contrast_warnings(scores: np.ndarray, scores_min: np.ndarray, tomograms: np.ndarray) -> list[str]:
+    """Tomograms whose particles correlate negatively with the references: one warning each.
+
+    ``scores``/``scores_min`` (n, C): the most positive / most negative global-search correlation
+    per class (:meth:`Matcher.match`); ``tomograms`` (n,).  A particle's signed best score is its
+    most negative one where that is larger in magnitude than its most positive; a tomogram whose
+    median signed best score is below 0 (most of its particles match a reference better in
+    negative) gets a warning (logged, and returned) saying to set invert_contrast.
+    """
+    best, worst = scores.max(1), scores_min.min(1)
+    signed = np.where(np.abs(worst) > np.abs(best), worst, best)
+    messages = []
+    for name in pd.unique(np.asarray(tomograms).astype(str)):
+        rows = np.asarray(tomograms).astype(str) == name
+        median = float(np.median(signed[rows]))
+        if median < 0:
+            messages.append(
+                f"tomogram {name!r}: its particles correlate negatively with the references (median signed best "
+                f"score {median:.3f}; most positive {best[rows].max():.3f}, most negative {worst[rows].min():.3f}): "
+                f"the protein is dark; set invert_contrast: true in extraction.tomograms.{name}"
+            )
+    for message in messages:
+        log.warning(message)
+    return messages
 
 
 class Matcher:
@@ -153,17 +204,22 @@ class Matcher:
         basis = (sample.T @ vectors / top.sqrt()).float()  # right singular vectors of the sample
         return basis.to(bank.dtype), (bank.float() @ basis).to(bank.dtype)
 
-    def coarse(self, filtered: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """Best normalised correlation (n, C) and grid rotation (n, C, 3, 3) per class."""
+    def coarse(self, filtered: torch.Tensor, with_min: bool = False) -> tuple[np.ndarray, ...]:
+        """Best normalised correlation (n, C) and grid rotation (n, C, 3, 3) per class; with
+        ``with_min`` also the most negative correlation (n, C) per class."""
         small = self.small
         cropped = fourier_crop(filtered, small, keep_nyquist=True)
         p = standardise_volumes(torch.fft.irfftn(cropped, s=(small,) * 3, dim=(1, 2, 3))).to(self.search_dtype)
-        scores, rotations = [], []
+        scores, rotations, lowest = [], [], []
         for c in self.classes:
             basis, rows = self.banks[c]
-            best, where = ((p @ basis) @ rows.T).max(1)
+            correlation = (p @ basis) @ rows.T
+            best, where = correlation.max(1)
             scores.append(best.float().cpu().numpy())
+            lowest.append(correlation.min(1).values.float().cpu().numpy())
             rotations.append(self.grid[where.cpu().numpy()])
+        if with_min:
+            return np.stack(scores, 1), np.stack(rotations, 1), np.stack(lowest, 1)
         return np.stack(scores, 1), np.stack(rotations, 1)
 
     def _template(self, ref: torch.Tensor, rotations: np.ndarray) -> torch.Tensor:
@@ -207,7 +263,8 @@ class Matcher:
         return rotations, d.cpu().numpy(), fit.cpu().numpy()
 
     def match(self, volumes: np.ndarray, ctf: torch.Tensor | None) -> dict[str, np.ndarray]:
-        """One block: scores (n, C) of the global search, rotation (n, C, 3, 3),
+        """One block: scores (n, C) of the global search and scores_min (n, C), its most negative
+        correlations (the contrast check, :func:`contrast_warnings`), rotation (n, C, 3, 3),
         displacement_voxels (n, C, 3), refined (n, C) bool, and fit (n, C): the full-size
         normalised correlation at the refined pose (NaN for classes not refined)."""
         spectra = torch.fft.rfftn(self._tensor(volumes), dim=(1, 2, 3)) * self.wedge
@@ -215,7 +272,7 @@ class Matcher:
         particle_norm = ((self.weights * spectra.abs() ** 2).sum((1, 2, 3)) / self.box**3).sqrt()
         ctf = None if ctf is None else ctf.to(self.device)
         filtered = spectra if ctf is None else spectra * ctf
-        scores, rotations = self.coarse(filtered)
+        scores, rotations, scores_min = self.coarse(filtered, with_min=True)
         n, n_cls = scores.shape
         displacement = np.zeros((n, n_cls, 3))
         refined = np.zeros((n, n_cls), dtype=bool)
@@ -230,7 +287,7 @@ class Matcher:
                     filtered[index], cls, rotations[rows, k], block_ctf, particle_norm[index]
                 )
                 refined[rows, k] = True
-        return {"scores": scores, "rotation": rotations, "displacement_voxels": displacement, "refined": refined,
+        return {"scores": scores, "scores_min": scores_min, "rotation": rotations, "displacement_voxels": displacement, "refined": refined,
                 "fit": fit}
 
 
@@ -254,15 +311,21 @@ def match_split(config: Config, split_dir: Path, maps: list[Path], output: Path)
     torch.set_num_threads(config.matching.threads)
     data = SubtomogramSet.open(split_dir)
     tilt, defocus, optics = split_wedge_and_ctf(config, data)
+    per_tilt = split_particle_ctfs(data)
     matcher = Matcher(config, read_references(config, maps), tilt)
     blocks = []
     for start in tqdm(range(0, len(data), CHUNK), desc=f"match {split_dir.name}", unit="block", mininterval=1.0):
         rows = np.arange(start, min(start + CHUNK, len(data)))
         ctf = None
-        if defocus is not None:
+        if per_tilt is not None:
+            source, names, centred = per_tilt
+            ctf = source(names[rows], centred[rows])
+        elif defocus is not None:
             ctf = ctf_3d(torch.as_tensor(defocus[rows]), config.box_size, data.pixel_size_angstrom, *optics)
         blocks.append(matcher.match(data.volumes(rows), ctf))
     result = {k: np.concatenate([b[k] for b in blocks]) for k in blocks[0]}
+    if "rlnTomoName" in data.particles.columns:
+        contrast_warnings(result["scores"], result["scores_min"], data.particles["rlnTomoName"].astype(str).to_numpy())
     origin = -result.pop("displacement_voxels") * data.pixel_size_angstrom
     with atomic_path(output, suffix=".npz") as tmp:
         with open(tmp, "wb") as fh:
@@ -272,5 +335,5 @@ def match_split(config: Config, split_dir: Path, maps: list[Path], output: Path)
             )
     log.info(
         "match %s: %d particles, %d classes, wedge %s, CTF %s", split_dir.name, len(data), len(matcher.classes),
-        tilt, "per particle" if defocus is not None else "none",
+        tilt, "per tilt, per particle" if per_tilt is not None else ("per particle" if defocus is not None else "none"),
     )

@@ -78,7 +78,7 @@ rule extract:
     input:
         tomogram=lambda wildcards: CFG.extraction.tomograms[wildcards.tomo].tomogram,
         coordinates=lambda wildcards: CFG.extraction.tomograms[wildcards.tomo].coordinates,
-        acquisition=lambda wildcards: [CFG.extraction.tomograms[wildcards.tomo].acquisition or []],
+        acquisition=lambda wildcards: [f for f in [CFG.extraction.tomograms[wildcards.tomo].acquisition] if f],
     output:
         directory(f"{OUT}/extracted/{{tomo}}"),
     params:

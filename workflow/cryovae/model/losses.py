@@ -59,7 +59,8 @@ def wedge_mask(spatial_shape: tuple[int, ...], tilt_range_deg: tuple[float, floa
 
     The simulation's own mask (:func:`cryovae.ctf.missing_wedge_mask`: tilt about Y, beam
     along Z, a tilt theta images along (-sin theta, 0, cos theta)), so that the loss ignores
-    exactly what the simulated particles lack.  Cubic boxes only.
+    exactly what the simulated particles lack; extracted particles pass their own tilt range
+    (:func:`cryovae.acquisition.split_tilt_range_deg`).  Cubic boxes only.
     """
     from cryovae.ctf import missing_wedge_mask
 
