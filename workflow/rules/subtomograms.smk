@@ -78,6 +78,7 @@ rule extract:
     input:
         tomogram=lambda wildcards: CFG.extraction.tomograms[wildcards.tomo].tomogram,
         coordinates=lambda wildcards: CFG.extraction.tomograms[wildcards.tomo].coordinates,
+        truth=lambda wildcards: CFG.extraction.tomograms[wildcards.tomo].truth or [],
     output:
         directory(f"{OUT}/extracted/{{tomo}}"),
     params:
