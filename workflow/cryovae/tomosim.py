@@ -566,4 +566,4 @@ def wedge_filtered(slab_zyx: np.ndarray, tilt_range_deg: tuple[float, float]) ->
     reconstruction can hold): (nz, ny, nx) float32."""
     spectrum = np.fft.rfftn(np.asarray(slab_zyx, dtype=np.float64))
     spectrum *= wedge_sampled_zyx(slab_zyx.shape, tilt_range_deg)
-    return np.fft.irfftn(spectrum, s=slab_zyx.shape).astype(np.float32)
+    return np.fft.irfftn(spectrum, s=slab_zyx.shape, axes=(0, 1, 2)).astype(np.float32)
