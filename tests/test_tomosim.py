@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +9,6 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-
 from cryovae import tomosim
 from cryovae.config import validate_config
 from cryovae.extract import truth_columns
@@ -159,7 +155,6 @@ def test_extraction_takes_the_truth_of_the_nearest_true_particle():
 
 def test_written_files_round_trip(tmp_path):
     import starfile
-
     from cryovae.star import read_coordinates
 
     config = _config(snr=1.0, pick_error_px=1.0)
@@ -189,11 +184,12 @@ def test_workflow_runs_on_a_simulated_tomogram(tmp_path):
                                      "snr": 1.0}
     path = tmp_path / "tiny_tomogram.yaml"
     path.write_text(yaml.safe_dump(config))
-    snakemake = shutil.which("snakemake") or str(Path(sys.executable).with_name("snakemake"))
+    from test_workflow import (
+        snakemake,  # the workflow's snakemake, this environment on PATH
+    )
+
     target = f"{tmp_path}/results/evaluation/sim_00/metrics.json"
-    run = subprocess.run([snakemake, "--cores", "2", "--configfile", str(path), target], cwd=ROOT,
-                         capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-3000:]
+    snakemake(target, "--configfile", str(path))
     metrics = json.loads(Path(target).read_text())
     assert metrics["has_ground_truth"] is True
     assert metrics["n_seen_particles"] + metrics["n_unseen_particles"] == metrics["n_particles"]

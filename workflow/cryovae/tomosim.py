@@ -42,6 +42,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -50,6 +51,9 @@ from cryovae.atomic import write_text_atomic
 from cryovae.ctf import defocus_offset_angstrom, tilt_rotations_xyz, wedge_sampled_zyx
 from cryovae.errors import InputError
 from cryovae.rotations import matrix_to_relion_euler, random_rotations
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -259,7 +263,7 @@ def dose_symmetric_order(tilts_deg: np.ndarray, group: int = 2) -> np.ndarray:
     return order
 
 
-def _normalised(index: "torch.Tensor", n: int) -> "torch.Tensor":  # noqa: F821
+def _normalised(index: torch.Tensor, n: int) -> torch.Tensor:
     """Pixel index -> grid_sample coordinate (align_corners=True)."""
     return 2.0 * index / (n - 1) - 1.0
 
