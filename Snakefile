@@ -24,6 +24,7 @@ wildcard_constraints:
     split="|".join(SIM_SPLITS + TOMOGRAMS),
     simsplit="|".join(SIM_SPLITS),
     tomo="|".join(TOMOGRAMS) if TOMOGRAMS else "(?!)",
+    simtomo="|".join(SIM_TOMOGRAMS) if SIM_TOMOGRAMS else "(?!)",
     shard=r"shard_\d\d\d+",  # shard_{k:03d}: a split may have a thousand shards or more
 
 
@@ -34,6 +35,7 @@ report: "workflow/report/workflow.rst"
 
 include: "workflow/rules/structures.smk"
 include: "workflow/rules/subtomograms.smk"
+include: "workflow/rules/tomograms.smk"
 include: "workflow/rules/model.smk"
 include: "workflow/rules/answers.smk"
 include: "workflow/rules/interpret.smk"

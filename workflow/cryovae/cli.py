@@ -97,6 +97,20 @@ VERBS: dict[str, tuple[str, str, str, list[tuple[tuple[str, ...], dict]]]] = {
                            "help": "ground-truth STAR of the shard to write (class, pose, CTF)"}),
         ],
     ),
+    "simulate-tomogram": (
+        "cryovae.tomosim:simulate_tomogram",
+        "Simulate one tomogram as real ones are made (crowded slab, tilt series, CTF, dose, back-projection).",
+        "cryovae simulate-tomogram --config config.yaml --index 0 --maps results/maps/*.mrc "
+        "--output-dir results/tomograms/sim_00",
+        [
+            (("--index",), {"type": int, "required": True, "help": "tomogram index (sim_{index:02d}, 0-based)"}),
+            (("--maps",), {"type": _P, "nargs": "*", "default": [],
+                           "help": "the workflow's maps of the classes tomogram_simulation.maps does not give "
+                                   "(MRC, named {class}.mrc)"}),
+            (("--output-dir",), {"type": _P, "required": True,
+                                 "help": "folder for NAME.mrc, NAME.tlt, tomograms.star, NAME.star, picks.star, truth.star"}),
+        ],
+    ),
     "gather": (
         "cryovae.shards:gather_star",
         "Concatenate per-shard STAR files into a split's particles.star.",

@@ -163,12 +163,63 @@ class TomogramInput(_Section):
     invert_contrast: bool = Field(
         False, description="Multiply the cut boxes by -1 (dark protein, as most tomograms are, to white)."
     )
+    truth: str | None = Field(
+        None, description="Optional ground-truth STAR (RELION 4/5 coordinates, cryovaeClassName, "
+        "rlnAngleRot/Tilt/Psi; cryovaeNovel 1 for particles of no configured class): each pick takes the "
+        "truth of the nearest true particle within box_size / 4 px, so evaluate scores the tomogram."
+    )
 
     @field_validator("tilt_range_deg")
     @classmethod
     def _tilt_order(cls, v):
         if v is not None and not (-90 <= v[0] < v[1] <= 90):
             raise ValueError("expected [min, max] with -90 <= min < max <= 90")
+        return v
+
+
+class TomogramSimulationConfig(_Section):
+    """Tomograms simulated as real ones are made: a crowded slab, a tilt series, back-projection."""
+
+    tomograms: int = Field(0, ge=0, description="Simulated tomograms (sim_00, sim_01, ...); each is "
+                           "extracted and evaluated as a split of its own.  0: none.")
+    particles_per_class: int = Field(10, ge=1, description="Particles of each class (and each decoy) per tomogram.")
+    maps: dict[str, str] = Field(
+        default_factory=dict, description="Class -> a map made by another program (MRC) to place instead of "
+        "the workflow's own map; resampled to pixel_size_angstrom, recentred on its density centre of mass."
+    )
+    decoys: dict[str, str] = Field(
+        default_factory=dict, description="Name -> map (MRC) of particles no class names, placed too and "
+        "counted as unknowns (novel) by evaluate."
+    )
+    size_xyz_px: tuple[int, int, int] = Field(
+        (256, 256, 64), description="Tomogram size (x, y, z) in pixels of pixel_size_angstrom."
+    )
+    tilt_range_deg: tuple[float, float] = Field((-60.0, 60.0), description="Tilt range about Y.")
+    tilt_step_deg: float = Field(3.0, gt=0, description="Tilt increment.")
+    dose_per_tilt: float = Field(3.0, ge=0, description="Exposure per tilt in e/Å², collected dose-symmetrically "
+                                 "(Hagen: 0, then groups of two on alternating sides); 0: no dose weighting.")
+    ctf: bool = Field(True, description="Apply a per-tilt 2D CTF with the defocus gradient across the tilt axis.")
+    defocus_um: float = Field(3.0, gt=0, description="Nominal underfocus at the tilt axis, µm.")
+    defocus_strip_px: int = Field(32, ge=4, description="Width of the image strips that share one defocus.")
+    voltage_kv: float = Field(300.0, gt=0, description="Acceleration voltage in kV.")
+    spherical_aberration_mm: float = Field(2.7, ge=0, description="Spherical aberration in mm.")
+    amplitude_contrast: float = Field(0.07, ge=0, lt=1, description="Amplitude contrast fraction.")
+    snr: float | None = Field(
+        0.1, gt=0, description="Signal variance over noise variance in a box_size box at the true particle "
+        "positions of the reconstruction (calibrated by linearity); null: noise-free."
+    )
+    pick_error_px: float = Field(1.0, ge=0, description="Pick error per axis in pixels (picks.star).")
+    pick_error_distribution: Literal["uniform", "gaussian"] = Field(
+        "uniform", description="uniform: in ±pick_error_px; gaussian: standard deviation pick_error_px."
+    )
+    dark_contrast: bool = Field(False, description="Write dark protein (as IMOD and AreTomo do); extract such "
+                                "tomograms with contrast inverted.")
+
+    @field_validator("tilt_range_deg")
+    @classmethod
+    def _tilt_order(cls, v):
+        if not (-90 < v[0] < v[1] < 90):
+            raise ValueError("expected [min, max] with -90 < min < max < 90")
         return v
 
 
@@ -360,6 +411,9 @@ class Config(_Section):
     maps: MapConfig = Field(default_factory=MapConfig, description="Reference maps.")
     simulation: SimulationConfig = Field(default_factory=SimulationConfig, description="Simulation.")
     extraction: ExtractionConfig = Field(default_factory=ExtractionConfig, description="Extraction.")
+    tomogram_simulation: TomogramSimulationConfig = Field(
+        default_factory=TomogramSimulationConfig, description="Simulated tomograms (tilt series, back-projection)."
+    )
     training: TrainingConfig = Field(default_factory=TrainingConfig, description="Training.")
     classification: ClassificationConfig = Field(default_factory=ClassificationConfig, description="Classes.")
     matching: MatchingConfig = Field(default_factory=MatchingConfig, description="Template matching.")
@@ -396,6 +450,8 @@ class Config(_Section):
             needs_matching = sorted({"template", "fit"} & set(cc.features + cc.unknown_features))
             if needs_matching and not self.matching.enabled:
                 raise ValueError(f"classification.features lists {needs_matching} but matching.enabled is false")
+        if "tomogram_simulation" in present:
+            self._tomogram_simulation_names()
         for section, names in (("alignment.symmetry", self.alignment.symmetry), ("maps.files", self.maps.files)):
             for name in names if section.split(".")[0] in present else ():
                 if name not in self.structures:
@@ -403,6 +459,16 @@ class Config(_Section):
         if {"training", "simulation"} <= present:
             self._batch_fits_training_split()
         return self
+
+    def _tomogram_simulation_names(self) -> None:
+        ts = self.tomogram_simulation
+        for name in ts.maps:
+            if name not in self.structures:
+                raise ValueError(f"tomogram_simulation.maps names {name!r}, which is not a key of structures "
+                                 "(a map of no class goes in tomogram_simulation.decoys)")
+        for name in ts.decoys:
+            if name in self.structures or name == "unknown":
+                raise ValueError(f"tomogram_simulation.decoys names {name!r}, which is a class (or 'unknown')")
 
     def _batch_fits_training_split(self) -> None:
         from cryovae.splits import particles_per_class
@@ -461,6 +527,12 @@ def _local_inputs(config: Config) -> list[tuple[str, str]]:
                   (f"extraction.tomograms.{name}.coordinates", tomo.coordinates)]
         if tomo.acquisition is not None:
             named.append((f"extraction.tomograms.{name}.acquisition", tomo.acquisition))
+        if tomo.truth is not None:
+            named.append((f"extraction.tomograms.{name}.truth", tomo.truth))
+    ts = config.tomogram_simulation
+    if ts.tomograms > 0:
+        named += [(f"tomogram_simulation.maps.{name}", path) for name, path in ts.maps.items()]
+        named += [(f"tomogram_simulation.decoys.{name}", path) for name, path in ts.decoys.items()]
     return named
 
 

@@ -137,8 +137,15 @@ def wedge_sampled(box: int, tilt_range_deg: tuple[float, float]) -> np.ndarray:
 
     The k = 0 line along ky (kx = kz = 0) is sampled by every tilt and is always True.
     """
+    return wedge_sampled_zyx((box, box, box), tilt_range_deg)
+
+
+def wedge_sampled_zyx(shape_zyx: tuple[int, int, int], tilt_range_deg: tuple[float, float]) -> np.ndarray:
+    """:func:`wedge_sampled` on the rfft grid of a (nz, ny, nx) volume (a tomogram slab):
+    boolean (nz, ny, nx//2+1); square pixels, so the (kx, kz) angle is the same in cycles/pixel."""
+    nz, ny, nx = (int(n) for n in shape_zyx)
     lo, hi = float(tilt_range_deg[0]), float(tilt_range_deg[1])
-    kz, _, kx = _rfft_frequencies(box)
+    kz, kx = np.fft.fftfreq(nz)[:, None, None], np.fft.rfftfreq(nx)[None, None, :]
     angle = np.rad2deg(np.arctan2(kz, kx))  # (-180, 180]
     angle = np.where(angle > 90.0, angle - 180.0, angle)
     angle = np.where(angle <= -90.0, angle + 180.0, angle)  # folded into (-90, 90]
@@ -146,7 +153,7 @@ def wedge_sampled(box: int, tilt_range_deg: tuple[float, float]) -> np.ndarray:
     if lo <= -90.0:  # -90 and 90 are the same direction
         sampled |= angle >= 90.0 - 1e-9
     on_axis = (kz == 0) & (kx == 0)
-    return np.ascontiguousarray(np.broadcast_to(sampled | on_axis, (box, box, box // 2 + 1)))
+    return np.ascontiguousarray(np.broadcast_to(sampled | on_axis, (nz, ny, nx // 2 + 1)))
 
 
 def missing_wedge_mask(box: int, tilt_range_deg: tuple[float, float]) -> torch.Tensor:

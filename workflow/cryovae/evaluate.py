@@ -11,8 +11,9 @@ Metrics that need ground truth are ``null`` in metrics.json when the split has n
 
 - ``accuracy``, ``macro_f1``: over particles whose true class was seen in training; a
   seen particle called ``unknown`` counts as wrong (it is a false negative of its class).
-- ``unseen_auroc``: AUROC of ``unknown_score`` separating unseen-class (positive) from
-  seen-class particles.
+- ``unseen_auroc``: AUROC of ``unknown_score`` separating unseen-class and novel (positive)
+  from seen-class particles; novel particles (``cryovaeNovel`` 1 in the STAR: a simulated
+  tomogram's decoys) belong to no configured class.
 - ``pose_error_*_deg``: geodesic angle between predicted and true
   ``rotation_matrix_particle_from_reference``, minimised over the class's point group
   (``config.alignment.symmetry``, default C1, its axes located in the map by ``align``),
@@ -136,6 +137,9 @@ def attach_truth(table: pd.DataFrame, particles: pd.DataFrame, table_path: Path,
     """
     truth = pd.DataFrame({"particle_id": _id_strings(particles["cryovaeParticleId"]),
                           "true_class": particles["cryovaeClassName"].astype(str)})
+    novel = (pd.to_numeric(particles["cryovaeNovel"], errors="coerce").fillna(0).to_numpy() > 0
+             if "cryovaeNovel" in particles.columns else np.zeros(len(particles), bool))
+    truth["novel"] = novel
     for col in (*TRUE_ANGLE_COLUMNS, *TRUE_ORIGIN_COLUMNS):
         if col in particles.columns:
             truth[col] = pd.to_numeric(particles[col], errors="coerce").to_numpy(dtype=np.float64)
@@ -149,7 +153,7 @@ def attach_truth(table: pd.DataFrame, particles: pd.DataFrame, table_path: Path,
     if lacking:
         raise InputError(f"{table_path}: particle {lacking[0]!r} of {star_path} (and {len(lacking) - 1} more) "
                          "has no row")
-    bad = ~truth["true_class"].isin(set(config.class_names) | {UNKNOWN})
+    bad = ~truth["true_class"].isin(set(config.class_names) | {UNKNOWN}) & ~truth["novel"]
     if bad.any():
         raise InputError(f"{star_path}: particle {truth['particle_id'][bad].iloc[0]!r}: class "
                          f"{truth['true_class'][bad].iloc[0]!r} is not a configured class or 'unknown'")
@@ -192,11 +196,15 @@ def classification_metrics(true_class: np.ndarray, predicted: np.ndarray, neares
     return out
 
 
-def unseen_auroc(true_class: np.ndarray, unknown_score: np.ndarray, config) -> float | None:
-    """AUROC of ``unknown_score`` (n,) for unseen (positive) vs seen particles; None without both."""
+def unseen_auroc(true_class: np.ndarray, unknown_score: np.ndarray, config,
+                 novel: np.ndarray | None = None) -> float | None:
+    """AUROC of ``unknown_score`` (n,) for unseen or novel (positive: of no configured class, such
+    as a simulated tomogram's decoys) vs seen particles; None without both."""
     from sklearn.metrics import roc_auc_score
 
     is_seen, is_unseen = np.isin(true_class, config.seen_classes), np.isin(true_class, config.unseen)
+    if novel is not None:
+        is_unseen = is_unseen | np.asarray(novel, bool)
     if not (is_seen.any() and is_unseen.any()):
         return None
     mask = is_seen | is_unseen
@@ -394,7 +402,10 @@ def compute_metrics(config, merged: pd.DataFrame, latents: np.ndarray, affinity:
     predicted = merged["predicted_class"].to_numpy(dtype=object)
     score = merged["unknown_score"].to_numpy(dtype=np.float64)
     metrics = classification_metrics(true_class, predicted, merged["nearest_class"].to_numpy(dtype=object), config)
-    metrics["unseen_auroc"] = unseen_auroc(true_class, score, config)
+    novel = merged["novel"].to_numpy(dtype=bool) if "novel" in merged.columns else np.zeros(len(merged), bool)
+    metrics["unseen_auroc"] = unseen_auroc(true_class, score, config, novel)
+    metrics["n_novel_particles"] = int(novel.sum())
+    metrics["novel_flagged_fraction"] = float(np.mean(predicted[novel] == UNKNOWN)) if novel.any() else None
     metrics.update(pose_metrics(errors))
     true_groups = [c for c in config.class_names if np.any(true_class == c)]
     metrics["affinity_spearman"] = (upper_triangle_spearman(

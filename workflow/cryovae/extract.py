@@ -384,6 +384,45 @@ class _Job:
     acquisition: Acquisition
     shape_xyz: tuple[int, int, int]
     invert_contrast: bool
+    truth: pd.DataFrame | None = None
+
+
+def read_truth(path: Path, shape_xyz, pixel_size_angstrom: float, tomogram: str) -> pd.DataFrame:
+    """A ground-truth STAR as a coordinate table for ``tomogram``: InputError unless it has
+    cryovaeClassName and the RELION angles."""
+    table = select_tomogram(read_coordinates(path, shape_xyz, pixel_size_angstrom, tomogram), tomogram, path)
+    missing = [c for c in ("cryovaeClassName", "rot_deg", "tilt_deg", "psi_deg") if c not in table.columns]
+    if missing:
+        raise InputError(f"{path}: truth STAR lacks {missing} (expected cryovaeClassName and rlnAngleRot/Tilt/Psi)")
+    return table
+
+
+def truth_columns(picks_xyz_px: np.ndarray, box_centres_xyz_px: np.ndarray, truth: pd.DataFrame,
+                  pixel_size_angstrom: float, max_distance_px: float) -> pd.DataFrame:
+    """The truth of each pick: the nearest true particle within ``max_distance_px``, else ``unknown``.
+
+    picks and box centres: (n, 3) tomogram pixels.  Returns (n rows) cryovaeClassName,
+    rlnClassNumber, cryovaeNovel, rlnAngleRot/Tilt/Psi and rlnOriginX/Y/ZAngst = -(true
+    position - box centre) x pixel size (NaN angles and origins for picks with no truth).
+    """
+    from scipy.spatial import cKDTree
+
+    true_xyz = truth[list(COORD_COLUMNS)].to_numpy(dtype=np.float64)
+    distance, nearest = cKDTree(true_xyz).query(picks_xyz_px)
+    hit = distance <= max_distance_px
+    rows = truth.iloc[np.where(hit, nearest, 0)].reset_index(drop=True)
+    out = pd.DataFrame({"cryovaeClassName": np.where(hit, rows["cryovaeClassName"].astype(str), "unknown")})
+    number = rows["class_number"].to_numpy(dtype=np.int64) if "class_number" in rows else np.zeros(len(rows), int)
+    out["rlnClassNumber"] = np.where(hit, number, 0)
+    novel = pd.to_numeric(rows["cryovaeNovel"]).to_numpy(dtype=np.int64) if "cryovaeNovel" in rows \
+        else np.zeros(len(rows), int)
+    out["cryovaeNovel"] = np.where(hit, novel, 0)
+    for col, label in zip(("rot_deg", "tilt_deg", "psi_deg"), ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")):
+        out[label] = np.where(hit, rows[col].to_numpy(dtype=np.float64), np.nan)
+    origin = -(true_xyz[np.where(hit, nearest, 0)] - box_centres_xyz_px) * pixel_size_angstrom
+    for k, axis in enumerate("XYZ"):
+        out[f"rlnOrigin{axis}Angst"] = np.where(hit, origin[:, k], np.nan)
+    return out
 
 
 def _prepare(config, tomogram: str, mrc) -> _Job:
@@ -415,8 +454,9 @@ def _prepare(config, tomogram: str, mrc) -> _Job:
         fill = tomogram_mean(mrc.data)
         if not np.isfinite(fill):
             raise InputError(f"{tomo_path}: the tomogram contains NaN or infinite values")
+    truth = None if spec.truth is None else read_truth(Path(spec.truth), shape_xyz, pixel, tomogram)
     return _Job(tomogram, tomo_path, coords_path, pixel, binning, table, plan, fill, acquisition, shape_xyz,
-                spec.invert_contrast)
+                spec.invert_contrast, truth)
 
 
 def _write_output(config, job: _Job, data, output_dir: Path) -> tuple[int, int]:
@@ -429,6 +469,11 @@ def _write_output(config, job: _Job, data, output_dir: Path) -> tuple[int, int]:
                                            .to_numpy(np.float64), job.shape_xyz, job.pixel_size_angstrom)
     for name, values in acquisition_columns(job.acquisition, centred, job.invert_contrast).items():
         particles[name] = values
+    if job.truth is not None:
+        picks = job.table[list(COORD_COLUMNS)].to_numpy(dtype=np.float64)[job.plan.rows]
+        truth = truth_columns(picks, picks - job.plan.shifts_px, job.truth, job.pixel_size_angstrom, box / 4)
+        for col in truth.columns:
+            particles[col] = truth[col].to_numpy()
     with atomic_dir(output_dir) as tmp, tqdm(total=n_rows, desc=f"extract {job.tomogram}", unit="particle",
                                               disable=None, leave=False) as progress:
         buffer = np.empty((min(per_shard, n_rows), box, box, box), dtype=np.float32)

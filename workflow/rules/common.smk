@@ -3,9 +3,13 @@ import os
 
 from cryovae.config import GLOBAL_KEYS, stage_config_json, validate_config
 from cryovae.splits import shard_names as split_shard_names
+from cryovae.tomosim import simulated_tomogram_names, tomogram_files, with_simulated_tomograms
 
 # Validated first with the typed config, whose messages name the bad key.
 CFG = validate_config(config, "(workflow config)")
+# Simulated tomograms (tomogram_simulation.tomograms > 0) join extraction.tomograms as sim_NN.
+CFG = with_simulated_tomograms(CFG)
+SIM_TOMOGRAMS = simulated_tomogram_names(CFG)
 OUT = CFG.output_dir
 CLASSES = CFG.class_names
 SEEN = CFG.seen_classes

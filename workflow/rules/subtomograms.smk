@@ -79,6 +79,7 @@ rule extract:
         tomogram=lambda wildcards: CFG.extraction.tomograms[wildcards.tomo].tomogram,
         coordinates=lambda wildcards: CFG.extraction.tomograms[wildcards.tomo].coordinates,
         acquisition=lambda wildcards: [f for f in [CFG.extraction.tomograms[wildcards.tomo].acquisition] if f],
+        truth=lambda wildcards: CFG.extraction.tomograms[wildcards.tomo].truth or [],
     output:
         directory(f"{OUT}/extracted/{{tomo}}"),
     params:
