@@ -11,6 +11,14 @@ smallest squared Mahalanobis distance to a class mean).  Both are fitted on the 
 split; the unknown threshold is calibrated on the validation split, so that a fraction
 ``classification.accept_fraction`` of known validation particles is accepted.
 
+Real tomograms are not simulated particles: their template scores and fit sit elsewhere
+(lower SNR, other CTF), so a model fitted on simulated particles calls nearly all of them
+unknown.  With ``classification.adapt: em`` each extracted split gets its own classifier
+(:func:`adapt_classifier`): both models are refitted by EM on the split's unlabelled
+particles, anchored to the simulated fit by ``classification.adapt_prior_counts``
+pseudo-counts, with an unknown Gaussian beside the seen classes; the threshold is then
+the ``accept_fraction`` χ² quantile of the adapted classes (:func:`adapt_model`).
+
 Poses written out are the template-matching poses of the nearest class when matching is
 enabled (already relative to the reference map), else the network's poses moved into
 the reference frame by ``align``'s frames; the network's poses are kept beside them.
