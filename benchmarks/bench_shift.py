@@ -28,9 +28,6 @@ from pathlib import Path
 import mrcfile
 import numpy as np
 import torch
-from scipy import ndimage
-from sklearn.metrics import roc_auc_score
-
 from cryovae.classify import ClassModel, adapt_model, features
 from cryovae.config import validate_config
 from cryovae.ctf import ctf_3d
@@ -38,6 +35,8 @@ from cryovae.maps import structure_to_map
 from cryovae.match import CHUNK, Matcher
 from cryovae.rotations import random_rotations
 from cryovae.simulate import ParticleDraws, simulate_volumes
+from scipy import ndimage
+from sklearn.metrics import roc_auc_score
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "shrec2021"
 OUT = Path(__file__).resolve().parent / "out" / "bench_shift"

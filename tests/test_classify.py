@@ -6,7 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cryovae.classify import ClassModel, Classifier, adapt_model, annotate, fit_classifier, poses_in_reference_frame
+from cryovae.classify import (
+    ClassModel, Classifier, adapt_model, annotate, features, fit_classifier, poses_in_reference_frame,
+)
 from cryovae.cli import main
 from cryovae.config import validate_config
 from cryovae.errors import InputError
@@ -192,7 +194,7 @@ def test_em_recovers_shifted_class_means():
 def test_em_prior_counts_anchor_the_means_to_the_source():
     rng = np.random.default_rng(1)
     model = _source_model(rng)
-    x, _, means = _shifted_target(rng, n_seen=10, n_novel=10)
+    x, _, _ = _shifted_target(rng, n_seen=10, n_novel=10)
     anchored, _ = adapt_model(model, x, prior_counts=1e6, unknown_fraction=0.25, accept_fraction=0.95)
     np.testing.assert_allclose(anchored.means, model.means, atol=1e-3)
 
@@ -240,3 +242,14 @@ def test_adapt_verb_round_trip(fitted):
         known = names != "c"
         good = np.mean(called[known] == names[known]) > 0.85 and np.mean(called[~known] == "unknown") > 0.9
         assert good == expected
+
+
+def test_scale_free_features_ignore_a_common_factor_of_the_scores():
+    rng = np.random.default_rng(4)
+    scores = rng.uniform(0.1, 0.5, size=(20, 3))
+    names = ["template_relative", "margin"]
+    x = features(names, {}, {"scores": scores})
+    np.testing.assert_allclose(features(names, {}, {"scores": 0.2 * scores}), x, rtol=1e-12)
+    assert np.allclose(x[:, :3].max(1), 1.0)
+    top2 = np.sort(scores, 1)[:, -2:]
+    np.testing.assert_allclose(x[:, 3], (top2[:, 1] - top2[:, 0]) / top2[:, 1])
