@@ -5,14 +5,23 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-
 from cryovae.classify import (
-    ClassModel, Classifier, adapt_model, annotate, features, fit_classifier, poses_in_reference_frame,
+    Classifier,
+    ClassModel,
+    adapt_model,
+    annotate,
+    features,
+    fit_classifier,
+    poses_in_reference_frame,
 )
 from cryovae.cli import main
 from cryovae.config import validate_config
 from cryovae.errors import InputError
-from cryovae.rotations import geodesic_distance_deg, random_rotations, relion_euler_to_matrix
+from cryovae.rotations import (
+    geodesic_distance_deg,
+    random_rotations,
+    relion_euler_to_matrix,
+)
 from cryovae.volumes import rotate_volume
 
 CFG_BOTH = validate_config({"structures": {"a": "demo:x", "b": "demo:y", "c": "demo:z"}, "unseen": ["c"]})
