@@ -5,11 +5,23 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-
-from cryovae.classify import Classifier, annotate, fit_classifier, poses_in_reference_frame
+from cryovae.classify import (
+    Classifier,
+    ClassModel,
+    adapt_model,
+    annotate,
+    features,
+    fit_classifier,
+    poses_in_reference_frame,
+)
+from cryovae.cli import main
 from cryovae.config import validate_config
 from cryovae.errors import InputError
-from cryovae.rotations import geodesic_distance_deg, random_rotations, relion_euler_to_matrix
+from cryovae.rotations import (
+    geodesic_distance_deg,
+    random_rotations,
+    relion_euler_to_matrix,
+)
 from cryovae.volumes import rotate_volume
 
 CFG_BOTH = validate_config({"structures": {"a": "demo:x", "b": "demo:y", "c": "demo:z"}, "unseen": ["c"]})
@@ -152,3 +164,101 @@ def test_template_features_need_matching():
     cfg = validate_config({"structures": {"a": "demo:x", "b": "demo:y"}, "matching": {"enabled": False},
                            "classification": {"features": ["latent"], "unknown_features": ["latent"]}})
     assert cfg.classification.features == ["latent"]
+
+
+# --- adaptation to an unlabelled split --------------------------------------------------
+SOURCE_MEANS = np.array([[0.0, 0.0], [4.0, 0.0], [0.0, 4.0]])
+
+
+def _shifted_target(rng, n_seen=150, n_novel=150):
+    """Target features (n, 2): the source classes scaled by 1.5, moved by (2, -3), noisier by 1.3,
+    plus a cluster of novel particles; (features, class index with -1 for novel, true means)."""
+    means = 1.5 * SOURCE_MEANS + np.array([2.0, -3.0])
+    index = np.repeat(np.arange(3), n_seen)
+    seen = means[index] + 1.3 * rng.normal(size=(len(index), 2))
+    novel = np.array([12.0, 12.0]) + 2.0 * rng.normal(size=(n_novel, 2))
+    return np.concatenate([seen, novel]), np.concatenate([index, np.full(n_novel, -1)]), means
+
+
+def _source_model(rng):
+    index = np.repeat(np.arange(3), 200)
+    return ClassModel.fit(SOURCE_MEANS[index] + rng.normal(size=(600, 2)), np.array(list("abc"))[index])
+
+
+def test_em_recovers_shifted_class_means():
+    rng = np.random.default_rng(0)
+    model = _source_model(rng)
+    x, truth, means = _shifted_target(rng)
+    adapted, p_unknown = adapt_model(model, x, prior_counts=5.0, unknown_fraction=0.25, accept_fraction=0.95)
+    recovered = adapted.means * adapted.scale + adapted.centre
+    np.testing.assert_allclose(recovered, means, atol=0.3)
+    assert np.abs(model.means * model.scale + model.centre - means).max() > 2  # the source was far off
+    probs, _ = adapted.predict(x)
+    seen = truth >= 0
+    assert np.mean(probs.argmax(1)[seen] == truth[seen]) > 0.97
+    assert np.mean(model.predict(x)[0].argmax(1)[seen] == truth[seen]) < 0.8  # and classified badly
+    assert p_unknown[~seen].min() > 0.99 and np.median(p_unknown[seen]) < 0.01
+
+
+def test_em_prior_counts_anchor_the_means_to_the_source():
+    rng = np.random.default_rng(1)
+    model = _source_model(rng)
+    x, _, _ = _shifted_target(rng, n_seen=10, n_novel=10)
+    anchored, _ = adapt_model(model, x, prior_counts=1e6, unknown_fraction=0.25, accept_fraction=0.95)
+    np.testing.assert_allclose(anchored.means, model.means, atol=1e-3)
+
+
+def test_recalibrated_threshold_keeps_the_stated_fraction_of_target_seen_particles():
+    rng = np.random.default_rng(2)
+    model = _source_model(rng)
+    x, truth, _ = _shifted_target(rng, n_seen=400, n_novel=200)
+    seen = truth >= 0
+    _, before = model.predict(x)
+    model.threshold = float(np.quantile(model.predict(SOURCE_MEANS[np.repeat(np.arange(3), 100)]
+                                                      + rng.normal(size=(300, 2)))[1], 0.9))
+    assert np.mean(before[seen] <= model.threshold) < 0.5  # the simulated threshold rejects most of them
+    for accept in (0.8, 0.95):
+        adapted, _ = adapt_model(model, x, prior_counts=5.0, unknown_fraction=0.25, accept_fraction=accept)
+        _, score = adapted.predict(x)
+        assert np.mean(score[seen] <= adapted.threshold) == pytest.approx(accept, abs=0.03)
+        assert np.mean(score[~seen] > adapted.threshold) > 0.99
+
+
+def test_adapt_verb_round_trip(fitted):
+    """cryovae adapt: em writes a classifier that annotates a shifted split right; none keeps the base."""
+    rng = np.random.default_rng(3)
+    names = np.repeat(["a", "b", "c"], 100)
+    shift = np.array([2.0, -2.0, 1.0, 0.0])
+    latent = np.stack([CENTRES[c] for c in names]) + shift + 1.2 * rng.normal(size=(300, 4))
+    split = fitted / "tomo.npz"
+    np.savez(split, particle_id=np.array([f"t{i}" for i in range(300)]), class_name=names,
+             latent_mean=latent.astype(np.float32), latent_logvar=np.zeros_like(latent, np.float32),
+             rotation=random_rotations(300, rng), origin_angstrom=np.zeros((300, 3)), recon_error=np.zeros(300))
+    config = CFG.model_dump(mode="json")
+    for adapt in ("em", "none"):
+        config["classification"]["adapt"] = adapt
+        assert main(["adapt", "--config", json.dumps(config), "--classifier", str(fitted / "clf.npz"),
+                     "--latents", str(split), "--output", str(fitted / f"clf_{adapt}.npz")]) == 0
+    base, em, none = (Classifier.load(fitted / f) for f in ("clf.npz", "clf_em.npz", "clf_none.npz"))
+    for a, b in ((base.classes, none.classes), (base.unknown, none.unknown)):
+        assert all(np.array_equal(x, y) for x, y in zip(a.arrays("").values(), b.arrays("").values()))
+    recovered = em.classes.means * em.classes.scale + em.classes.centre
+    np.testing.assert_allclose(recovered, np.array([CENTRES["a"], CENTRES["b"]]) + shift, atol=0.4)
+    x = latent.astype(np.float64)
+    for model, expected in ((base, False), (em, True)):
+        probs, score = model.predict(x, x)
+        called = np.where(score > model.threshold, "unknown", model.classes.classes[probs.argmax(1)])
+        known = names != "c"
+        good = np.mean(called[known] == names[known]) > 0.85 and np.mean(called[~known] == "unknown") > 0.9
+        assert good == expected
+
+
+def test_scale_free_features_ignore_a_common_factor_of_the_scores():
+    rng = np.random.default_rng(4)
+    scores = rng.uniform(0.1, 0.5, size=(20, 3))
+    names = ["template_relative", "margin"]
+    x = features(names, {}, {"scores": scores})
+    np.testing.assert_allclose(features(names, {}, {"scores": 0.2 * scores}), x, rtol=1e-12)
+    assert np.allclose(x[:, :3].max(1), 1.0)
+    top2 = np.sort(scores, 1)[:, -2:]
+    np.testing.assert_allclose(x[:, 3], (top2[:, 1] - top2[:, 0]) / top2[:, 1])

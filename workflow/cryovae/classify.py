@@ -11,6 +11,14 @@ smallest squared Mahalanobis distance to a class mean).  Both are fitted on the 
 split; the unknown threshold is calibrated on the validation split, so that a fraction
 ``classification.accept_fraction`` of known validation particles is accepted.
 
+Real tomograms are not simulated particles: their template scores and fit sit elsewhere
+(lower SNR, other CTF), so a model fitted on simulated particles calls nearly all of them
+unknown.  With ``classification.adapt: em`` each extracted split gets its own classifier
+(:func:`adapt_classifier`): both models are refitted by EM on the split's unlabelled
+particles, anchored to the simulated fit by ``classification.adapt_prior_counts``
+pseudo-counts, with an unknown Gaussian beside the seen classes; the threshold is then
+the ``accept_fraction`` χ² quantile of the adapted classes (:func:`adapt_model`).
+
 Poses written out are the template-matching poses of the nearest class when matching is
 enabled (already relative to the reference map), else the network's poses moved into
 the reference frame by ``align``'s frames; the network's poses are kept beside them.
@@ -25,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy.stats import chi2
 from sklearn.covariance import LedoitWolf
 
 from cryovae.atomic import atomic_path
@@ -151,9 +160,25 @@ def features(
             raise InputError(f"classification.features lists {name!r} but no template-matching file was given")
         elif name == "template":
             parts.append(match["scores"].astype(np.float64))
-        else:  # "fit": how well the best refined class explains the particle
+        elif name == "fit":  # how well the best refined class explains the particle
             parts.append(np.nanmax(match["fit"].astype(np.float64), axis=1, keepdims=True))
+        else:
+            parts.append(_scale_free(name, match["scores"].astype(np.float64)))
     return np.concatenate(parts, axis=1)
+
+
+def _scale_free(name: str, scores: np.ndarray) -> np.ndarray:
+    """Template scores (n, K) in a form that a common factor (the particle's SNR) leaves alone.
+
+    template_relative: each score over the particle's best, (n, K); margin: best minus
+    second best, over the best, (n, 1).  A best score at or below zero (a particle like no
+    class) gives the values of a particle with a tiny positive best.
+    """
+    best = np.maximum(scores.max(1, keepdims=True), 1e-6)
+    if name == "template_relative":
+        return scores / best
+    top2 = np.sort(scores, axis=1)[:, -2:]
+    return ((top2[:, 1] - top2[:, 0]) / best[:, 0])[:, None]
 
 
 def _known_labels(data: dict[str, np.ndarray], config: Config, path: Path) -> np.ndarray:
@@ -190,6 +215,138 @@ def fit_classifier(
         "classifier: %d classes, validation accuracy %.3f, unknown threshold %.3f (accepts %.0f%% of validation)",
         len(model.classes.classes), accuracy, model.threshold, 100 * config.classification.accept_fraction,
     )
+    model.save(output)
+
+
+# --- adaptation to an unlabelled split ---------------------------------------------------
+EM_MAX_ITERATIONS = 200
+EM_TOLERANCE = 1e-7  # change in mean log-likelihood per particle that ends EM
+RIDGE = 1e-6  # added to covariance diagonals (standardised units) so that they stay invertible
+
+
+def _log_density(z: np.ndarray, means: np.ndarray, covariance: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(log N(z | mean_k, covariance) (n, K), squared Mahalanobis distances (n, K)); z (n, F), means (K, F)."""
+    precision = np.linalg.inv(covariance)
+    _, logdet = np.linalg.slogdet(covariance)
+    diff = z[:, None, :] - means[None]
+    d2 = np.einsum("nki,ij,nkj->nk", diff, precision, diff)
+    return -0.5 * (d2 + logdet + z.shape[1] * np.log(2 * np.pi)), d2
+
+
+@dataclass
+class _Mixture:
+    """Seen-class Gaussians (shared covariance) plus one broad unknown Gaussian, in standardised units."""
+
+    means: np.ndarray  # (K, F)
+    covariance: np.ndarray  # (F, F), shared by the seen classes
+    log_weight: np.ndarray  # (K + 1,): seen classes, then unknown
+    unknown_mean: np.ndarray  # (F,)
+    unknown_covariance: np.ndarray  # (F, F)
+
+    def responsibilities(self, z: np.ndarray) -> tuple[np.ndarray, float]:
+        """(posterior of each component (n, K + 1), mean log-likelihood per particle)."""
+        seen, _ = _log_density(z, self.means, self.covariance)
+        unknown, _ = _log_density(z, self.unknown_mean[None], self.unknown_covariance)
+        joint = np.concatenate([seen, unknown], axis=1) + self.log_weight
+        top = joint.max(1, keepdims=True)
+        log_total = top[:, 0] + np.log(np.exp(joint - top).sum(1))
+        return np.exp(joint - log_total[:, None]), float(log_total.mean())
+
+
+def _m_step(z: np.ndarray, resp: np.ndarray, prior: _Mixture, counts: float) -> _Mixture:
+    """MAP update under conjugate priors centred on ``prior`` with ``counts`` pseudo-counts.
+
+    Each class mean: (counts * prior mean + sum r z) / (counts + sum r); the shared covariance
+    with counts * F pseudo-observations per class of the prior covariance; the weights with
+    counts * (K + 1) * prior weight Dirichlet pseudo-counts.  The unknown Gaussian is the
+    split's own spread and does not move.  z (n, F), resp (n, K + 1).
+    """
+    k, f = prior.means.shape
+    seen = resp[:, :k]
+    n_k = seen.sum(0)
+    means = (counts * prior.means + seen.T @ z) / (counts + n_k)[:, None]
+    scatter = np.zeros((f, f))
+    for j in range(k):
+        diff = z - means[j]
+        scatter += (seen[:, j, None] * diff).T @ diff
+    prior_obs = counts * f * k
+    covariance = (prior_obs * prior.covariance + scatter) / (prior_obs + n_k.sum()) + RIDGE * np.eye(f)
+    pseudo = counts * (k + 1) * np.exp(prior.log_weight)
+    weight = resp.sum(0) + pseudo
+    unknown_mean, unknown_covariance = _unknown_update(z, resp[:, k], prior, counts * f)
+    return _Mixture(means, covariance, np.log(weight / weight.sum()), unknown_mean, unknown_covariance)
+
+
+def _unknown_update(z: np.ndarray, r: np.ndarray, prior: _Mixture, counts: float) -> tuple[np.ndarray, np.ndarray]:
+    """MAP mean (F,) and covariance (F, F) of the unknown Gaussian, ``counts`` pseudo-observations of
+    the split's own mean and spread (so that it can neither vanish nor collapse onto few particles)."""
+    n = r.sum()
+    mean = (counts * prior.unknown_mean + r @ z) / (counts + n)
+    diff = z - mean
+    scatter = (r[:, None] * diff).T @ diff
+    covariance = (counts * prior.unknown_covariance + scatter) / (counts + n) + RIDGE * np.eye(z.shape[1])
+    return mean, covariance
+
+
+def adapt_model(
+    model: ClassModel, x: np.ndarray, prior_counts: float, unknown_fraction: float, accept_fraction: float
+) -> tuple[ClassModel, np.ndarray]:
+    """Refit ``model`` on the unlabelled features ``x`` (n, F) by EM; (adapted model, P(unknown) (n,)).
+
+    The mixture is the model's seen classes plus an unknown Gaussian anchored to the mean
+    and covariance of ``x`` itself.  EM starts from responsibilities that need no agreement
+    of scales between the simulated and the real particles: the model's class posteriors
+    (relative evidence), with the ``unknown_fraction`` of particles of highest unknown score
+    (a rank) taken as unknown.  The threshold of the adapted model is the ``accept_fraction``
+    quantile of the squared Mahalanobis distance of its own seen classes (χ² with F degrees
+    of freedom): a fraction ``accept_fraction`` of the particles the fitted Gaussians describe
+    are accepted, whatever the scale of the features on this split.
+    """
+    z = (x - model.centre) / model.scale
+    k, f = model.means.shape
+    if len(z) < 2:
+        raise InputError(f"adapt: {len(z)} particle(s); EM needs at least two")
+    probs, score = model.predict(x)
+    unknown = (score > np.quantile(score, 1 - unknown_fraction)).astype(np.float64)
+    resp = np.concatenate([probs * (1 - unknown)[:, None], unknown[:, None]], axis=1)
+    spread = np.cov(z, rowvar=False).reshape(f, f) + RIDGE * np.eye(f)
+    log_weight = np.append(model.log_prior + np.log1p(-unknown_fraction), np.log(unknown_fraction))
+    prior = _Mixture(model.means, np.linalg.inv(model.precision), log_weight, z.mean(0), spread)
+    mixture, previous = _m_step(z, resp, prior, prior_counts), -np.inf
+    for _ in range(EM_MAX_ITERATIONS):
+        resp, loglik = mixture.responsibilities(z)
+        mixture = _m_step(z, resp, prior, prior_counts)
+        if loglik - previous < EM_TOLERANCE:
+            break
+        previous = loglik
+    resp, _ = mixture.responsibilities(z)
+    seen_log_weight = mixture.log_weight[:k] - np.log(np.exp(mixture.log_weight[:k]).sum())
+    adapted = ClassModel(model.classes, model.centre, model.scale, mixture.means,
+                         np.linalg.inv(mixture.covariance), seen_log_weight, np.inf)
+    adapted.threshold = float(chi2.ppf(accept_fraction, f))
+    return adapted, resp[:, k]
+
+
+def adapt_classifier(config: Config, classifier: Path, latents: Path, output: Path, match: Path | None = None) -> None:
+    """Write the classifier of one unlabelled split: ``classification.adapt`` none copies the
+    simulated one, em refits both of its models on the split (:func:`adapt_model`)."""
+    cc = config.classification
+    model = Classifier.load(classifier)
+    if cc.adapt == "em":
+        _, _, x, x_unknown = _split_features(config, latents, match)
+        before = model.predict(x, x_unknown)
+        classes, _ = adapt_model(model.classes, x, cc.adapt_prior_counts, cc.adapt_unknown_fraction,
+                                 cc.accept_fraction)
+        unknown, p_unknown = adapt_model(model.unknown, x_unknown, cc.adapt_prior_counts,
+                                         cc.adapt_unknown_fraction, cc.accept_fraction)
+        model = Classifier(classes, unknown)
+        after = model.predict(x, x_unknown)
+        changed = float((before[0].argmax(1) != after[0].argmax(1)).mean())
+        log.info("adapt %s: %d particles, EM weight of unknown %.3f, threshold %.3f, called unknown %.3f, "
+                 "nearest class changed for %.3f", latents, len(x), float(p_unknown.mean()), model.threshold,
+                 float((after[1] > model.threshold).mean()), changed)
+    else:
+        log.info("adapt %s: classification.adapt is none, the simulated classifier is kept", latents)
     model.save(output)
 
 

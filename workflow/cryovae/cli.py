@@ -224,6 +224,20 @@ VERBS: dict[str, tuple[str, str, str, list[tuple[tuple[str, ...], dict]]]] = {
                              "help": "frames to write (JSON: rotation from the model's frame to each map, symmetry axes)"}),
         ],
     ),
+    "adapt": (
+        "cryovae.classify:adapt_classifier",
+        "Classifier of one extracted split: refit on its own unlabelled particles by EM (classification.adapt).",
+        "cryovae adapt --config config.yaml --classifier results/model/classifier.npz "
+        "--latents results/embeddings/latent/tomo1.npz --match results/embeddings/match/tomo1.npz "
+        "--output results/model/classifier_tomo1.npz",
+        [
+            (("--classifier",), {"type": _P, "required": True,
+                                 "help": "class model fitted on simulated particles (.npz from cryovae classifier)"}),
+            (("--latents",), {"type": _P, "required": True, "help": "latents of the split (.npz from cryovae embed)"}),
+            (("--match",), {"type": _P, "default": None, "help": "match output of the same split"}),
+            (("--output",), {"type": _P, "required": True, "help": "the split's class model to write (.npz)"}),
+        ],
+    ),
     "annotate": (
         "cryovae.classify:annotate",
         "Per-particle table: latent, class probabilities, unknown score, class, pose in the map's frame.",

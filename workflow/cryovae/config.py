@@ -296,20 +296,39 @@ class TrainingConfig(_Section):
     threads: int = Field(2, ge=1, description="CPU threads the train rule asks for.")
 
 
+FeatureName = Literal["latent", "template", "fit", "template_relative", "margin"]
+
+
 class ClassificationConfig(_Section):
     """Classes and unknowns from latents (and template-matching scores)."""
 
-    features: list[Literal["latent", "template", "fit"]] = Field(
+    features: list[FeatureName] = Field(
         ["latent", "template", "fit"], min_length=1, description="What the classifier sees: the VAE's latent "
         "means, the best global template-matching score per seen class, the full-size correlation at the "
-        "refined pose of the best class (template and fit need matching.enabled)."
+        "refined pose of the best class; scale-free forms: template_relative (each score over the "
+        "particle's best), margin (best minus second-best score, over the best).  All but latent need "
+        "matching.enabled."
     )
-    unknown_features: list[Literal["latent", "template", "fit"]] = Field(
+    unknown_features: list[FeatureName] = Field(
         ["latent", "template", "fit"], min_length=1, description="What the unknown score sees (a Gaussian "
         "per seen class over these features; the smallest Mahalanobis distance).  [latent] when matching is off."
     )
     accept_fraction: float = Field(
         0.95, gt=0, lt=1, description="Fraction of known validation particles the unknown threshold accepts."
+    )
+    adapt: Literal["none", "em"] = Field(
+        "em", description="Class model of each extracted (tomogram) split: none keeps the one fitted on "
+        "simulated particles; em refits it on the split's own unlabelled particles by EM, anchored to the "
+        "simulated model, with an unknown component; the unknown threshold accepts accept_fraction of the "
+        "adapted Gaussian classes (a chi-squared quantile).  Simulated splits keep the simulated model."
+    )
+    adapt_prior_counts: float = Field(
+        5.0, ge=0, description="Pseudo-counts of the simulated model in each EM update: per class for its "
+        "mean and weight, per class and feature dimension for the shared covariance (0: the split alone)."
+    )
+    adapt_unknown_fraction: float = Field(
+        0.25, gt=0, lt=1, description="Prior fraction of a tomogram's particles that belong to no seen "
+        "class: EM starts by treating the particles with the highest unknown scores as unknown."
     )
 
 
@@ -447,7 +466,7 @@ class Config(_Section):
                 raise ValueError("at least two classes must be seen in training")
         if {"classification", "matching"} <= present:
             cc = self.classification
-            needs_matching = sorted({"template", "fit"} & set(cc.features + cc.unknown_features))
+            needs_matching = sorted(set(cc.features + cc.unknown_features) - {"latent"})
             if needs_matching and not self.matching.enabled:
                 raise ValueError(f"classification.features lists {needs_matching} but matching.enabled is false")
         if "tomogram_simulation" in present:

@@ -1,5 +1,6 @@
 # From a trained model to answers: classes and unknowns, poses in the reference frame,
 # pose priors for subtomogram averaging, and the evaluation.
+import re
 
 
 rule match:
@@ -78,11 +79,38 @@ rule align:
         "--maps {input.maps} --output {output} 2> {log} || (tail -n 1 {log} >&2; exit 1)"
 
 
-rule annotate:
+rule adapt:
     input:
         unpack(lambda wildcards: matched(wildcards.split)),
         latents=f"{OUT}/embeddings/latent/{{split}}.npz",
         classifier=f"{OUT}/model/classifier.npz",
+    output:
+        f"{OUT}/model/classifier_{{split}}.npz",
+    wildcard_constraints:
+        split="|".join(re.escape(t) for t in TOMOGRAMS) or "no-extracted-split",
+    params:
+        config=stage_config("classification"),
+        match=lambda wildcards: match_option("--match", f"{OUT}/embeddings/match/{wildcards.split}.npz"),
+    conda:
+        CONDA_ENV
+    log:
+        f"{OUT}/logs/adapt/{{split}}.log",
+    threads: 1
+    resources:
+        mem_mb=mem_mb(2000),
+        runtime=10,
+    message:
+        "Class model of the {wildcards.split} split from its own particles (log: {log})"
+    shell:
+        "cryovae adapt --config {params.config:q} --classifier {input.classifier} --latents {input.latents} "
+        "{params.match} --output {output} 2> {log} || (tail -n 1 {log} >&2; exit 1)"
+
+
+rule annotate:
+    input:
+        unpack(lambda wildcards: matched(wildcards.split)),
+        latents=f"{OUT}/embeddings/latent/{{split}}.npz",
+        classifier=split_classifier,
         frames=f"{OUT}/model/frames.json",
     output:
         f"{OUT}/embeddings/{{split}}.csv",

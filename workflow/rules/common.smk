@@ -115,3 +115,11 @@ def matched(split):
 def match_option(flag, path):
     """A verb's option naming a match output, or nothing when matching is off."""
     return f"{flag} {path}" if CFG.matching.enabled else ""
+
+
+def split_classifier(wildcards):
+    """The class model a split is annotated with: an extracted split's own (rule adapt),
+    the one fitted on simulated particles for simulated splits."""
+    if wildcards.split in TOMOGRAMS:
+        return f"{OUT}/model/classifier_{wildcards.split}.npz"
+    return f"{OUT}/model/classifier.npz"
