@@ -9,14 +9,25 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from cryovae.acquisition import (
-    Acquisition, complete_acquisition, read_acquisition, read_mdoc, read_relion5_tomograms, read_split_acquisitions,
-    read_tlt, split_tilt_range_deg, tilts_from_range,
+    Acquisition,
+    complete_acquisition,
+    read_acquisition,
+    read_mdoc,
+    read_relion5_tomograms,
+    read_split_acquisitions,
+    read_tlt,
+    split_tilt_range_deg,
+    tilts_from_range,
 )
 from cryovae.config import TomogramInput, validate_config
 from cryovae.ctf import (
-    ParticleCtfs, ctf_3d, defocus_offset_angstrom, missing_wedge_mask, particle_defocus_um, per_tilt_ctf_3d,
+    ParticleCtfs,
+    ctf_3d,
+    defocus_offset_angstrom,
+    missing_wedge_mask,
+    particle_defocus_um,
+    per_tilt_ctf_3d,
 )
 from cryovae.errors import InputError
 from cryovae.extract import extract_tomogram
