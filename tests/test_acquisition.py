@@ -31,7 +31,7 @@ from cryovae.ctf import (
 )
 from cryovae.errors import InputError
 from cryovae.extract import extract_tomogram
-from cryovae.match import Matcher, contrast_warnings
+from cryovae.match import Matcher, contrast_warnings, split_particle_ctfs
 from cryovae.rotations import random_rotations
 from cryovae.shards import SubtomogramSet
 from cryovae.star import write_star_blocks
@@ -186,6 +186,16 @@ def test_extraction_writes_acquisition_with_the_particles(tmp_path, tomogram):
     np.testing.assert_allclose(back.defocus_um, source.defocus_um, atol=1e-6)
     np.testing.assert_allclose(back.pre_exposure_e_per_angstrom2, source.pre_exposure_e_per_angstrom2)
     assert (back.voltage_kv, back.spherical_aberration_mm, back.amplitude_contrast) == (300.0, 2.7, 0.07)
+
+    # matching's per-particle CTFs come from acquisition.star: each the particle's own (to its bin)
+    per_tilt, names, coords = split_particle_ctfs(plain)
+    np.testing.assert_allclose(coords, centred, atol=1e-4)
+    ctfs = per_tilt(names, coords).numpy()
+    acq = complete_acquisition(source, _spec(spherical_aberration_mm=2.7, amplitude_contrast=0.07), "TS_01")
+    for k in range(len(POSITIONS)):
+        own = per_tilt_ctf_3d(particle_defocus_um(acq.defocus_um, acq.tilt_deg, centred[k:k + 1])[0], acq.tilt_deg,
+                              acq.pre_exposure_e_per_angstrom2, BOX, PIXEL, 300.0, 2.7, 0.07).numpy()
+        assert np.corrcoef(ctfs[k].ravel(), own.ravel())[0, 1] > 0.999
 
     inverted = _extract(tmp_path, tomogram, "inverted", invert_contrast=True)
     assert (inverted.particles["cryovaeInvertContrast"] == 1).all()
