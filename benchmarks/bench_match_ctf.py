@@ -1,6 +1,6 @@
 """Template matching with each particle's own per-tilt 3D CTF against the isotropic CTF x wedge.
 
-    python benchmarks/bench_match_ctf.py [--particles 512] [--threads 2] [--tilt-step 3] [--bin 500]
+    python benchmarks/bench_match_ctf.py [--particles 512] [--threads 2] [--tilt-step 3] [--bin 250]
 
 The particles of benchmarks/bench_match.py (eight seen SHREC maps, 32³ at 10 Å, SNR 0.5) are
 given positions in a 6000 x 6000 x 1500 Å tomogram and a dose-symmetric tilt series (±60°,
@@ -42,7 +42,7 @@ def main() -> None:
     ap.add_argument("--particles", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tilt-step", type=float, default=3.0)
-    ap.add_argument("--bin", type=float, default=500.0, help="defocus bin of the CTF cache, Å")
+    ap.add_argument("--bin", type=float, default=250.0, help="defocus bin of the CTF cache, Å")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     config = validate_config({"structures": {c: f"demo:{c}" for c in SEEN}, "box_size": BOX,

@@ -28,6 +28,8 @@ from cryovae.ctf import (
     missing_wedge_mask,
     particle_defocus_um,
     per_tilt_ctf_3d,
+    tilt_insertion_weights,
+    weighted_ctf_3d,
 )
 from cryovae.errors import InputError
 from cryovae.extract import extract_tomogram
@@ -193,7 +195,8 @@ def test_extraction_writes_acquisition_with_the_particles(tmp_path, tomogram):
     ctfs = per_tilt(names, coords).numpy()
     acq = complete_acquisition(source, _spec(spherical_aberration_mm=2.7, amplitude_contrast=0.07), "TS_01")
     for k in range(len(POSITIONS)):
-        own = per_tilt_ctf_3d(particle_defocus_um(acq.defocus_um, acq.tilt_deg, centred[k:k + 1])[0], acq.tilt_deg,
+        own = weighted_ctf_3d(tilt_insertion_weights(acq.tilt_deg, BOX),
+                              particle_defocus_um(acq.defocus_um, acq.tilt_deg, centred[k:k + 1])[0],
                               acq.pre_exposure_e_per_angstrom2, BOX, PIXEL, 300.0, 2.7, 0.07).numpy()
         assert np.corrcoef(ctfs[k].ravel(), own.ravel())[0, 1] > 0.999
 
@@ -250,6 +253,19 @@ def test_per_tilt_ctf_off_axis_differs_at_high_tilts():
 
     assert change(low) < 0.03  # near zero tilt the offset 2000 sin(t) Å is small
     assert change(high) > 0.1  # at 45-60° it is 0.14-0.17 µm more underfocus
+
+
+def test_weighted_gather_agrees_with_inserting_the_2d_ctfs():
+    """ParticleCtfs' route (insertion weights once, each tilt's CTF at the voxel's |k|) against
+    inserting torch-ctf's 2D CTFs, off-axis and dose-weighted."""
+    n = len(SERIES)
+    dose = 3.0 * np.arange(n)
+    defocus = particle_defocus_um(np.full(n, 3.0), SERIES, np.array([[2000.0, 300.0, 500.0]]))[0]
+    inserted = per_tilt_ctf_3d(defocus, SERIES, dose, CTF_BOX, CTF_PIXEL, *OPTICS).numpy()
+    weights = tilt_insertion_weights(SERIES, CTF_BOX)
+    gathered = weighted_ctf_3d(weights, defocus, dose, CTF_BOX, CTF_PIXEL, *OPTICS).numpy()
+    inside = _inside_nyquist(CTF_BOX)
+    assert np.corrcoef(inserted[inside], gathered[inside])[0, 1] > 0.999
 
 
 def test_dose_weighting_lowers_high_frequencies_and_the_cache_shares_bins():
