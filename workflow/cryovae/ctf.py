@@ -17,8 +17,9 @@ with ``dz`` > 0 underfocus, ``lambda`` the relativistic electron wavelength, ``C
 spherical aberration and ``A`` the amplitude contrast.  This is torch-ctf's sign
 (``calculate_ctf_1d``, which the tests hold it to): positive at low frequency, so a white particle (protein bright, as
 RELION expects particles) stays white.  It ignores the
-defocus gradient across tilts and the per-tilt dose (a real subtomogram's CTF is a sum
-over the tilt series).
+defocus gradient across tilts and the per-tilt dose; a real subtomogram's CTF is a sum
+over the tilt series, :func:`per_tilt_ctf_3d` (and :class:`ParticleCtfs`, which extracted
+particles get from their split's acquisition.star).
 
 Tilt geometry (the one definition; the tomogram simulator, the acquisition metadata and
 the wedge all use it): a tilt ``theta`` about Y images the specimen along the beam
