@@ -302,3 +302,26 @@ def test_contrast_check_warns_for_negated_particles(caplog):
         messages = contrast_warnings(dark["scores"], dark["scores_min"], np.array(["TS_dark"] * n))
     assert len(messages) == 1 and "TS_dark" in messages[0] and "set invert_contrast: true" in messages[0]
     assert "TS_dark" in caplog.text
+
+
+def test_match_split_of_an_extracted_split_uses_its_acquisition(tmp_path, tomogram, caplog):
+    """match_split on an extracted split: per-tilt CTFs from acquisition.star, the contrast check runs."""
+    from cryovae.maps import write_map
+    from cryovae.match import match_split
+
+    _extract(tmp_path, tomogram, "split")
+    config = validate_config({"structures": {"a": "demo:a", "b": "demo:b"}, "box_size": BOX,
+                              "pixel_size_angstrom": PIXEL, "matching": {"coarse_step_deg": 30.0, "coarse_rank": 0,
+                                                                          "refine_steps_deg": [10.0],
+                                                                          "device": "cpu"}})
+    blobs = class_blobs(2, 3, BOX, seed=2, n_blobs=2)
+    maps = []
+    for k, c in enumerate("ab"):
+        maps.append(tmp_path / f"{c}.mrc")
+        write_map(render_blobs(blobs[k], BOX, sigma_voxels=1.0).astype(np.float32), PIXEL, maps[-1])
+    with caplog.at_level(logging.INFO):
+        match_split(config, tmp_path / "split", maps, tmp_path / "match.npz")
+    result = np.load(tmp_path / "match.npz")
+    assert result["scores"].shape == result["scores_min"].shape == (len(POSITIONS), 2)
+    assert np.all(result["scores_min"] <= result["scores"])
+    assert "CTF per tilt, per particle" in caplog.text and "wedge (-9.0, 9.0)" in caplog.text
