@@ -258,7 +258,7 @@ def read_acquisition(path: str | Path, tomogram: str) -> Acquisition:
 def tilts_from_range(tilt_range_deg: tuple[float, float]) -> np.ndarray:
     """Tilts every :data:`TILT_STEP_DEG` over [min, max], both ends included: (n,) float64."""
     lo, hi = float(tilt_range_deg[0]), float(tilt_range_deg[1])
-    n = max(2, int(round((hi - lo) / TILT_STEP_DEG)) + 1)
+    n = max(2, round((hi - lo) / TILT_STEP_DEG) + 1)
     return np.linspace(lo, hi, n)
 
 

@@ -148,7 +148,7 @@ def resolve_binning(binning: int | str, tomogram_px: float, workflow_px: float) 
     :func:`check_workflow_pixel_size` then says whether it is exact."""
     if binning != "auto":
         return int(binning)
-    return max(1, int(round(workflow_px / tomogram_px)))
+    return max(1, round(workflow_px / tomogram_px))
 
 
 def tomogram_mean(data: np.ndarray, target_voxels: int = 2_000_000) -> float:
