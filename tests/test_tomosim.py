@@ -195,3 +195,11 @@ def test_workflow_runs_on_a_simulated_tomogram(tmp_path):
     assert metrics["n_seen_particles"] + metrics["n_unseen_particles"] == metrics["n_particles"]
     assert metrics["pose_error_n_particles"] > 0
     assert 0.0 <= metrics["unseen_auroc"] <= 1.0
+
+
+def test_simulated_tomograms_join_extraction_with_their_truth():
+    config = tomosim.with_simulated_tomograms(_config(tomograms=2))
+    assert [n for n in config.extraction.tomograms] == ["sim_00", "sim_01"]
+    spec = config.extraction.tomograms["sim_01"]
+    assert spec.truth.endswith("tomograms/sim_01/truth.star") and spec.coordinates.endswith("sim_01/picks.star")
+    assert spec.tomogram.endswith("tomograms/sim_01/sim_01.mrc")

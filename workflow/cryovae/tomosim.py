@@ -96,8 +96,13 @@ def with_simulated_tomograms(config):
     added = {}
     for name in names:
         files = tomogram_files(config, name)
-        added[name] = TomogramInput(tomogram=str(files["tomogram"]), coordinates=str(files["picks"]),
-                                    truth=str(files["truth"]))
+        spec = {"tomogram": str(files["tomogram"]), "coordinates": str(files["picks"]), "truth": str(files["truth"])}
+        # where extraction reads acquisition metadata and contrast, it reads them from what was simulated
+        if "acquisition" in TomogramInput.model_fields:
+            spec["acquisition"] = str(files["tomograms_star"])
+        if "invert_contrast" in TomogramInput.model_fields:
+            spec["invert_contrast"] = config.tomogram_simulation.dark_contrast
+        added[name] = TomogramInput(**spec)
     extraction = config.extraction.model_copy(update={"tomograms": {**config.extraction.tomograms, **added}})
     return config.model_copy(update={"extraction": extraction})
 
