@@ -59,7 +59,7 @@ def stages(species) -> None:
     series = tomosim.tilt_series(cfg)
     with torch.no_grad():
         images = timed("project (real space)", tomosim.project_slab, slab, series.tilts_deg)
-        images = timed("CTF + exposure", tomosim.signal_images, slab, series, cfg)
+        images = timed("project + CTF + exposure", tomosim.signal_images, slab, series, cfg)
         timed("back-project", tomosim.backproject, images, series.tilts_deg, 64, 3.0)
 
 

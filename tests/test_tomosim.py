@@ -195,3 +195,28 @@ def test_workflow_runs_on_a_simulated_tomogram(tmp_path):
     assert metrics["n_seen_particles"] + metrics["n_unseen_particles"] == metrics["n_particles"]
     assert metrics["pose_error_n_particles"] > 0
     assert 0.0 <= metrics["unseen_auroc"] <= 1.0
+
+
+def test_simulated_tomograms_join_extraction_with_their_truth():
+    config = tomosim.with_simulated_tomograms(_config(tomograms=2))
+    assert [n for n in config.extraction.tomograms] == ["sim_00", "sim_01"]
+    spec = config.extraction.tomograms["sim_01"]
+    assert spec.truth.endswith("tomograms/sim_01/truth.star") and spec.coordinates.endswith("sim_01/picks.star")
+    assert spec.tomogram.endswith("tomograms/sim_01/sim_01.mrc")
+
+
+def test_evaluate_counts_novel_particles_as_unknowns():
+    from cryovae.evaluate import attach_truth, unseen_auroc
+
+    config = validate_config({"structures": {"a": "demo:globule_a", "b": "demo:rod_a", "c": "demo:ring_a"},
+                              "unseen": ["c"]})
+    particles = pd.DataFrame({"cryovaeParticleId": ["p0", "p1", "p2", "p3"],
+                              "cryovaeClassName": ["a", "b", "4cr2", "c"], "cryovaeNovel": [0, 0, 1, 0]})
+    table = pd.DataFrame({"particle_id": ["p3", "p2", "p1", "p0"], "unknown_score": [0.9, 0.8, 0.1, 0.2]})
+    merged = attach_truth(table, particles, Path("e.csv"), Path("p.star"), config)
+    assert list(merged["novel"]) == [False, False, True, False]
+    score = merged["unknown_score"].to_numpy()
+    true_class = merged["true_class"].to_numpy(dtype=object)
+    assert unseen_auroc(true_class, score, config, merged["novel"].to_numpy()) == 1.0
+    with pytest.raises(Exception, match="4cr2"):  # a class of no config that is not marked novel
+        attach_truth(table, particles.assign(cryovaeNovel=0), Path("e.csv"), Path("p.star"), config)

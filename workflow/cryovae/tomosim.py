@@ -96,6 +96,7 @@ def with_simulated_tomograms(config):
     added = {}
     for name in names:
         files = tomogram_files(config, name)
+        # extraction reads the acquisition metadata and the contrast from what was simulated
         added[name] = TomogramInput(tomogram=str(files["tomogram"]), coordinates=str(files["picks"]),
                                     acquisition=str(files["tomograms_star"]), truth=str(files["truth"]),
                                     invert_contrast=config.tomogram_simulation.dark_contrast)
