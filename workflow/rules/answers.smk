@@ -9,7 +9,7 @@ rule match:
     output:
         f"{OUT}/embeddings/match/{{split}}.npz",
     params:
-        config=stage_config("matching", "simulation"),
+        config=stage_config("matching", "simulation", "alignment"),
         split_dir=lambda wildcards: split_dir(wildcards.split),
     conda:
         CONDA_ENV
