@@ -141,6 +141,9 @@ def main() -> None:
               f"determined {determined[refined].mean():.3f}: median error determined "
               f"{np.median(error[refined & determined]) if (refined & determined).any() else float('nan'):.1f}°, "
               f"undetermined {np.median(error[refined & ~determined]) if (refined & ~determined).any() else float('nan'):.1f}°")
+        good, bad = refined & (error < 15), refined & (error > 45)
+        print(f"- pose_margin quartiles: err < 15° {np.percentile(margin[good], [25, 50, 75]).round(2).tolist()}, "
+              f"err > 45° {np.percentile(margin[bad], [25, 50, 75]).round(2).tolist() if bad.any() else 'none'}")
         print("- determined fraction per class: " + ", ".join(
             f"{cls} {determined[(k == j) & refined].mean():.2f}" for j, cls in enumerate(SEEN)))
         print("- map self-margin per class (noise-free NCC gap to the best rotation > pose_far_deg): " + ", ".join(

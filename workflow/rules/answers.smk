@@ -110,6 +110,7 @@ rule priors:
     output:
         star=f"{OUT}/priors/{{split}}.star",
         by_class=directory(f"{OUT}/priors/{{split}}"),
+        global_search=f"{OUT}/priors/{{split}}_global_search.star",
     params:
         config=stage_config("priors", "simulation", "extraction"),
         split_dir=lambda wildcards: split_dir(wildcards.split),
