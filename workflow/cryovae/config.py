@@ -251,7 +251,7 @@ class MatchingConfig(_Section):
         "other hypotheses: pose_margin compares the best score near the pose with the best beyond."
     )
     pose_margin_min: float = Field(
-        3.0, description="pose_margin (in noise standard deviations of the global-search score) at or above "
+        0.75, description="pose_margin (in noise standard deviations of the global-search score) at or above "
         "which a particle's orientation counts as determined (pose_determined); below it the priors send the "
         "particle to a global search."
     )

@@ -136,6 +136,7 @@ EVAL_PLOTS = [
     "confusion",
     "affinity_vs_latent",
     "pose_error",
+    "pose_confidence",
     "reconstructions",
     "interpolation",
 ]
@@ -168,7 +169,7 @@ rule evaluate:
             for name in EVAL_PLOTS
         ],
     params:
-        config=stage_config("alignment", "training"),
+        config=stage_config("alignment", "training", "matching"),
         split_dir=lambda wildcards: split_dir(wildcards.split),
         output_dir=lambda wildcards: f"{OUT}/evaluation/{wildcards.split}",
     conda:
