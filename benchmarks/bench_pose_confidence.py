@@ -28,14 +28,17 @@ from pathlib import Path
 import mrcfile
 import numpy as np
 import torch
-from scipy import ndimage
-
+from cryovae.align import orient_symmetry
 from cryovae.config import validate_config
 from cryovae.ctf import ctf_3d
 from cryovae.match import CHUNK, Matcher
-from cryovae.align import orient_symmetry
-from cryovae.rotations import random_rotations, symmetric_geodesic_distance_deg, symmetry_group_in_frame
+from cryovae.rotations import (
+    random_rotations,
+    symmetric_geodesic_distance_deg,
+    symmetry_group_in_frame,
+)
 from cryovae.simulate import ParticleDraws, simulate_volumes
+from scipy import ndimage
 
 MAPS = Path(__file__).resolve().parents[2] / "shared" / "data" / "shrec2021" / "maps_10A"
 SEEN = ["1bxn", "1qvr", "1u6g", "2cg9", "3cf3", "3d2f", "3h84", "3qm1"]

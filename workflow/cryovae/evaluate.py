@@ -38,11 +38,10 @@ from __future__ import annotations
 
 import html
 import json
+import logging
 import re
 from collections.abc import Sequence
 from pathlib import Path
-
-import logging
 
 import numpy as np
 import pandas as pd
@@ -236,7 +235,11 @@ def symmetric_pose_error_deg(pred_angles_deg: np.ndarray, true_angles_deg: np.nd
     ``symmetry``: a point-group name (RELION's standard orientation) or its operators (G, 3, 3)
     in the reference map's frame (``align.symmetry_operators``).
     """
-    from cryovae.rotations import relion_euler_to_matrix, symmetric_geodesic_distance_deg, symmetry_group
+    from cryovae.rotations import (
+        relion_euler_to_matrix,
+        symmetric_geodesic_distance_deg,
+        symmetry_group,
+    )
 
     group = symmetry_group(symmetry) if isinstance(symmetry, str) else np.asarray(symmetry, dtype=np.float64)
     pred = relion_euler_to_matrix(pred_angles_deg)

@@ -55,6 +55,7 @@ from pathlib import Path
 import mrcfile
 import numpy as np
 import torch
+from scipy.spatial.transform import Rotation
 from tqdm import tqdm
 
 from cryovae.atomic import atomic_path
@@ -68,7 +69,6 @@ from cryovae.volumes import (
     correlation_peak, cross_correlation, fourier_crop, phase_shift, rfft_frequencies, rfft_weights, rigid_transform,
     standardise_volumes,
 )
-from scipy.spatial.transform import Rotation
 
 log = logging.getLogger(__name__)
 CHUNK = 256  # particles per block: bounds memory at (CHUNK, box^3) complex volumes
