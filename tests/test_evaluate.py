@@ -27,7 +27,7 @@ CLASSES = ["alpha", "beta", "gamma", "delta"]  # delta is unseen
 SEEN = ["alpha", "beta", "gamma"]
 BOX = 8
 PLOTS = ["umap.png", "confusion.png", "affinity_vs_latent.png", "pose_error.png", "reconstructions.png",
-         "interpolation.png", "training_curves.png"]
+         "interpolation.png", "training_curves.png", "pose_confidence.png"]
 
 
 def make_config(**extra):
@@ -490,3 +490,46 @@ def test_embed_2d_keeps_separated_clusters_apart_and_is_seeded():
     nearest = np.argmin(((coords[:, None] - centres[None]) ** 2).sum(-1), axis=1)
     assert (nearest == labels).all()
     np.testing.assert_array_equal(embed_2d(latents, seed=3)[0], coords)
+
+
+def test_frame_free_error_ignores_a_common_frame_rotation_and_offset():
+    """Poses off by one frame rotation G (and origins by R_i t) for every particle have zero
+    frame-free error; one particle turned by a further 40° has 40°, the others stay at zero."""
+    rng = np.random.default_rng(3)
+    true = random_rotations(12, rng)
+    frame = random_rotations(1, rng)[0]
+    pred = true @ frame.T
+    turn = relion_euler_to_matrix(np.array([0.0, 40.0, 0.0]))
+    pred[5] = pred[5] @ turn
+    errors = ev.frame_free_rotation_errors(pred, true, np.eye(3)[None])
+    assert errors[5] == pytest.approx(40.0, abs=1e-4)
+    np.testing.assert_allclose(np.delete(errors, 5), 0.0, atol=1e-4)
+    offset = np.array([1.5, -0.5, 2.0])
+    delta = np.einsum("nij,j->ni", true, offset)
+    delta[2] += [0.0, 3.0, 4.0]
+    shifts = ev.frame_free_shift_errors(delta, true)
+    assert shifts[2] == pytest.approx(5.0, abs=1e-9)
+    np.testing.assert_allclose(np.delete(shifts, 2), 0.0, atol=1e-9)
+
+
+def test_frame_free_error_is_modulo_the_point_group():
+    rng = np.random.default_rng(4)
+    true = random_rotations(8, rng)
+    group = symmetry_group("C4")
+    pred = np.stack([t @ group[i % 4] for i, t in enumerate(true)])  # each off by a symmetry operation
+    np.testing.assert_allclose(ev.frame_free_rotation_errors(pred, true, group), 0.0, atol=1e-4)
+
+
+def test_pose_margin_auroc_and_determined_medians():
+    config = validate_config({"structures": {"a": "demo:globule_a", "b": "demo:rod_a"}, "box_size": 16})
+    ids = [f"p{i}" for i in range(6)]
+    free = pd.DataFrame({"particle_id": ids, "true_class": "a",
+                         "rotation_error_deg_frame_free": [2.0, 3.0, 4.0, 90.0, 100.0, 120.0],
+                         "shift_error_px_frame_free": 0.5})
+    merged = pd.DataFrame({"particle_id": ids, "nearest_class": ["a"] * 3 + ["b"] * 3,
+                           "pose_margin": [9.0, 8.0, 7.0, 1.0, 0.5, 0.2], "pose_determined": [1, 1, 1, 0, 0, 0]})
+    out = ev.pose_confidence_metrics(merged, free, config)
+    assert out["pose_margin_auroc"] == 1.0
+    assert out["pose_error_median_deg_determined"] == 3.0 and out["pose_error_median_deg_undetermined"] == 100.0
+    assert out["per_class_pose_determined_fraction"] == {"a": 1.0, "b": 0.0}
+    assert out["pose_undetermined_classes"] == ["b"] and out["shift_error_median_px"] == 0.5

@@ -120,3 +120,28 @@ def test_simulated_priors_name_images_from_the_output_folder_and_carry_defocus(t
         assert all((tmp_path / name).is_file() for name in particles["rlnCtfImage"])
         for col in ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle"):
             np.testing.assert_allclose(particles[col], truth[col].to_numpy()[rows], err_msg=f"{path.name} {col}")
+
+
+@pytest.mark.parametrize("fmt", ["relion5", "relion4"])
+def test_undetermined_poses_go_to_a_global_search_file_without_angle_priors(extracted, fmt):
+    """The matcher's confidence travels into the STAR files; undetermined particles are listed apart."""
+    from cryovae.priors import global_search_path
+
+    config = _config(extracted, fmt)
+    split = extracted / "extracted" / "ts01"
+    extract_tomogram(config, "ts01", split)
+    ids = starfile.read(split / "particles.star", parse_as_string=["cryovaeParticleId"])["particles"]["cryovaeParticleId"]
+    emb = _embeddings(extracted / "emb.csv", list(ids))
+    emb["pose_margin"], emb["pose_sigma_deg"], emb["pose_determined"] = [5.0, 0.5, 4.0], [3.0, 40.0, 2.5], [1, 0, 1]
+    emb["pose_spread_deg"] = 1.0
+    emb.to_csv(extracted / "emb.csv", index=False)
+    out = extracted / "priors" / "ts01.star"
+    write_priors(config, extracted / "emb.csv", split, out)
+    particles = starfile.read(out, always_dict=True)["particles"]
+    np.testing.assert_allclose(particles["cryovaePoseMargin"], [5.0, 0.5, 4.0])
+    np.testing.assert_allclose(particles["cryovaePoseSigmaDeg"], [3.0, 40.0, 2.5])
+    assert particles["cryovaePoseDetermined"].tolist() == [1, 0, 1]
+    search = starfile.read(global_search_path(out), always_dict=True)["particles"]
+    assert search["cryovaeParticleId"].astype(str).tolist() == [str(ids.iloc[1])]
+    assert "rlnAngleTiltPrior" not in search.columns and "rlnAnglePsiPrior" not in search.columns
+    assert search["rlnAngleRot"].iloc[0] == pytest.approx(emb["angle_rot"][1], abs=1e-6)

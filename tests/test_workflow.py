@@ -160,7 +160,8 @@ def test_report_shows_every_plot_and_metrics_table_once_with_its_caption(run, tm
     text = report.read_text()
     entries = dict(re.findall(r'"([^"]+\.(?:png|html))": \{"name": "[^"]*", "filename": "[^"]*", "labels": [^,]*, '
                               r'"size": "[^"]*", "caption": "((?:[^"\\]|\\.)*)"', text))
-    plots = ["umap", "confusion", "affinity_vs_latent", "pose_error", "reconstructions", "interpolation"]
+    plots = ["umap", "confusion", "affinity_vs_latent", "pose_error", "pose_confidence", "reconstructions",
+             "interpolation"]
     expected = {"affinity/affinity.png": "affinity", "model/loss_curves.png": "training_curves"}
     for split in ("val", "test"):
         expected |= {f"evaluation/{split}/{name}.png": name for name in plots}

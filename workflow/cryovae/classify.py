@@ -387,13 +387,23 @@ def _pose_columns(prefix: str, rotation: np.ndarray, origin: np.ndarray) -> dict
     return table | {f"{prefix}origin_{ax}_angstrom": origin[:, i] for i, ax in enumerate("xyz")}
 
 
+POSE_CONFIDENCE = ("pose_margin", "pose_spread_deg", "pose_sigma_deg", "pose_determined")
+
+
+def _confidence_columns(matches: dict[str, np.ndarray], rows: np.ndarray, k: np.ndarray) -> dict[str, np.ndarray]:
+    """The matcher's pose confidence at each particle's nearest class (``match`` files that have it)."""
+    return {name: matches[name][rows, k] for name in POSE_CONFIDENCE if name in matches}
+
+
 def annotate(
     config: Config, latents: Path, classifier: Path, frames: Path, output: Path, match: Path | None = None
 ) -> None:
     """Write the per-particle CSV: latent, pose in the reference frame, class, probabilities, unknown score.
 
     With a ``match`` file the pose columns are the template-matching pose of the nearest
-    class and ``network_angle_*``/``network_origin_*`` hold the network's pose in the same frame.
+    class and ``network_angle_*``/``network_origin_*`` hold the network's pose in the same frame;
+    ``pose_margin``, ``pose_spread_deg``, ``pose_sigma_deg`` and ``pose_determined`` are the
+    matcher's confidence in that pose (:mod:`cryovae.match`).
     """
     data, matches, x, x_unknown = _split_features(config, latents, match)
     model = Classifier.load(classifier)
@@ -415,6 +425,7 @@ def annotate(
         table |= _pose_columns("", matches["rotation"][rows, k], matches["origin_angstrom"][rows, k])
         table |= _pose_columns("network_", network_rot, network_origin)
         table |= {f"template_score_{c}": matches["scores"][:, j] for j, c in enumerate(config.seen_classes)}
+        table |= _confidence_columns(matches, rows, k)
     table |= {"predicted_class": predicted, "nearest_class": nearest}
     table |= {f"prob_{c}": probs[:, k] for k, c in enumerate(model.classes.classes)}
     table |= {"unknown_score": score, "confidence": probs.max(1), "recon_error": data["recon_error"]}

@@ -349,6 +349,19 @@ class MatchingConfig(_Section):
         [6.0, 2.5], description="Steps of the local refinement grids (5 x 5 x 5 rotations each), coarse to fine."
     )
     refine_top: int = Field(2, ge=1, description="Classes per particle refined (the best global scores).")
+    coarse_keep: int = Field(
+        4, ge=1, description="Global-search peaks refined per refined class: the best grid rotations at least "
+        "pose_far_deg apart (modulo the class's point group); the refined pose of best fit wins."
+    )
+    pose_far_deg: float = Field(
+        30.0, gt=0, le=180, description="Rotations this far from a particle's pose (modulo the point group) are "
+        "other hypotheses: pose_margin compares the best score near the pose with the best beyond."
+    )
+    pose_margin_min: float = Field(
+        0.75, description="pose_margin (in noise standard deviations of the global-search score) at or above "
+        "which a particle's orientation counts as determined (pose_determined); below it the priors send the "
+        "particle to a global search."
+    )
     tilt_range_deg: tuple[float, float] | None = Field(
         (-60.0, 60.0), description="Missing wedge of extracted particles (tilt about Y); simulated particles "
         "use simulation.tilt_range_deg.  null: no wedge."

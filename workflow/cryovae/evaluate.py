@@ -19,6 +19,17 @@ Metrics that need ground truth are ``null`` in metrics.json when the split has n
   (``config.alignment.symmetry``, default C1, its axes located in the map by ``align``),
   over seen-class particles with true poses.  ``network_pose_error_median_deg``: the same
   for the network's own poses, when template matching gave the written ones.
+- ``pose_error_median_deg_frame_free``: the error of orientations relative to the other
+  particles of the class, independent of the reference frame: for each particle the frame
+  offset G (pred_j G = true_j, modulo the point group) is estimated from the OTHER
+  particles of its true class (the candidate pred_j^T true_j g minimising their median
+  error), and the particle's error is taken after that G.  ``shift_error_median_px``: the
+  same for origins, in pixels (the offset taken in each particle's reference frame).
+- ``pose_determined_fraction``, ``per_class_pose_determined_fraction`` (by nearest class,
+  all particles), ``pose_error_median_deg_determined``/``_undetermined`` (frame-free),
+  ``pose_margin_auroc``: AUROC of ``pose_margin`` separating frame-free errors < 15° from
+  > 45°; ``pose_undetermined_classes``: classes with fewer than half their particles
+  determined (their maps do not fix an orientation at this pixel size and SNR).
 - ``affinity_spearman``: Spearman correlation, over the upper triangle, of the cosine
   similarity of class-mean latents against the affinity matrix, for the true classes
   present in the split (at least three, so that there are three pairs).
@@ -28,6 +39,7 @@ from __future__ import annotations
 
 import html
 import json
+import logging
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,7 +54,9 @@ from cryovae.classify import read_frames
 from cryovae.errors import InputError
 from cryovae.shards import SubtomogramSet
 
+log = logging.getLogger(__name__)
 UNKNOWN = "unknown"
+FRAME_CANDIDATES = 64  # frame offsets tried per class (seeded subset of the particles' own)
 ANGLE_COLUMNS = ("angle_rot", "angle_tilt", "angle_psi")
 ORIGIN_COLUMNS = ("origin_x_angstrom", "origin_y_angstrom", "origin_z_angstrom")
 TRUE_ANGLE_COLUMNS = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
@@ -229,7 +243,11 @@ def symmetric_pose_error_deg(pred_angles_deg: np.ndarray, true_angles_deg: np.nd
     ``symmetry``: a point-group name (RELION's standard orientation) or its operators (G, 3, 3)
     in the reference map's frame (``align.symmetry_operators``).
     """
-    from cryovae.rotations import relion_euler_to_matrix, symmetric_geodesic_distance_deg, symmetry_group
+    from cryovae.rotations import (
+        relion_euler_to_matrix,
+        symmetric_geodesic_distance_deg,
+        symmetry_group,
+    )
 
     group = symmetry_group(symmetry) if isinstance(symmetry, str) else np.asarray(symmetry, dtype=np.float64)
     pred = relion_euler_to_matrix(pred_angles_deg)
@@ -287,6 +305,120 @@ def pose_metrics(errors: pd.DataFrame) -> dict:
             str(c): float(np.median(rot[errors["true_class"].to_numpy() == c])) for c in errors["true_class"].unique()
         } or None,
     }
+
+
+def _quaternions(rotations: np.ndarray) -> np.ndarray:
+    from scipy.spatial.transform import Rotation
+
+    rotations = np.asarray(rotations, dtype=np.float64)
+    return Rotation.from_matrix(rotations.reshape(-1, 3, 3)).as_quat().reshape(rotations.shape[:-2] + (4,))
+
+
+def frame_free_rotation_errors(pred: np.ndarray, true: np.ndarray, group: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Leave-one-out frame-free rotation errors (n,) in degrees of one class.
+
+    pred, true (n, 3, 3) particle-from-reference; group (S, 3, 3) the point group in the map.
+    Candidates G = pred_j^T true_j (at most ``FRAME_CANDIDATES``, seeded); particle i's G is
+    the candidate not made from i minimising the median over j != i of
+    min_g angle(pred_j G, true_j g); its error is min_g angle(pred_i G, true_i g).
+    """
+    n = len(pred)
+    if n < 2:
+        return np.full(n, np.nan)
+    source = np.random.default_rng(seed).permutation(n)[:FRAME_CANDIDATES]
+    candidates = np.einsum("cji,cjk->cik", pred[source], true[source])  # (C, 3, 3)
+    moved = _quaternions(pred[None] @ candidates[:, None])  # (C, n, 4)
+    targets = _quaternions(true[:, None] @ np.asarray(group)[None])  # (n, S, 4)
+    dots = np.abs(np.einsum("cna,nsa->cns", moved, targets)).max(2)
+    error = np.degrees(2 * np.arccos(np.clip(dots, 0.0, 1.0)))  # (C, n)
+    out = np.empty(n)
+    for i in range(n):
+        others = np.delete(error, i, axis=1)
+        spread = np.median(others, axis=1)
+        spread[source == i] = np.inf
+        out[i] = error[int(np.argmin(spread)), i]
+    return out
+
+
+def frame_free_shift_errors(delta_xyz: np.ndarray, true: np.ndarray) -> np.ndarray:
+    """Leave-one-out shift errors (n,) of one class: |Δ_i - R_i t_i|, Δ (n, 3) the predicted minus
+    true origin, t_i the component-wise median of R_j^T Δ_j over j != i (the offset in the map)."""
+    n = len(delta_xyz)
+    if n < 2:
+        return np.full(n, np.nan)
+    local = np.einsum("nji,nj->ni", true, delta_xyz)
+    out = np.empty(n)
+    for i in range(n):
+        offset = np.median(np.delete(local, i, axis=0), axis=0)
+        out[i] = np.linalg.norm(delta_xyz[i] - true[i] @ offset)
+    return out
+
+
+def frame_free_errors(merged: pd.DataFrame, config, frames: dict[str, dict] | None, pixel_size_angstrom: float,
+                      seed: int = 0) -> pd.DataFrame:
+    """Per-particle frame-free errors of seen-class particles with true poses, grouped by true class:
+    ``particle_id``, ``true_class``, ``rotation_error_deg_frame_free``, ``shift_error_px_frame_free``."""
+    from cryovae.align import symmetry_operators
+    from cryovae.rotations import relion_euler_to_matrix, symmetry_group
+
+    columns = ["particle_id", "true_class", "rotation_error_deg_frame_free", "shift_error_px_frame_free"]
+    if not all(c in merged.columns for c in (*TRUE_ANGLE_COLUMNS, *TRUE_ORIGIN_COLUMNS)):
+        return pd.DataFrame(columns=columns)
+    known = np.isfinite(merged[list(TRUE_ANGLE_COLUMNS)].to_numpy(dtype=np.float64)).all(axis=1)
+    rows = merged[known & merged["true_class"].isin(config.seen_classes).to_numpy()]
+    parts = []
+    for name in rows["true_class"].unique():
+        sel = rows[rows["true_class"] == name]
+        group = symmetry_operators(frames[name]) if frames else symmetry_group(config.alignment.symmetry.get(name, "C1"))
+        pred = relion_euler_to_matrix(sel[list(ANGLE_COLUMNS)].to_numpy(dtype=np.float64))
+        true = relion_euler_to_matrix(sel[list(TRUE_ANGLE_COLUMNS)].to_numpy(dtype=np.float64))
+        delta = (sel[list(ORIGIN_COLUMNS)].to_numpy(dtype=np.float64)
+                 - sel[list(TRUE_ORIGIN_COLUMNS)].to_numpy(dtype=np.float64)) / pixel_size_angstrom
+        parts.append(pd.DataFrame({
+            "particle_id": sel["particle_id"].to_numpy(), "true_class": name,
+            "rotation_error_deg_frame_free": frame_free_rotation_errors(pred, true, group, seed),
+            "shift_error_px_frame_free": frame_free_shift_errors(delta, true),
+        }))
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
+
+
+def pose_confidence_metrics(merged: pd.DataFrame, free: pd.DataFrame, config) -> dict:
+    """Frame-free pose metrics and how well ``pose_margin`` tells good poses from bad ones."""
+    from sklearn.metrics import roc_auc_score
+
+    rot = free["rotation_error_deg_frame_free"].to_numpy(float)
+    shift = free["shift_error_px_frame_free"].to_numpy(float)
+    out = {
+        "pose_error_median_deg_frame_free": float(np.nanmedian(rot)) if np.isfinite(rot).any() else None,
+        "shift_error_median_px": float(np.nanmedian(shift)) if np.isfinite(shift).any() else None,
+        "per_class_pose_error_median_deg_frame_free": {
+            str(c): float(np.nanmedian(g["rotation_error_deg_frame_free"])) for c, g in free.groupby("true_class")
+            if np.isfinite(g["rotation_error_deg_frame_free"]).any()
+        } or None,
+    }
+    if "pose_determined" not in merged.columns:
+        return out
+    determined = merged["pose_determined"].astype(bool).to_numpy()
+    nearest = merged["nearest_class"].to_numpy(dtype=object)
+    per_class = {c: float(determined[nearest == c].mean()) for c in config.seen_classes if np.any(nearest == c)}
+    out["pose_determined_fraction"] = float(determined.mean()) if len(determined) else None
+    out["per_class_pose_determined_fraction"] = per_class or None
+    out["pose_undetermined_classes"] = [c for c, f in per_class.items() if f < 0.5]
+    for c in out["pose_undetermined_classes"]:
+        log.warning("evaluate: only %.0f%% of the particles nearest %s have a determined orientation: its map "
+                    "does not fix a pose at this pixel size and SNR (their priors are in *_global_search.star)",
+                    100 * per_class[c], c)
+    if len(free):
+        joined = free.merge(merged[["particle_id", "pose_margin", "pose_determined"]], on="particle_id")
+        err, margin = joined["rotation_error_deg_frame_free"].to_numpy(float), joined["pose_margin"].to_numpy(float)
+        det = joined["pose_determined"].astype(bool).to_numpy()
+        ok = np.isfinite(err) & np.isfinite(margin)
+        for name, sel in (("determined", ok & det), ("undetermined", ok & ~det)):
+            out[f"pose_error_median_deg_{name}"] = float(np.median(err[sel])) if sel.any() else None
+        clear = ok & ((err < 15) | (err > 45))
+        good = err[clear] < 15
+        out["pose_margin_auroc"] = float(roc_auc_score(good, margin[clear])) if 0 < good.sum() < len(good) else None
+    return out
 
 
 def class_mean_latents(latents: np.ndarray, labels: np.ndarray, classes: Sequence[str]) -> np.ndarray:
@@ -473,6 +605,20 @@ def _plot_pose(config, errors: pd.DataFrame, network: pd.DataFrame | None, path:
                           None if network is None else network["rotation_error_deg"].to_numpy())
 
 
+def _plot_pose_confidence(config, merged: pd.DataFrame, free: pd.DataFrame, metrics: dict, path: Path) -> None:
+    if "pose_margin" not in merged.columns:
+        plots.plot_message(path, "Pose confidence", "No template matching for this split: no pose margins.")
+        return
+    if len(free):
+        joined = free.merge(merged[["particle_id", "pose_margin"]], on="particle_id")
+        plots.plot_pose_confidence(path, joined["pose_margin"].to_numpy(float),
+                                   joined["rotation_error_deg_frame_free"].to_numpy(float),
+                                   config.matching.pose_margin_min, metrics.get("pose_margin_auroc"))
+    else:
+        plots.plot_pose_confidence(path, merged["pose_margin"].to_numpy(float), None,
+                                   config.matching.pose_margin_min, None)
+
+
 def _plot_model(labels, latents, affinity, model, config, kind, output_dir: Path) -> None:
     groups = [c for c in config.class_names if np.any(labels == c)]
     if not groups:
@@ -516,6 +662,9 @@ def evaluate(config, embeddings: Path, split_dir: Path, affinity: Path, model: P
     frame_table = read_frames(frames)
     errors = pose_errors(merged, config, frame_table)
     metrics = compute_metrics(config, merged, latents, affinity_frame, errors, split_dir.name)
+    free = frame_free_errors(merged, config, frame_table, split.pixel_size_angstrom, config.seed)
+    metrics.update(pose_confidence_metrics(merged, free, config))
+    _plot_pose_confidence(config, merged, free, metrics, output_dir / "pose_confidence.png")
     network = pose_errors(merged, config, frame_table, prefix="network_")
     if len(network):  # matching gave the poses: how far the network's own poses were from the truth
         metrics["network_pose_error_median_deg"] = float(np.median(network["rotation_error_deg"]))

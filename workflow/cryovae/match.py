@@ -21,6 +21,27 @@ rotated references.  Two stages:
    well the particle is explained by that class at its best pose, the sharpest evidence
    that a particle belongs to no known class.
 
+   Each refined class starts from its ``matching.coarse_keep`` best grid rotations at least
+   ``matching.pose_far_deg`` apart (modulo its point group, ``alignment.symmetry`` with the
+   axes located in the map by :func:`cryovae.align.orient_symmetry`), and the refined pose of
+   best fit wins: at low SNR the true pose is often not the best grid point.  The local
+   score is the matched-filter correlation itself: the numerator compares the rotated-back
+   particle with the bank, and the reference's norm under the particle's wedge and CTF comes
+   from the filter W·CTF² rotated back into the reference frame, dotted with the bank's power
+   spectra (without it the local search climbs towards rotations whose power the wedge keeps,
+   not towards the best fit).
+
+Pose confidence (per particle and refined class), from the global-search scores s(R) of
+every grid rotation: ``pose_margin`` = (best s within ``pose_far_deg`` of the pose - best s
+beyond it) / σ, σ = 1/sqrt(N_eff) the noise standard deviation of a normalised correlation
+with N_eff = (Σ F²)² / Σ F⁴ the effective number of independent Fourier samples of the
+particle's filter F = W·|CTF| in the cropped box; ``pose_determined`` = margin >=
+``matching.pose_margin_min``; ``pose_spread_deg`` the RMS angle from the pose of the grid
+rotations scoring within 2σ of the best; ``pose_sigma_deg`` the spread, at least the finest
+refinement step (a RELION ``--sigma_ang``).  ``class_self_margin`` (C,): the noise-free
+margin of each map against itself (1 - its best correlation with itself rotated beyond
+``pose_far_deg``): near 0, the map does not fix an orientation at this pixel size.
+
 Rotations are particle-from-reference (RELION's convention); origins are RELION's
 ``rlnOriginX/Y/ZAngst`` (the negative of the content's displacement), so the output is
 relative to the map a user averages against, with no frame alignment needed.
@@ -35,6 +56,7 @@ import mrcfile
 import numpy as np
 import pandas as pd
 import torch
+from scipy.spatial.transform import Rotation
 from tqdm import tqdm
 
 from cryovae.atomic import atomic_path
@@ -43,10 +65,11 @@ from cryovae.acquisition import read_split_acquisitions, split_tilt_range_deg
 from cryovae.ctf import ParticleCtfs, ctf_3d, missing_wedge_mask
 from cryovae.devices import choose_device
 from cryovae.errors import InputError
-from cryovae.rotations import local_deltas, refine_rotations, so3_grid
+from cryovae.rotations import local_deltas, refine_rotations, so3_grid, symmetry_group_in_frame
 from cryovae.shards import SubtomogramSet
 from cryovae.volumes import (
-    correlation_peak, cross_correlation, fourier_crop, phase_shift, rfft_weights, rigid_transform, standardise_volumes,
+    correlation_peak, cross_correlation, fourier_crop, phase_shift, rfft_frequencies, rfft_weights, rigid_transform,
+    standardise_volumes,
 )
 
 log = logging.getLogger(__name__)
@@ -155,6 +178,12 @@ class Matcher:
             for c, ref in self.refs.items()
         }
         self.refine_top = min(m.refine_top, len(self.classes))
+        self.keep, self.far_deg, self.margin_min = m.coarse_keep, m.pose_far_deg, m.pose_margin_min
+        self.finest_deg = min(m.refine_steps_deg) if m.refine_steps_deg else m.coarse_step_deg
+        self.symmetry = {c: _point_group(config, c, v) for c, v in references.items()}
+        self.grid_quats = {c: _quaternions(self.grid[None] @ g[:, None]) for c, g in self.symmetry.items()}
+        self.power = {c: [_power_spectra(bank, self.box) for bank in self.fine[c]] for c in self.classes}
+        self.self_margin = np.array([self._self_margin(c) for c in self.classes])
 
     def _tensor(self, array) -> torch.Tensor:
         return torch.as_tensor(array, dtype=torch.float32).to(self.device)
@@ -204,23 +233,75 @@ class Matcher:
         basis = (sample.T @ vectors / top.sqrt()).float()  # right singular vectors of the sample
         return basis.to(bank.dtype), (bank.float() @ basis).to(bank.dtype)
 
-    def coarse(self, filtered: torch.Tensor, with_min: bool = False) -> tuple[np.ndarray, ...]:
-        """Best normalised correlation (n, C) and grid rotation (n, C, 3, 3) per class; with
-        ``with_min`` also the most negative correlation (n, C) per class."""
+    def _self_margin(self, cls: str) -> float:
+        """1 - the best noise-free correlation of the class's cropped, wedge-filtered map with its
+        grid rotations beyond ``pose_far_deg`` of the identity (modulo the point group)."""
+        small = self.small
+        spectrum = fourier_crop(torch.fft.rfftn(self.refs[cls], dim=(0, 1, 2)), small, keep_nyquist=True)
+        spectrum = spectrum * self._wedge(small)
+        p = standardise_volumes(torch.fft.irfftn(spectrum, s=(small,) * 3)[None]).to(self.search_dtype)
+        basis, rows = self.banks[cls]
+        scores = ((p @ basis) @ rows.T).float().cpu().numpy()[0]
+        far = self.grid_distance_deg(cls, np.eye(3)[None])[0] > self.far_deg
+        return float(1.0 - scores[far].max()) if far.any() else float("nan")
+
+    def grid_distance_deg(self, cls: str, rotations: np.ndarray) -> np.ndarray:
+        """Angle (n, G) from each rotation (n, 3, 3) to every grid rotation, modulo the class's point group."""
+        dots = np.abs(np.einsum("na,sga->nsg", _quaternions(rotations), self.grid_quats[cls])).max(1)
+        return np.degrees(2 * np.arccos(np.clip(dots, 0.0, 1.0)))
+
+    def coarse_scores(self, filtered: torch.Tensor) -> list[np.ndarray]:
+        """Normalised correlation (n, G) of each particle with every grid rotation, per class."""
         small = self.small
         cropped = fourier_crop(filtered, small, keep_nyquist=True)
         p = standardise_volumes(torch.fft.irfftn(cropped, s=(small,) * 3, dim=(1, 2, 3))).to(self.search_dtype)
-        scores, rotations, lowest = [], [], []
+        out = []
         for c in self.classes:
             basis, rows = self.banks[c]
-            correlation = (p @ basis) @ rows.T
-            best, where = correlation.max(1)
-            scores.append(best.float().cpu().numpy())
-            lowest.append(correlation.min(1).values.float().cpu().numpy())
-            rotations.append(self.grid[where.cpu().numpy()])
-        if with_min:
-            return np.stack(scores, 1), np.stack(rotations, 1), np.stack(lowest, 1)
-        return np.stack(scores, 1), np.stack(rotations, 1)
+            out.append(((p @ basis) @ rows.T).float().cpu().numpy())
+        return out
+
+    def coarse(self, filtered: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Best normalised correlation (n, C) and grid rotation (n, C, 3, 3) per class."""
+        scores = self.coarse_scores(filtered)
+        return np.stack([s.max(1) for s in scores], 1), np.stack([self.grid[s.argmax(1)] for s in scores], 1)
+
+    def peaks(self, cls: str, scores: np.ndarray) -> np.ndarray:
+        """Grid indices (n, K) of the ``coarse_keep`` best rotations at least ``pose_far_deg``
+        apart (modulo the point group), best first; scores (n, G)."""
+        left = scores.astype(np.float64, copy=True)
+        picks = []
+        for _ in range(self.keep):
+            best = left.argmax(1)
+            picks.append(best)
+            left[self.grid_distance_deg(cls, self.grid[best]) < self.far_deg] = -np.inf
+        return np.stack(picks, 1)
+
+    def noise_sd(self, ctf: torch.Tensor | None, n: int) -> np.ndarray:
+        """Noise standard deviation (n,) of a global-search correlation: 1/sqrt(N_eff), N_eff the
+        participation ratio (Σ w F²)² / Σ w F⁴ of the filter F = W·|CTF| over the cropped box."""
+        limit = self.small / (2.0 * self.box)
+        fz, fy, fx = rfft_frequencies(self.box)
+        inside = ((fz.abs() <= limit) & (fy.abs() <= limit) & (fx.abs() <= limit)).to(self.device)
+        weights = (self.weights * inside).clone()
+        weights[0, 0, 0] = 0.0
+        filt = self.wedge.expand(n, *self.wedge.shape) if ctf is None else self.wedge * ctf.abs()
+        power = filt.double() ** 2
+        n_eff = (weights * power).sum((1, 2, 3)) ** 2 / (weights * power**2).sum((1, 2, 3)).clamp(min=1e-30)
+        return (1.0 / n_eff.sqrt()).cpu().numpy()
+
+    def confidence(self, cls: str, scores: np.ndarray, rotations: np.ndarray, sd: np.ndarray) -> dict[str, np.ndarray]:
+        """pose_margin, pose_spread_deg, pose_sigma_deg (n,) and pose_determined (n,) bool of the
+        poses ``rotations`` (n, 3, 3) from the class's global-search scores (n, G)."""
+        distance = self.grid_distance_deg(cls, rotations)
+        near = distance <= self.far_deg
+        best_near = np.where(near, scores, -np.inf).max(1)
+        best_far = np.where(near, -np.inf, scores).max(1)
+        margin = (best_near - best_far) / sd
+        within = scores >= (best_near - 2 * sd)[:, None]
+        spread = np.sqrt((np.where(within, distance, 0.0) ** 2).sum(1) / within.sum(1).clip(min=1))
+        return {"pose_margin": margin, "pose_spread_deg": spread, "pose_sigma_deg": np.maximum(spread, self.finest_deg),
+                "pose_determined": margin >= self.margin_min}
 
     def _template(self, ref: torch.Tensor, rotations: np.ndarray) -> torch.Tensor:
         """Spectra of the reference rotated by ``rotations`` (n, 3, 3), wedge-filtered, without DC."""
@@ -251,12 +332,16 @@ class Matcher:
         ref = self.refs[cls]
         d, _ = self.correlate(filtered, ref, rotations, ctf, particle_norm)
         centred = torch.fft.irfftn(phase_shift(filtered, -d), s=(self.box,) * 3, dim=(1, 2, 3))
-        bank = self.fine[cls]
+        bank, power = self.fine[cls], self.power[cls]
+        half = self.wedge.expand(len(filtered), *self.wedge.shape) if ctf is None else self.wedge * ctf**2
+        filter_full = _full_spectrum(half, self.box)  # W·CTF² on the fftshifted full grid (n, B, B, B)
 
         def score(current: np.ndarray, level: int) -> np.ndarray:
             back = torch.as_tensor(np.ascontiguousarray(current.transpose(0, 2, 1)), dtype=torch.float32)
-            scores = standardise_volumes(rigid_transform(centred, back.to(self.device))) @ bank[level].T
-            return scores.cpu().numpy()
+            back = back.to(self.device)
+            numerator = standardise_volumes(rigid_transform(centred, back)) @ bank[level].T
+            template_power = rigid_transform(filter_full, back).reshape(len(back), -1) @ power[level].T
+            return (numerator / template_power.clamp(min=1e-12).sqrt()).cpu().numpy()
 
         rotations = refine_rotations(score, rotations, self.deltas)
         d, fit = self.correlate(filtered, ref, rotations, ctf, particle_norm)
@@ -265,30 +350,89 @@ class Matcher:
     def match(self, volumes: np.ndarray, ctf: torch.Tensor | None) -> dict[str, np.ndarray]:
         """One block: scores (n, C) of the global search and scores_min (n, C), its most negative
         correlations (the contrast check, :func:`contrast_warnings`), rotation (n, C, 3, 3),
-        displacement_voxels (n, C, 3), refined (n, C) bool, and fit (n, C): the full-size
-        normalised correlation at the refined pose (NaN for classes not refined)."""
+        displacement_voxels (n, C, 3), refined (n, C) bool, fit (n, C): the full-size
+        normalised correlation at the refined pose (NaN for classes not refined), and the
+        pose confidence (n, C) of :meth:`confidence` (NaN, or False, where not refined)."""
         spectra = torch.fft.rfftn(self._tensor(volumes), dim=(1, 2, 3)) * self.wedge
         spectra[:, 0, 0, 0] = 0.0
         particle_norm = ((self.weights * spectra.abs() ** 2).sum((1, 2, 3)) / self.box**3).sqrt()
         ctf = None if ctf is None else ctf.to(self.device)
         filtered = spectra if ctf is None else spectra * ctf
-        scores, rotations, scores_min = self.coarse(filtered, with_min=True)
+        grid_scores = self.coarse_scores(filtered)
+        scores = np.stack([s.max(1) for s in grid_scores], 1)
+        rotations = np.stack([self.grid[s.argmax(1)] for s in grid_scores], 1)
+        scores_min = np.stack([s.min(1) for s in grid_scores], 1)
         n, n_cls = scores.shape
         displacement = np.zeros((n, n_cls, 3))
         refined = np.zeros((n, n_cls), dtype=bool)
         fit = np.full((n, n_cls), np.nan)
+        sd = self.noise_sd(ctf, n)
+        confidence = {name: np.full((n, n_cls), np.nan) for name in CONFIDENCE}
+        confidence["pose_determined"] = np.zeros((n, n_cls), dtype=bool)
         top = np.argsort(-scores, axis=1)[:, : self.refine_top]
         for k, cls in enumerate(self.classes):
             rows = np.nonzero((top == k).any(1))[0]
             if len(rows):
                 index = torch.as_tensor(rows, device=self.device)
                 block_ctf = None if ctf is None else ctf[index]
-                rotations[rows, k], displacement[rows, k], fit[rows, k] = self.refine(
-                    filtered[index], cls, rotations[rows, k], block_ctf, particle_norm[index]
+                rotations[rows, k], displacement[rows, k], fit[rows, k] = self.refine_peaks(
+                    filtered[index], cls, grid_scores[k][rows], block_ctf, particle_norm[index]
                 )
                 refined[rows, k] = True
-        return {"scores": scores, "scores_min": scores_min, "rotation": rotations, "displacement_voxels": displacement, "refined": refined,
-                "fit": fit}
+                for name, values in self.confidence(cls, grid_scores[k][rows], rotations[rows, k], sd[rows]).items():
+                    confidence[name][rows, k] = values
+        return {"scores": scores, "scores_min": scores_min, "rotation": rotations, "displacement_voxels": displacement,
+                "refined": refined,
+                "fit": fit, **confidence}
+
+    def refine_peaks(
+        self, filtered: torch.Tensor, cls: str, scores: np.ndarray, ctf: torch.Tensor | None, particle_norm: torch.Tensor,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`refine` from each of the :meth:`peaks` of the global scores (n, G); the result of best fit."""
+        best = None
+        for start in self.peaks(cls, scores).T:
+            rotation, shift, fit = self.refine(filtered, cls, self.grid[start], ctf, particle_norm)
+            if best is None:
+                best = [rotation, shift, fit]
+                continue
+            better = fit > best[2]
+            best[0][better], best[1][better], best[2][better] = rotation[better], shift[better], fit[better]
+        return tuple(best)
+
+
+CONFIDENCE = ("pose_margin", "pose_spread_deg", "pose_sigma_deg")  # per particle and class; pose_determined too
+
+
+def _point_group(config: Config, cls: str, reference: np.ndarray) -> np.ndarray:
+    """The class's point group (``alignment.symmetry``) in its map's frame: (G, 3, 3)."""
+    from cryovae.align import orient_symmetry
+
+    name = config.alignment.symmetry.get(cls, "C1")
+    if name.upper() == "C1":
+        return np.eye(3)[None]
+    axes, _ = orient_symmetry(reference, name)
+    return symmetry_group_in_frame(name, axes)
+
+
+def _quaternions(rotations: np.ndarray) -> np.ndarray:
+    """Unit quaternions (..., 4) of rotation matrices (..., 3, 3); |q1 · q2| = cos(angle / 2)."""
+    rotations = np.asarray(rotations, dtype=np.float64)
+    return Rotation.from_matrix(rotations.reshape(-1, 3, 3)).as_quat().reshape(rotations.shape[:-2] + (4,))
+
+
+def _full_spectrum(half: torch.Tensor, box: int) -> torch.Tensor:
+    """A real, even (f(k) = f(-k)) quantity on the rfftn grid (n, B, B, B//2+1) on the full
+    grid, fftshifted so that frequency 0 sits at voxel B//2: (n, B, B, B)."""
+    negative = torch.arange(box, device=half.device).neg() % box
+    mates = torch.flip(half[..., 1 : box - box // 2], dims=(-1,))  # kx = B//2+1 .. B-1 from -kx
+    mates = mates.index_select(-3, negative).index_select(-2, negative)
+    return torch.fft.fftshift(torch.cat([half, mates], -1), dim=(-3, -2, -1))
+
+
+def _power_spectra(bank: torch.Tensor, box: int) -> torch.Tensor:
+    """|FFT|² of each bank row (m, B³), fftshifted like :func:`_full_spectrum`: (m, B³)."""
+    spectra = torch.fft.fftn(bank.reshape(-1, box, box, box), dim=(1, 2, 3))
+    return torch.fft.fftshift(spectra.abs() ** 2, dim=(1, 2, 3)).reshape(len(bank), -1)
 
 
 def read_references(config: Config, maps: list[Path]) -> dict[str, np.ndarray]:
@@ -331,8 +475,13 @@ def match_split(config: Config, split_dir: Path, maps: list[Path], output: Path)
         with open(tmp, "wb") as fh:
             np.savez(
                 fh, particle_id=data.particles["cryovaeParticleId"].astype(str).to_numpy().astype(str),
-                classes=np.array(matcher.classes), origin_angstrom=origin, **result,
+                classes=np.array(matcher.classes), origin_angstrom=origin, class_self_margin=matcher.self_margin,
+                **result,
             )
+    for cls, margin in zip(matcher.classes, matcher.self_margin):
+        if not margin > matcher.noise_sd(None, 1)[0] * matcher.margin_min:
+            log.warning("match: the map of %s barely fixes an orientation at this pixel size (self-margin %.3f): "
+                        "its poses will mostly be undetermined", cls, margin)
     log.info(
         "match %s: %d particles, %d classes, wedge %s, CTF %s", split_dir.name, len(data), len(matcher.classes),
         tilt, "per tilt, per particle" if per_tilt is not None else ("per particle" if defocus is not None else "none"),

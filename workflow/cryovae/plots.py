@@ -198,6 +198,28 @@ def plot_pose_error(path: Path, errors_deg: np.ndarray, symmetry_note: str,
     save_figure(fig, path)
 
 
+def plot_pose_confidence(path: Path, margin: np.ndarray, errors_deg: np.ndarray | None, margin_min: float,
+                         auroc: float | None) -> None:
+    """Rotation error (frame-free, degrees) against ``pose_margin`` per particle, the
+    determination threshold marked; without errors a histogram of the margins."""
+    margin = np.asarray(margin, dtype=np.float64)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if errors_deg is None:
+        ax.hist(margin, bins=30, color="tab:blue", edgecolor="white")
+        ax.set_ylabel("particles")
+        ax.set_title(f"Pose margin of {len(margin)} particles (no true poses)", fontsize=10)
+    else:
+        ax.scatter(margin, errors_deg, s=8, alpha=0.6, color="tab:blue")
+        ax.set_ylim(0, 180)
+        ax.set_ylabel("rotation error (degrees, frame-free, symmetry-aware)")
+        note = "" if auroc is None else f", margin AUROC (< 15° vs > 45°) {auroc:.2f}"
+        ax.set_title(f"Pose error against pose margin, {len(margin)} particles{note}", fontsize=10)
+    ax.axvline(margin_min, color="tab:red", linestyle="--", label=f"pose_margin_min {margin_min:g}")
+    ax.set_xlabel("pose_margin (noise standard deviations of the global-search score)")
+    ax.legend()
+    save_figure(fig, path)
+
+
 def central_slices(volume_zyx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Central xy (at z=D//2), xz (at y=H//2) and yz (at x=W//2) slices of a (D, H, W) volume.
 

@@ -14,6 +14,13 @@ particle at the centre of that subtomogram, with its 3D CTF model (``rlnCtfImage
 :mod:`cryovae.export`).  The particles' ``rlnDefocusU/V/Angle`` are carried over when the
 split has them.
 One file per predicted class goes to ``priors/{split}/{class}.star``.
+
+With template matching, every particle also carries the matcher's pose confidence:
+``cryovaePoseMargin`` (noise standard deviations), ``cryovaePoseSigmaDeg`` (a suggested
+``--sigma_ang``) and ``cryovaePoseDetermined`` (1 or 0).  Particles whose orientation the
+data do not determine are written again, without angle priors, to
+``priors/{split}_global_search.star``: refine those with a global angular search rather than
+a local one around a pose that is a guess.
 """
 
 from __future__ import annotations
@@ -36,6 +43,17 @@ from cryovae.star import OpticsInfo, write_relion4_particles, write_relion5_part
 log = logging.getLogger(__name__)
 CTF_COLUMNS = ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle")  # the particles' own, when they have them
 IMAGE_COLUMNS = ("rlnImageName", "rlnCtfImage")  # files of the exported subtomograms
+CONFIDENCE_COLUMNS = {  # annotate column -> STAR column (the matcher's pose confidence)
+    "pose_margin": ("cryovaePoseMargin", float), "pose_sigma_deg": ("cryovaePoseSigmaDeg", float),
+    "pose_determined": ("cryovaePoseDetermined", int),
+}
+PRIOR_ANGLE_COLUMNS = ("rlnAngleTiltPrior", "rlnAnglePsiPrior")
+
+
+def global_search_path(output: Path) -> Path:
+    """``priors/{split}_global_search.star`` beside ``priors/{split}.star``."""
+    output = Path(output)
+    return output.with_name(f"{output.stem}_global_search.star")
 
 
 def _read_embeddings(path: Path) -> pd.DataFrame:
@@ -87,6 +105,8 @@ def _prior_columns(config: Config, table: pd.DataFrame) -> pd.DataFrame:
         "cryovaeConfidence": table["confidence"],
         "cryovaeUnknownScore": table["unknown_score"],
         "cryovaeParticleId": table["cryovaeParticleId"],
+        **{star: table[column].astype(dtype) for column, (star, dtype) in CONFIDENCE_COLUMNS.items()
+           if column in table.columns},
         **{col: table[col] for col in CTF_COLUMNS if col in table.columns},
     })
 
@@ -138,7 +158,17 @@ def write_priors(config: Config, embeddings: Path, split_dir: Path, output: Path
     )
     _write(config, rows, output, optics, shapes)
     _write_per_class(config, rows, output.with_suffix(""), optics, shapes)
-    log.info("priors: %d particles written to %s (%s)", len(rows), output, config.priors.format)
+    undetermined = _undetermined(rows)
+    _write(config, undetermined, global_search_path(output), optics, shapes)
+    log.info("priors: %d particles written to %s (%s); %d without a determined orientation also to %s",
+             len(rows), output, config.priors.format, len(undetermined), global_search_path(output))
+
+
+def _undetermined(rows: pd.DataFrame) -> pd.DataFrame:
+    """The rows whose pose the matcher did not determine, without angle priors (none without confidence)."""
+    if "cryovaePoseDetermined" not in rows.columns:
+        return rows.iloc[:0].drop(columns=list(PRIOR_ANGLE_COLUMNS))
+    return rows[rows["cryovaePoseDetermined"].to_numpy() == 0].drop(columns=list(PRIOR_ANGLE_COLUMNS))
 
 
 def _write(config: Config, rows: pd.DataFrame, path: Path, optics: OpticsInfo, shapes) -> None:

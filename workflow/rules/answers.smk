@@ -10,7 +10,7 @@ rule match:
     output:
         f"{OUT}/embeddings/match/{{split}}.npz",
     params:
-        config=stage_config("matching", "simulation"),
+        config=stage_config("matching", "simulation", "alignment"),
         split_dir=lambda wildcards: split_dir(wildcards.split),
     conda:
         CONDA_ENV
@@ -138,6 +138,7 @@ rule priors:
     output:
         star=f"{OUT}/priors/{{split}}.star",
         by_class=directory(f"{OUT}/priors/{{split}}"),
+        global_search=f"{OUT}/priors/{{split}}_global_search.star",
     params:
         config=stage_config("priors", "simulation", "extraction"),
         split_dir=lambda wildcards: split_dir(wildcards.split),
@@ -163,6 +164,7 @@ EVAL_PLOTS = [
     "confusion",
     "affinity_vs_latent",
     "pose_error",
+    "pose_confidence",
     "reconstructions",
     "interpolation",
 ]
@@ -195,7 +197,7 @@ rule evaluate:
             for name in EVAL_PLOTS
         ],
     params:
-        config=stage_config("alignment", "training"),
+        config=stage_config("alignment", "training", "matching"),
         split_dir=lambda wildcards: split_dir(wildcards.split),
         output_dir=lambda wildcards: f"{OUT}/evaluation/{wildcards.split}",
     conda:
