@@ -72,6 +72,31 @@ def test_extracted_priors_keep_tomogram_and_coordinates(extracted, fmt):
         assert set(starfile.read(out, always_dict=True)) == {"general", "optics", "particles"}
 
 
+def test_extracted_relion3_priors_name_the_exported_boxes_and_the_tomograms_microscope(extracted):
+    """RELION 3 reads subtomogram files: an extracted split's priors name its exported boxes, and the
+    optics are the tomogram's (200 kV here), not the simulator's (300 kV)."""
+    from cryovae.export import export_relion3
+
+    config = _config(extracted, "relion3")
+    config.extraction.tomograms["ts01"].voltage_kv = 200.0
+    split = extracted / "extracted" / "ts01"
+    extract_tomogram(config, "ts01", split)
+    export_relion3(config, split, extracted / "export" / "ts01")
+    ids = starfile.read(split / "particles.star", parse_as_string=["cryovaeParticleId"])["particles"]["cryovaeParticleId"]
+    _embeddings(extracted / "emb.csv", list(ids))
+    out = extracted / "priors" / "ts01.star"
+    write_priors(config, extracted / "emb.csv", split, out)
+    blocks = starfile.read(out, always_dict=True)
+    exported = {}
+    for pid in ids:
+        with mrcfile.open(split.parent.parent / "export" / "ts01" / "subtomograms" / f"{pid}.mrc") as mrc:
+            exported[pid] = mrc.data.copy()
+    for pid, name in zip(blocks["particles"]["cryovaeParticleId"].astype(str), blocks["particles"]["rlnImageName"]):
+        with mrcfile.open(extracted / name) as mrc:
+            np.testing.assert_array_equal(mrc.data, exported[pid])
+    assert float(blocks["optics"]["rlnVoltage"].iloc[0]) == 200.0
+
+
 def _simulated_split(folder, n=4):
     """A hand-written simulated split (poses, defocus) of random 16³ volumes; returns them."""
     from cryovae.shards import POSE_COLUMNS, write_particles_star

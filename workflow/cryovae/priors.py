@@ -129,12 +129,26 @@ def _coordinates(config: Config, split: SubtomogramSet, table: pd.DataFrame):
         optics = split.optics
         tomo_px = (float(optics["rlnTomoTiltSeriesPixelSize"].iloc[0]) if "rlnTomoTiltSeriesPixelSize" in optics
                    else split.pixel_size_angstrom / config.extraction.binning)
-        return table["rlnTomoName"].astype(str), xyz, _tomogram_shapes(config, table["rlnTomoName"]), tomo_px, None
+        # RELION 3 reads subtomogram files: the extracted particles are exported too
+        images = (_export_images(config, split.folder.name, table["cryovaeParticleId"])
+                  if config.priors.format == "relion3" else None)
+        return table["rlnTomoName"].astype(str), xyz, _tomogram_shapes(config, table["rlnTomoName"]), tomo_px, images
     images = _export_images(config, split.folder.name, table["cryovaeParticleId"])
     box = config.box_size
     names = images["rlnImageName"].map(lambda p: Path(p).stem)
     xyz = np.full((len(table), 3), box / 2)
     return names, xyz, {n: (box, box, box) for n in names}, config.pixel_size_angstrom, images
+
+
+def _microscope(config: Config, split: SubtomogramSet) -> dict[str, float]:
+    """Voltage, Cs and amplitude contrast from the split's optics (extraction writes the
+    tomogram's own), else from ``simulation`` (the simulator's values)."""
+    optics, sim = split.optics, config.simulation
+    columns = {"voltage_kv": ("rlnVoltage", sim.voltage_kv),
+               "spherical_aberration_mm": ("rlnSphericalAberration", sim.spherical_aberration_mm),
+               "amplitude_contrast": ("rlnAmplitudeContrast", sim.amplitude_contrast)}
+    return {key: float(optics[column].iloc[0]) if column in optics else default
+            for key, (column, default) in columns.items()}
 
 
 def write_priors(config: Config, embeddings: Path, split_dir: Path, output: Path) -> None:
@@ -150,11 +164,9 @@ def write_priors(config: Config, embeddings: Path, split_dir: Path, output: Path
     if images is not None:
         for column in images.columns:
             rows[column] = images[column].to_numpy()
-    sim = config.simulation
     optics = OpticsInfo(
         tilt_series_pixel_size_angstrom=tomo_px, image_pixel_size_angstrom=split.pixel_size_angstrom,
-        image_size_px=config.box_size, voltage_kv=sim.voltage_kv,
-        spherical_aberration_mm=sim.spherical_aberration_mm, amplitude_contrast=sim.amplitude_contrast,
+        image_size_px=config.box_size, **_microscope(config, split),
     )
     _write(config, rows, output, optics, shapes)
     _write_per_class(config, rows, output.with_suffix(""), optics, shapes)
