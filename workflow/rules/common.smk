@@ -123,3 +123,8 @@ def split_classifier(wildcards):
     if wildcards.split in TOMOGRAMS:
         return f"{OUT}/model/classifier_{wildcards.split}.npz"
     return f"{OUT}/model/classifier.npz"
+
+
+def simulated_tomogram_maps(wildcards):
+    """The workflow's maps of the classes tomogram_simulation.maps does not replace."""
+    return expand(f"{OUT}/maps/{{cls}}.mrc", cls=[c for c in CLASSES if c not in CFG.tomogram_simulation.maps])

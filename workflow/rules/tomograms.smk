@@ -2,18 +2,12 @@
 # tomogram of its own (common.smk adds it to extraction.tomograms), with its truth.
 
 
-def simulated_tomogram_maps(wildcards):
-    """The workflow's maps of the classes tomogram_simulation.maps does not replace."""
-    return expand(f"{OUT}/maps/{{cls}}.mrc", cls=[c for c in CLASSES if c not in CFG.tomogram_simulation.maps])
-
-
 rule simulate_tomogram:
     input:
         maps=simulated_tomogram_maps,
         external=[*CFG.tomogram_simulation.maps.values(), *CFG.tomogram_simulation.decoys.values()],
     output:
-        **{role: str(path).replace("/sim_00", "/{simtomo}")
-           for role, path in tomogram_files(CFG, "sim_00").items()},
+        **{role: str(path) for role, path in tomogram_files(CFG, "{simtomo}").items()},
     params:
         config=stage_config("tomogram_simulation"),
         index=lambda wildcards: SIM_TOMOGRAMS.index(wildcards.simtomo),
