@@ -29,9 +29,11 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 RELION_CC = REPO.parent / "shared" / "tools" / "relion-check" / "relion_cc.py"
-METRICS = ("accuracy", "macro_f1", "unseen_auroc", "pose_error_median_deg", "pose_error_mean_deg",
-           "network_pose_error_median_deg", "shift_error_median_angstrom", "per_class_pose_error_median_deg",
-           "affinity_spearman", "n_particles")
+METRICS = ("accuracy", "macro_f1", "per_class_accuracy", "unseen_auroc", "seen_unknown_rate", "novel_flagged_fraction",
+           "pose_error_median_deg", "pose_error_median_deg_frame_free", "pose_error_mean_deg",
+           "network_pose_error_median_deg", "shift_error_median_angstrom", "shift_error_median_px",
+           "per_class_pose_error_median_deg", "pose_determined_fraction", "pose_margin_auroc",
+           "pose_undetermined_classes", "affinity_spearman", "n_particles")
 
 
 def run_workflow(config: dict, output_dir: Path, cores: int) -> float:
@@ -51,13 +53,14 @@ def run_workflow(config: dict, output_dir: Path, cores: int) -> float:
 POSE_COLUMNS = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst", "rlnOriginZAngst")
 
 
-def _relion_cc(blocks: dict, folder: Path, reference: Path) -> float:
-    """relion_cc.py's anisotropic correlation for a STAR written into ``folder`` (image paths are relative)."""
+def _relion_cc(blocks: dict, folder: Path, reference: Path, cwd: Path) -> float:
+    """relion_cc.py's anisotropic correlation for a STAR written into ``folder``, RELION run in ``cwd``
+    (the output folder: image paths are relative to it, as the README tells users to run RELION)."""
     with tempfile.NamedTemporaryFile(suffix=".star", dir=folder, delete=False) as fh:
         path = Path(fh.name)
     starfile.write(blocks, path, overwrite=True)
     try:
-        out = subprocess.run([sys.executable, str(RELION_CC), str(path), str(reference)],
+        out = subprocess.run([sys.executable, str(RELION_CC), str(path), str(reference), "--cwd", str(cwd)],
                              capture_output=True, text=True, check=True).stdout.split()
     finally:
         path.unlink()
@@ -88,7 +91,7 @@ def relion_correlations(config: dict, output_dir: Path, split: str = "test") -> 
         for column in POSE_COLUMNS:
             true_poses[column] = truth.loc[predicted["cryovaeParticleId"].astype(str), column].to_numpy()
         reference = output_dir / "maps" / f"{name}.mrc"
-        results[name] = tuple(_relion_cc({**blocks, "particles": table}, star.parent, reference)
+        results[name] = tuple(_relion_cc({**blocks, "particles": table}, star.parent, reference, output_dir)
                               for table in (predicted, true_poses))
     return results
 
