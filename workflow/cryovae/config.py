@@ -24,6 +24,17 @@ SECTIONS_KEY = "stage_sections"
 CLASS_KEY = "stage_class"
 
 
+def check_tilt_range(v, include_90: bool = True):
+    """A [min, max] tilt range in degrees (or None): min < max within ±90 (ends included or not)."""
+    if v is None:
+        return v
+    ok = -90 <= v[0] < v[1] <= 90 if include_90 else -90 < v[0] < v[1] < 90
+    if not ok:
+        bound = "<=" if include_90 else "<"
+        raise ValueError(f"expected [min, max] with -90 {bound} min < max {bound} 90")
+    return v
+
+
 class _Section(BaseModel):
     """A config section: unknown keys are errors (a typo must not pass silently)."""
 
@@ -128,9 +139,7 @@ class SimulationConfig(_Section):
     @field_validator("tilt_range_deg")
     @classmethod
     def _tilt_order(cls, v):
-        if v is not None and not (-90 <= v[0] < v[1] <= 90):
-            raise ValueError("expected [min, max] with -90 <= min < max <= 90")
-        return v
+        return check_tilt_range(v)
 
 
 class TomogramInput(_Section):
@@ -172,9 +181,7 @@ class TomogramInput(_Section):
     @field_validator("tilt_range_deg")
     @classmethod
     def _tilt_order(cls, v):
-        if v is not None and not (-90 <= v[0] < v[1] <= 90):
-            raise ValueError("expected [min, max] with -90 <= min < max <= 90")
-        return v
+        return check_tilt_range(v)
 
 
 class TomogramSimulationConfig(_Section):
@@ -218,9 +225,7 @@ class TomogramSimulationConfig(_Section):
     @field_validator("tilt_range_deg")
     @classmethod
     def _tilt_order(cls, v):
-        if not (-90 < v[0] < v[1] < 90):
-            raise ValueError("expected [min, max] with -90 < min < max < 90")
-        return v
+        return check_tilt_range(v, include_90=False)
 
 
 class ExtractionConfig(_Section):

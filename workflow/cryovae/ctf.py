@@ -171,24 +171,30 @@ DEFOCUS_BIN_ANGSTROM = 250.0  # particles share a per-tilt CTF when their x and 
 
 def critical_exposure_e_per_angstrom2(k_per_angstrom: np.ndarray, voltage_kv: float) -> np.ndarray:
     """Grant & Grigorieff (2015) critical exposure N_c(k) = 0.245 k^-1.665 + 2.81 e/Å² at 300 kV
-    (times 0.8 below 250 kV, as RELION scales it for 200 kV); same shape as ``k_per_angstrom``."""
-    k = np.maximum(np.asarray(k_per_angstrom, dtype=np.float64), 1e-9)
+    (torch-fourier-filter's), times 0.8 below 250 kV as RELION scales it for 200 kV; float64, same
+    shape as ``k_per_angstrom``."""
+    import torch
+    from torch_fourier_filter.dose_weight import critical_exposure
+
+    k = torch.as_tensor(np.maximum(np.asarray(k_per_angstrom, dtype=np.float64), 1e-9))
     scale = 0.8 if voltage_kv < 250.0 else 1.0
-    return scale * (0.245 * k ** -1.665 + 2.81)
+    return scale * critical_exposure(k).numpy()
+
+
+def exposure_weights(pre_exposure_e_per_angstrom2, k_per_angstrom: np.ndarray, voltage_kv: float) -> np.ndarray:
+    """exp(-N / (2 N_c(k))) for each exposure N (n,) at every frequency: (n, *k.shape) float64, 1 at k = 0."""
+    k = np.asarray(k_per_angstrom, dtype=np.float64)
+    dose = np.asarray(pre_exposure_e_per_angstrom2, dtype=np.float64).reshape((-1,) + (1,) * k.ndim)
+    return np.where(k == 0, 1.0, np.exp(-dose / (2.0 * critical_exposure_e_per_angstrom2(k, voltage_kv))))
 
 
 def dose_weights_2d(pre_exposure_e_per_angstrom2: np.ndarray, box: int, pixel_size_angstrom: float,
                     voltage_kv: float) -> np.ndarray:
-    """exp(-N / (2 N_c(k))) per tilt on the fftshifted rfft grid of a (box, box) image:
+    """:func:`exposure_weights` per tilt on the fftshifted rfft grid of a (box, box) image:
     (n_tilts, box, box//2+1) float64 (1 at k = 0)."""
     ky = np.fft.fftshift(np.fft.fftfreq(box))[:, None]
     kx = np.fft.rfftfreq(box)[None, :]
-    k = np.sqrt(ky**2 + kx**2) / pixel_size_angstrom
-    critical = critical_exposure_e_per_angstrom2(k, voltage_kv)
-    dose = np.asarray(pre_exposure_e_per_angstrom2, dtype=np.float64).reshape(-1, 1, 1)
-    weights = np.exp(-dose / (2.0 * critical))
-    weights[:, box // 2, 0] = 1.0
-    return weights
+    return exposure_weights(pre_exposure_e_per_angstrom2, np.sqrt(ky**2 + kx**2) / pixel_size_angstrom, voltage_kv)
 
 
 def per_tilt_ctf_3d(
@@ -273,9 +279,7 @@ def weighted_ctf_3d(weights: torch.Tensor, defocus_um: np.ndarray, pre_exposure_
     table = ctf_table(np.asarray(defocus_um, dtype=np.float64), box, pixel_size_angstrom, voltage_kv,
                       spherical_aberration_mm, amplitude_contrast)  # (T, K)
     k_per_angstrom = np.sqrt(np.arange(table.shape[1])) / (box * pixel_size_angstrom)
-    dose = np.exp(-np.asarray(pre_exposure_e_per_angstrom2, dtype=np.float64)[:, None]
-                  / (2.0 * critical_exposure_e_per_angstrom2(k_per_angstrom, voltage_kv)[None, :]))
-    dose[:, 0] = 1.0
+    dose = exposure_weights(pre_exposure_e_per_angstrom2, k_per_angstrom, voltage_kv)
     per_voxel = torch.from_numpy((table * dose)[:, k2].astype(np.float32)).reshape(weights.shape)
     total = weights.sum(0)
     return torch.where(total > 1e-6, (weights * per_voxel).sum(0) / total.clamp(min=1e-6), torch.zeros_like(total))

@@ -48,7 +48,7 @@ import numpy as np
 import pandas as pd
 
 from cryovae.atomic import write_text_atomic
-from cryovae.ctf import defocus_offset_angstrom, tilt_rotations_xyz, wedge_sampled_zyx
+from cryovae.ctf import defocus_offset_angstrom, exposure_weights, tilt_rotations_xyz, wedge_sampled_zyx
 from cryovae.errors import InputError
 from cryovae.rotations import matrix_to_relion_euler, random_rotations
 
@@ -354,15 +354,15 @@ def strip_defocus_um(tilt_deg: float, nx: int, strip_px: int, pixel_size_angstro
     return nominal_defocus_um + defocus_offset_angstrom(points, tilt_deg)[:, 0] / 1e4
 
 
-def exposure_filter(shape_yx: tuple[int, int], pixel_size_angstrom: float, exposure_e_per_angstrom2: float):
-    """Grant & Grigorieff's exp(-N / 2 Nc(k)) on the rfft2 grid: (ny, nx//2+1) float32 tensor."""
+def exposure_filter(shape_yx: tuple[int, int], pixel_size_angstrom: float, exposure_e_per_angstrom2: float,
+                    voltage_kv: float):
+    """:func:`cryovae.ctf.exposure_weights` on the rfft2 grid of an image: (ny, nx//2+1) float32 tensor."""
     import torch
-    from torch_fourier_filter.dose_weight import critical_exposure
 
-    ky = torch.fft.fftfreq(shape_yx[0], dtype=torch.float64)[:, None]
-    kx = torch.fft.rfftfreq(shape_yx[1], dtype=torch.float64)[None, :]
-    k_per_angstrom = torch.sqrt(ky**2 + kx**2) / pixel_size_angstrom
-    return torch.exp(-exposure_e_per_angstrom2 / (2.0 * critical_exposure(k_per_angstrom))).to(torch.float32)
+    ky = np.fft.fftfreq(shape_yx[0])[:, None]
+    kx = np.fft.rfftfreq(shape_yx[1])[None, :]
+    weights = exposure_weights([exposure_e_per_angstrom2], np.sqrt(ky**2 + kx**2) / pixel_size_angstrom, voltage_kv)
+    return torch.from_numpy(weights[0].astype(np.float32))
 
 
 def image_transfer(image, tilt_deg: float, exposure: float, config):
@@ -374,7 +374,7 @@ def image_transfer(image, tilt_deg: float, exposure: float, config):
     ny, nx = image.shape
     spectrum = torch.fft.rfft2(image)
     if exposure > 0:
-        spectrum = spectrum * exposure_filter((ny, nx), pixel, exposure)
+        spectrum = spectrum * exposure_filter((ny, nx), pixel, exposure, ts.voltage_kv)
     if not ts.ctf:
         return torch.fft.irfft2(spectrum, s=(ny, nx))
     defocus = strip_defocus_um(tilt_deg, nx, ts.defocus_strip_px, pixel, ts.defocus_um)
