@@ -243,11 +243,7 @@ def symmetric_pose_error_deg(pred_angles_deg: np.ndarray, true_angles_deg: np.nd
     ``symmetry``: a point-group name (RELION's standard orientation) or its operators (G, 3, 3)
     in the reference map's frame (``align.symmetry_operators``).
     """
-    from cryovae.rotations import (
-        relion_euler_to_matrix,
-        symmetric_geodesic_distance_deg,
-        symmetry_group,
-    )
+    from cryovae.rotations import relion_euler_to_matrix, symmetric_geodesic_distance_deg, symmetry_group
 
     group = symmetry_group(symmetry) if isinstance(symmetry, str) else np.asarray(symmetry, dtype=np.float64)
     pred = relion_euler_to_matrix(pred_angles_deg)
@@ -307,13 +303,6 @@ def pose_metrics(errors: pd.DataFrame) -> dict:
     }
 
 
-def _quaternions(rotations: np.ndarray) -> np.ndarray:
-    from scipy.spatial.transform import Rotation
-
-    rotations = np.asarray(rotations, dtype=np.float64)
-    return Rotation.from_matrix(rotations.reshape(-1, 3, 3)).as_quat().reshape(rotations.shape[:-2] + (4,))
-
-
 def frame_free_rotation_errors(pred: np.ndarray, true: np.ndarray, group: np.ndarray, seed: int = 0) -> np.ndarray:
     """Leave-one-out frame-free rotation errors (n,) in degrees of one class.
 
@@ -322,13 +311,15 @@ def frame_free_rotation_errors(pred: np.ndarray, true: np.ndarray, group: np.nda
     the candidate not made from i minimising the median over j != i of
     min_g angle(pred_j G, true_j g); its error is min_g angle(pred_i G, true_i g).
     """
+    from cryovae.rotations import matrix_to_quaternion
+
     n = len(pred)
     if n < 2:
         return np.full(n, np.nan)
     source = np.random.default_rng(seed).permutation(n)[:FRAME_CANDIDATES]
     candidates = np.einsum("cji,cjk->cik", pred[source], true[source])  # (C, 3, 3)
-    moved = _quaternions(pred[None] @ candidates[:, None])  # (C, n, 4)
-    targets = _quaternions(true[:, None] @ np.asarray(group)[None])  # (n, S, 4)
+    moved = matrix_to_quaternion(pred[None] @ candidates[:, None])  # (C, n, 4)
+    targets = matrix_to_quaternion(true[:, None] @ np.asarray(group)[None])  # (n, S, 4)
     dots = np.abs(np.einsum("cna,nsa->cns", moved, targets)).max(2)
     error = np.degrees(2 * np.arccos(np.clip(dots, 0.0, 1.0)))  # (C, n)
     out = np.empty(n)

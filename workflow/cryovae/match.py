@@ -56,7 +56,6 @@ import mrcfile
 import numpy as np
 import pandas as pd
 import torch
-from scipy.spatial.transform import Rotation
 from tqdm import tqdm
 
 from cryovae.atomic import atomic_path
@@ -65,7 +64,9 @@ from cryovae.acquisition import read_split_acquisitions, split_tilt_range_deg
 from cryovae.ctf import ParticleCtfs, ctf_3d, missing_wedge_mask
 from cryovae.devices import choose_device
 from cryovae.errors import InputError
-from cryovae.rotations import local_deltas, refine_rotations, so3_grid, symmetry_group_in_frame
+from cryovae.rotations import (
+    local_deltas, matrix_to_quaternion, refine_rotations, so3_grid, symmetry_group_in_frame,
+)
 from cryovae.shards import SubtomogramSet
 from cryovae.volumes import (
     correlation_peak, cross_correlation, fourier_crop, phase_shift, rfft_frequencies, rfft_weights, rigid_transform,
@@ -181,7 +182,7 @@ class Matcher:
         self.keep, self.far_deg, self.margin_min = m.coarse_keep, m.pose_far_deg, m.pose_margin_min
         self.finest_deg = min(m.refine_steps_deg) if m.refine_steps_deg else m.coarse_step_deg
         self.symmetry = {c: _point_group(config, c, v) for c, v in references.items()}
-        self.grid_quats = {c: _quaternions(self.grid[None] @ g[:, None]) for c, g in self.symmetry.items()}
+        self.grid_quats = {c: matrix_to_quaternion(self.grid[None] @ g[:, None]) for c, g in self.symmetry.items()}
         self.power = {c: [_power_spectra(bank, self.box) for bank in self.fine[c]] for c in self.classes}
         self.self_margin = np.array([self._self_margin(c) for c in self.classes])
 
@@ -247,7 +248,7 @@ class Matcher:
 
     def grid_distance_deg(self, cls: str, rotations: np.ndarray) -> np.ndarray:
         """Angle (n, G) from each rotation (n, 3, 3) to every grid rotation, modulo the class's point group."""
-        dots = np.abs(np.einsum("na,sga->nsg", _quaternions(rotations), self.grid_quats[cls])).max(1)
+        dots = np.abs(np.einsum("na,sga->nsg", matrix_to_quaternion(rotations), self.grid_quats[cls])).max(1)
         return np.degrees(2 * np.arccos(np.clip(dots, 0.0, 1.0)))
 
     def coarse_scores(self, filtered: torch.Tensor) -> list[np.ndarray]:
@@ -412,12 +413,6 @@ def _point_group(config: Config, cls: str, reference: np.ndarray) -> np.ndarray:
         return np.eye(3)[None]
     axes, _ = orient_symmetry(reference, name)
     return symmetry_group_in_frame(name, axes)
-
-
-def _quaternions(rotations: np.ndarray) -> np.ndarray:
-    """Unit quaternions (..., 4) of rotation matrices (..., 3, 3); |q1 · q2| = cos(angle / 2)."""
-    rotations = np.asarray(rotations, dtype=np.float64)
-    return Rotation.from_matrix(rotations.reshape(-1, 3, 3)).as_quat().reshape(rotations.shape[:-2] + (4,))
 
 
 def _full_spectrum(half: torch.Tensor, box: int) -> torch.Tensor:

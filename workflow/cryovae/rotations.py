@@ -70,6 +70,12 @@ def matrix_to_relion_euler(matrices: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- 6D representation
 
 
+def matrix_to_quaternion(matrices: np.ndarray) -> np.ndarray:
+    """Unit quaternions (..., 4) of rotation matrices (..., 3, 3); |q1 · q2| = cos(angle / 2)."""
+    matrices = np.asarray(matrices, dtype=np.float64)
+    return Rotation.from_matrix(matrices.reshape(-1, 3, 3)).as_quat().reshape(matrices.shape[:-2] + (4,))
+
+
 def matrix_to_6d(matrices: np.ndarray) -> np.ndarray:
     """Rotation matrices (..., 3, 3) -> continuous 6D representation (..., 6) (Zhou et al. 2019).
 
