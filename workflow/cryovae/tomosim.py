@@ -48,7 +48,7 @@ import numpy as np
 import pandas as pd
 
 from cryovae.atomic import write_text_atomic
-from cryovae.ctf import defocus_offset_angstrom, exposure_weights, tilt_rotations_xyz, wedge_sampled_zyx
+from cryovae.ctf import exposure_weights, particle_defocus_um, tilt_rotations_xyz, wedge_sampled_zyx
 from cryovae.errors import InputError
 from cryovae.rotations import matrix_to_relion_euler, random_rotations
 
@@ -351,7 +351,7 @@ def strip_defocus_um(tilt_deg: float, nx: int, strip_px: int, pixel_size_angstro
     n_strips = math.ceil(nx / strip_px)
     u = (np.arange(n_strips) + 0.5) * nx / n_strips - nx / 2
     points = np.stack([u / rotation[0, 0], np.zeros(n_strips), np.zeros(n_strips)], axis=1) * pixel_size_angstrom
-    return nominal_defocus_um + defocus_offset_angstrom(points, tilt_deg)[:, 0] / 1e4
+    return particle_defocus_um([nominal_defocus_um], [tilt_deg], points)[:, 0]
 
 
 def exposure_filter(shape_yx: tuple[int, int], pixel_size_angstrom: float, exposure_e_per_angstrom2: float,
