@@ -49,7 +49,9 @@ from cryovae.acquisition import ACQUISITION_STAR, Acquisition, tomogram_acquisit
 from cryovae.atomic import atomic_dir, atomic_path
 from cryovae.ctf import particle_defocus_um
 from cryovae.errors import InputError
-from cryovae.star import COORD_COLUMNS, read_coordinates, star_pixel_size_angstrom, write_star_blocks
+from cryovae.star import (
+    COORD_COLUMNS, centred_coordinates_angstrom, read_coordinates, star_pixel_size_angstrom, write_star_blocks,
+)
 
 log = logging.getLogger(__name__)
 
@@ -312,12 +314,6 @@ def _cut_boxes(data, plan: _Plan, indices: range, binning: int, fill: float, nor
 
 
 # ----------------------------------------------------------------------------- output
-
-
-def centred_coordinates_angstrom(coords_xyz_px: np.ndarray, shape_xyz, pixel_size_angstrom: float) -> np.ndarray:
-    """RELION 5's centred coordinates (n, 3) Å: (pixel - size / 2) x pixel size."""
-    return (np.asarray(coords_xyz_px, dtype=np.float64) - np.asarray(shape_xyz, dtype=np.float64) / 2.0) \
-        * pixel_size_angstrom
 
 
 def acquisition_columns(acq: Acquisition, centred_xyz_angstrom: np.ndarray, invert_contrast: bool) -> dict:

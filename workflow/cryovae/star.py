@@ -324,6 +324,12 @@ def write_relion4_particles(df: pd.DataFrame, path: str | Path, optics: OpticsIn
     write_star_blocks({"optics": optics.block(), "particles": _relion_block(df, coords)}, path)
 
 
+def centred_coordinates_angstrom(coords_xyz_px: np.ndarray, shape_xyz, pixel_size_angstrom: float) -> np.ndarray:
+    """RELION 5's centred coordinates (n, 3) Å: (pixel - size / 2) x pixel size; ``shape_xyz`` (3,) or (n, 3)."""
+    return (np.asarray(coords_xyz_px, dtype=np.float64) - np.asarray(shape_xyz, dtype=np.float64) / 2.0) \
+        * pixel_size_angstrom
+
+
 def write_relion5_particles(df: pd.DataFrame, path: str | Path, optics: OpticsInfo,
                             tomogram_shape_xyz: ShapeSpec) -> None:
     """Write a coordinate table as a RELION 5 particles file (general, optics, particles), atomically.
@@ -336,7 +342,7 @@ def write_relion5_particles(df: pd.DataFrame, path: str | Path, optics: OpticsIn
     pixels = df[list(COORD_COLUMNS)].to_numpy(dtype=np.float64)
     sizes = np.stack([_shape_for(Path(path), tomogram_shape_xyz, t) for t in df["tomo_name"].astype(str)]) \
         if len(df) else np.zeros((0, 3))
-    angst = (pixels - sizes / 2.0) * optics.tilt_series_pixel_size_angstrom
+    angst = centred_coordinates_angstrom(pixels, sizes, optics.tilt_series_pixel_size_angstrom)
     coords = {label: angst[:, k] for k, label in enumerate(_R5_COORDS)}
     blocks = {
         "general": {"rlnTomoSubTomosAre2DStacks": 0},
