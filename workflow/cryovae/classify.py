@@ -151,11 +151,18 @@ def load_matches(path: Path, particle_id: np.ndarray, classes: list[str]) -> dic
 def features(
     names: list[str], data: dict[str, np.ndarray], match: dict[str, np.ndarray] | None
 ) -> np.ndarray:
-    """Classifier features ``names`` (of latent, template, fit) side by side: (n, F) float64."""
+    """Classifier features ``names`` (of latent, network, template, fit, ...) side by side: (n, F) float64.
+
+    network: the log of the classifier head's probabilities (ss-rVAE), floored at 1e-6."""
     parts = []
     for name in names:
         if name == "latent":
             parts.append(data["latent_mean"].astype(np.float64))
+        elif name == "network":
+            if "class_probabilities" not in data:
+                raise InputError("classification.features lists 'network' but the latent file has no class "
+                                 "probabilities (train with training.semi_supervised.classifier: true)")
+            parts.append(np.log(np.maximum(data["class_probabilities"].astype(np.float64), 1e-6)))
         elif match is None:
             raise InputError(f"classification.features lists {name!r} but no template-matching file was given")
         elif name == "template":

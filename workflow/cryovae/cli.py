@@ -164,6 +164,9 @@ VERBS: dict[str, tuple[str, str, str, list[tuple[tuple[str, ...], dict]]]] = {
             (("--affinity",), {"type": _P, "required": True, "help": "affinity matrix CSV (from cryovae affinity)"}),
             (("--maps",), {"type": _P, "nargs": "*", "default": None,
                            "help": "reference maps of the seen classes (symmetric classes need theirs)"}),
+            (("--unlabelled-dirs",), {"type": _P, "nargs": "*", "default": None,
+                                      "help": "split folders trained on without their labels "
+                                              "(training.semi_supervised.unlabelled)"}),
             (("--output-dir",), {"type": _P, "required": True,
                                  "help": "folder for model.pt, history.csv, loss_curves.png and the checkpoint"}),
         ],

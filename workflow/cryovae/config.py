@@ -273,6 +273,33 @@ class Schedule(_Section):
     ramp_epochs: int = Field(10, ge=1, description="Epochs a ramp takes (a cycle's length if cyclical).")
 
 
+SIMULATED_TOMOGRAM_PREFIX = "sim_"   # simulated tomograms are the splits sim_00, sim_01, ...
+
+
+class SemiSupervisedConfig(_Section):
+    """The ss-rVAE: a classifier head q(y|x) and a class-conditioned decoder, taught by labelled
+    particles and adapted by unlabelled ones through the ELBO summed over the classes (M2)."""
+
+    classifier: bool = Field(False, description="Train a classifier head q(y|x) with a decoder conditioned on "
+                             "the class; embed then writes class probabilities (feature `network`).")
+    unlabelled: list[str] = Field(
+        [], description="Splits whose particles train without their labels, through the ELBO over the classes "
+        "(extracted tomograms, e.g. sim_00, or 2D image splits); needs classifier: true.")
+    classifier_weight: float = Field(1.0, ge=0, description="alpha: weight of the labelled class-weighted "
+                                     "cross entropy in the total loss.")
+    decoded_classes: int = Field(3, ge=0, description="An unlabelled particle's ELBO is summed over its "
+                                 "this-many most probable classes (renormalised); 0: all (one decoder pass each).")
+    augment_rotation_deg: float = Field(0.0, ge=0, le=180, description="2D only: each training image is "
+                                        "rotated in-plane by a random angle within ± this (no wedge to rotate along).")
+    augment_shift_px: float = Field(0.0, ge=0, description="2D only: and shifted by up to this many pixels per axis.")
+
+    @model_validator(mode="after")
+    def _unlabelled_needs_classifier(self) -> "SemiSupervisedConfig":
+        if self.unlabelled and not self.classifier:
+            raise ValueError("training.semi_supervised.unlabelled needs training.semi_supervised.classifier: true")
+        return self
+
+
 class TrainingConfig(_Section):
     """The affinity-VAE and its training."""
 
@@ -299,9 +326,11 @@ class TrainingConfig(_Section):
     checkpoint_every: int = Field(1, ge=1, description="Write a checkpoint every this many epochs.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present.")
     threads: int = Field(2, ge=1, description="CPU threads the train rule asks for.")
+    semi_supervised: SemiSupervisedConfig = Field(
+        default_factory=SemiSupervisedConfig, description="Classifier head and unlabelled splits (ss-rVAE).")
 
 
-FeatureName = Literal["latent", "template", "fit", "template_relative", "margin"]
+FeatureName = Literal["latent", "template", "fit", "template_relative", "margin", "network"]
 
 
 class ClassificationConfig(_Section):
@@ -484,7 +513,7 @@ class Config(_Section):
                 raise ValueError("at least two classes must be seen in training")
         if {"classification", "matching"} <= present:
             cc = self.classification
-            needs_matching = sorted(set(cc.features + cc.unknown_features) - {"latent"})
+            needs_matching = sorted(set(cc.features + cc.unknown_features) - {"latent", "network"})
             if needs_matching and not self.matching.enabled:
                 raise ValueError(f"classification.features lists {needs_matching} but matching.enabled is false")
         if "tomogram_simulation" in present:
@@ -495,6 +524,18 @@ class Config(_Section):
                     raise ValueError(f"{section} names {name!r}, which is not a key of structures")
         if {"training", "simulation"} <= present:
             self._batch_fits_training_split()
+        if {"training", "classification"} <= present:
+            cc = self.classification
+            if "network" in cc.features + cc.unknown_features and not self.training.semi_supervised.classifier:
+                raise ValueError("classification.features lists 'network' (the classifier head's probabilities) "
+                                 "but training.semi_supervised.classifier is false")
+        if {"training", "extraction", "tomogram_simulation"} <= present:
+            splits = [*self.extraction.tomograms, *self.simulated_tomograms]
+            for name in self.training.semi_supervised.unlabelled:
+                if name not in splits:
+                    raise ValueError(f"training.semi_supervised.unlabelled names {name!r}, which is not a "
+                                     f"tomogram split (the splits are {splits}: extraction.tomograms and the "
+                                     "simulated sim_00, sim_01, ...)")
         return self
 
     def _tomogram_simulation_names(self) -> None:
@@ -527,6 +568,11 @@ class Config(_Section):
     @property
     def seen_classes(self) -> list[str]:
         return [c for c in self.structures if c not in self.unseen]
+
+    @property
+    def simulated_tomograms(self) -> list[str]:
+        """sim_00, sim_01, ... (``tomogram_simulation.tomograms`` of them)."""
+        return [f"{SIMULATED_TOMOGRAM_PREFIX}{k:02d}" for k in range(self.tomogram_simulation.tomograms)]
 
 
 def _format_error(err: ValidationError, source: str) -> str:

@@ -10,7 +10,9 @@ The output ``.npz`` (written atomically) holds, one row per particle in STAR ord
 - ``origin_angstrom`` (n, 3) float64: rlnOriginX/Y/ZAngst of the predicted shift;
 - ``recon_error`` (n,) float32: per-particle reconstruction error of the mean latent in the
   predicted pose, the training reconstruction loss (wedge-masked when the config says so: by
-  the split's own tilt range for extracted particles, the simulation's otherwise).
+  the split's own tilt range for extracted particles, the simulation's otherwise);
+- a model with a classifier head (training.semi_supervised.classifier) adds
+  ``class_probabilities`` (n, C) float32, q(y|x), over ``classifier_class_names`` (C,) str.
 """
 
 from __future__ import annotations
@@ -55,8 +57,8 @@ def encode_split(config: Config, model_path: Path, split_dir: Path) -> dict[str,
     mask = wedge_mask(data.spatial_shape, tilt).to(device) if use_wedge else None
     batches = [np.arange(i, min(i + config.training.batch_size, len(data)))
                for i in range(0, len(data), config.training.batch_size)]
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in
-                                          ("latent_mean", "latent_logvar", "rotation", "shift", "recon_error")}
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("latent_mean", "latent_logvar", "rotation", "shift",
+                                                          "recon_error", "class_probabilities")}
     for vols in tqdm(data.batches(batches), total=len(batches), desc="embed", mininterval=1.0):
         x = torch.from_numpy(vols).unsqueeze(1).to(device)
         with autocast(device):
@@ -66,10 +68,16 @@ def encode_split(config: Config, model_path: Path, split_dir: Path) -> dict[str,
         parts["rotation"].append(rotation_3x3(out["rotation"].double()).cpu().numpy())
         parts["shift"].append(out["shift_voxels"].double().cpu().numpy())
         parts["recon_error"].append(reconstruction_error(out["reconstruction"], x, mask).cpu().numpy())
+        if "class_logits" in out:
+            parts["class_probabilities"].append(torch.softmax(out["class_logits"].float(), 1).cpu().numpy())
     shift = np.concatenate(parts["shift"])
     shift_xyz = np.zeros((len(shift), 3))
     shift_xyz[:, : shift.shape[1]] = shift
     table = data.source.particles
+    network = {}
+    if parts["class_probabilities"]:
+        network = {"class_probabilities": np.concatenate(parts["class_probabilities"]).astype(np.float32),
+                   "classifier_class_names": np.array(meta["classifier_class_names"], dtype=str)}
     return {
         "particle_id": table["cryovaeParticleId"].astype(str).to_numpy().astype(str),
         "class_name": table["cryovaeClassName"].astype(str).to_numpy().astype(str),
@@ -78,6 +86,7 @@ def encode_split(config: Config, model_path: Path, split_dir: Path) -> dict[str,
         "rotation": np.concatenate(parts["rotation"]).astype(np.float64),
         "origin_angstrom": -shift_xyz * meta["pixel_size_angstrom"],
         "recon_error": np.concatenate(parts["recon_error"]).astype(np.float32),
+        **network,
     }
 
 

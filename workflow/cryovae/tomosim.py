@@ -48,6 +48,7 @@ import numpy as np
 import pandas as pd
 
 from cryovae.atomic import write_text_atomic
+from cryovae.config import SIMULATED_TOMOGRAM_PREFIX
 from cryovae.ctf import exposure_weights, particle_defocus_um, tilt_rotations_xyz, wedge_sampled_zyx
 from cryovae.errors import InputError
 from cryovae.rotations import matrix_to_relion_euler, random_rotations
@@ -57,7 +58,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-NAME_PREFIX = "sim_"
+NAME_PREFIX = SIMULATED_TOMOGRAM_PREFIX
 _SEED_TAG = 7001
 _RADIUS_THRESHOLD = 0.05  # of the map maximum: the extent used for non-overlap
 _PLACEMENT_TRIES = 2000
@@ -68,7 +69,7 @@ _PLACEMENT_TRIES = 2000
 
 def simulated_tomogram_names(config) -> list[str]:
     """sim_00, sim_01, ... (``tomogram_simulation.tomograms`` of them)."""
-    return [f"{NAME_PREFIX}{k:02d}" for k in range(config.tomogram_simulation.tomograms)]
+    return config.simulated_tomograms
 
 
 def tomogram_folder(config, name: str) -> Path:

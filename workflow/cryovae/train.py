@@ -57,13 +57,16 @@ from cryovae.errors import InputError
 from cryovae.model.checkpoint import (
     Running, StopRequest, TrainState, load_checkpoint, save_checkpoint, stop_on_signals,
 )
-from cryovae.model.data import ParticleData
+from cryovae.acquisition import split_tilt_range_deg
+from cryovae.model.data import CombinedData, ParticleData
 from cryovae.model.encoder import rotation_3x3
 from cryovae.model.io import save_model
-from cryovae.model.losses import COMPONENTS, affinity_loss, kl_divergence, pose_loss, reconstruction_error, wedge_mask
+from cryovae.model.losses import CLASSIFIER_COMPONENTS, COMPONENTS, affinity_loss, kl_divergence, pose_loss, reconstruction_error, wedge_mask
+from cryovae.model.semisup import class_weights, semisupervised_terms
 from cryovae.model.vae import AffinityVAE
 from cryovae.rotations import symmetry_group_in_frame
 from cryovae.schedules import schedule_value
+from cryovae.volumes import rigid_transform
 
 
 def hidden_units(channels: list[int]) -> int:
@@ -134,6 +137,20 @@ class LossSetup:
     beta: float = 1.0
     gamma: float = 1.0
     compute_dtype: torch.dtype | None = None   # autocast dtype; None: the device's (see mixed_precision)
+    classifier: "ClassifierSetup | None" = None   # a model with classes (ss-rVAE)
+
+
+@dataclass
+class ClassifierSetup:
+    """The semi-supervised terms' settings (see :mod:`cryovae.model.semisup`)."""
+
+    class_names: list[str]          # the classifier's classes: the labelled training split's, affinity order
+    label_of_row: torch.Tensor      # (C_affinity,) int64: classifier index of each affinity row, -1 if none
+    weights: torch.Tensor           # (n_classes,) cross-entropy weights
+    weight: float                   # alpha
+    top_k: int
+    augment_rotation_deg: float = 0.0
+    augment_shift_px: float = 0.0
 
 
 @dataclass
@@ -144,30 +161,60 @@ class Batch:
     class_index: torch.Tensor
     true_rotation: torch.Tensor | None
     true_shift_voxels: torch.Tensor | None
+    pose_known: torch.Tensor | None = None     # (n,) bool: rows with a true pose (None: all of them)
+    source_index: torch.Tensor | None = None   # (n,) part of CombinedData each row is from (its wedge)
+
+
+def row_masks(setup: LossSetup, batch: Batch) -> torch.Tensor | None:
+    """The Fourier mask of the loss: one (D, H, W') for all rows, or each row's ((n, D, H, W'))
+    when the parts of the data have masks of their own ((K, D, H, W') stacked)."""
+    mask = setup.fourier_mask
+    if mask is None or mask.dim() == 3:
+        return mask
+    if mask.shape[0] == 1:
+        return mask[0]
+    return mask[batch.source_index]
 
 
 def batch_losses(model: AffinityVAE, batch: Batch, setup: LossSetup, sample: bool,
                  generator: torch.Generator | None) -> dict[str, torch.Tensor]:
     """Loss components and ``total`` (scalars, float32) of one batch."""
+    mask = row_masks(setup, batch)
+    zero = torch.zeros((), device=batch.volumes.device)
     with autocast(batch.volumes.device, setup.compute_dtype):
-        out = model(batch.volumes, generator=generator, sample=sample)
+        if setup.classifier is None:
+            out = model(batch.volumes, generator=generator, sample=sample)
+            terms = {"recon": reconstruction_error(out["reconstruction"], batch.volumes, mask).mean(),
+                     "classifier": zero, "class_kl": zero}
+        else:
+            labels = setup.classifier.label_of_row[batch.class_index.clamp(min=0)]
+            labels = torch.where(batch.class_index >= 0, labels, -1)
+            out, terms = semisupervised_terms(model, batch.volumes, labels, mask, setup.classifier.weights,
+                                              setup.classifier.top_k, generator, sample)
     losses = {
-        "recon": reconstruction_error(out["reconstruction"], batch.volumes, setup.fourier_mask).mean(),
+        "recon": terms["recon"],
         "kl": kl_divergence(out["latent_mean"].float(), out["latent_logvar"].float()),
         "affinity": affinity_loss(out["latent_mean"].float(), batch.class_index, setup.affinity, setup.affinity_kind),
+        "pose": _pose_term(out, batch, setup) if setup.pose_weight > 0 and batch.true_rotation is not None else zero,
+        "classifier": terms["classifier"],
+        "class_kl": terms["class_kl"],
     }
-    if setup.pose_weight > 0 and batch.true_rotation is not None:
-        ndim = out["shift_voxels"].shape[1]
-        ops = None if setup.symmetry_ops is None else setup.symmetry_ops[batch.class_index.clamp(min=0)]
-        losses["pose"] = pose_loss(
-            rotation_3x3(out["rotation"].float()), out["shift_voxels"].float(),
-            batch.true_rotation, batch.true_shift_voxels[:, :ndim], ops,
-        )
-    else:
-        losses["pose"] = torch.zeros((), device=batch.volumes.device)
-    losses["total"] = (losses["recon"] + setup.beta * losses["kl"] + setup.gamma * losses["affinity"]
-                       + setup.pose_weight * losses["pose"])
+    alpha = 0.0 if setup.classifier is None else setup.classifier.weight
+    losses["total"] = (losses["recon"] + setup.beta * (losses["kl"] + losses["class_kl"])
+                       + setup.gamma * losses["affinity"] + setup.pose_weight * losses["pose"]
+                       + alpha * losses["classifier"])
     return losses
+
+
+def _pose_term(out: dict, batch: Batch, setup: LossSetup) -> torch.Tensor:
+    """The supervised pose loss over the rows with a true pose (zero when none has one)."""
+    rows = slice(None) if batch.pose_known is None else batch.pose_known
+    if batch.pose_known is not None and not bool(batch.pose_known.any()):
+        return torch.zeros((), device=batch.volumes.device)
+    ndim = out["shift_voxels"].shape[1]
+    ops = None if setup.symmetry_ops is None else setup.symmetry_ops[batch.class_index[rows].clamp(min=0)]
+    return pose_loss(rotation_3x3(out["rotation"][rows].float()), out["shift_voxels"][rows].float(),
+                     batch.true_rotation[rows], batch.true_shift_voxels[rows][:, :ndim], ops)
 
 
 def make_batch(data: ParticleData, indices: np.ndarray, volumes: np.ndarray | torch.Tensor,
@@ -182,10 +229,33 @@ def make_batch(data: ParticleData, indices: np.ndarray, volumes: np.ndarray | to
             tensor = tensor.pin_memory()
         return tensor.to(device, non_blocking=cuda)
 
-    rot = shift = None
+    rot = shift = known = None
     if data.has_poses:
         rot, shift = move(data.true_rotation[indices]), move(data.true_shift_voxels[indices])
-    return Batch(move(volumes).unsqueeze(1), move(data.class_index[indices]), rot, shift)
+        known = data.pose_known[indices]
+        known = None if known.all() else move(known)
+    return Batch(move(volumes).unsqueeze(1), move(data.class_index[indices]), rot, shift, known,
+                 move(data.source_index[indices]))
+
+
+def augment_batch(batch: Batch, rotation_deg: float, shift_px: float, generator: torch.Generator) -> Batch:
+    """2D images turned in-plane by uniform random angles in ±``rotation_deg`` and shifted by up
+    to ``shift_px`` per axis (draws from ``generator``, a CPU generator); true poses move along
+    (R <- A R, t <- A t + s: the image is the canonical one in pose (A R, A t + s))."""
+    n = batch.volumes.shape[0]
+    angle = (torch.rand(n, generator=generator, dtype=torch.float64) * 2 - 1) * math.radians(rotation_deg)
+    shift = (torch.rand(n, 2, generator=generator, dtype=torch.float64) * 2 - 1) * shift_px
+    c, s_ = torch.cos(angle), torch.sin(angle)
+    turn = torch.stack([torch.stack([c, -s_], -1), torch.stack([s_, c], -1)], -2).float().to(batch.volumes.device)
+    shift = shift.float().to(batch.volumes.device)
+    volumes = rigid_transform(batch.volumes, turn, shift)
+    rot, moved = batch.true_rotation, batch.true_shift_voxels
+    if rot is not None:
+        rot = rot.clone()
+        rot[:, :2, :2] = turn @ rot[:, :2, :2]
+        moved = moved.clone()
+        moved[:, :2] = (turn @ moved[:, :2, None])[..., 0] + shift
+    return Batch(volumes, batch.class_index, rot, moved, batch.pose_known, batch.source_index)
 
 
 def loss_values(losses: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -237,9 +307,21 @@ def evaluate(model: AffinityVAE, data: ParticleData, setup: LossSetup, batch_siz
     model.eval()
     running = Running()
     batches = epoch_batches(len(data), batch_size, 0, 0, shuffle=False)
+    right = counted = 0
     for idx, vols in zip(batches, data.tensor_batches(batches, pin_memory=device.type == "cuda")):
-        running.add(loss_values(batch_losses(model, make_batch(data, idx, vols, device), setup, False, None)), len(idx))
-    return running.means()
+        batch = make_batch(data, idx, vols, device)
+        running.add(loss_values(batch_losses(model, batch, setup, False, None)), len(idx))
+        if setup.classifier is not None:
+            labels = setup.classifier.label_of_row[batch.class_index.clamp(min=0)]
+            known = (batch.class_index >= 0) & (labels >= 0)
+            with autocast(device, setup.compute_dtype):
+                predicted = model.class_probabilities(batch.volumes).argmax(dim=1)
+            right += int((predicted[known] == labels[known]).sum())
+            counted += int(known.sum())
+    means = running.means()
+    if setup.classifier is not None:
+        means["accuracy"] = right / max(counted, 1)
+    return means
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -259,8 +341,9 @@ def plot_history(path: Path, history: list[dict]) -> None:
     import matplotlib.pyplot as plt
 
     table = pd.DataFrame(history)
-    fig, axes = plt.subplots(1, 1 + len(COMPONENTS), figsize=(4 * (1 + len(COMPONENTS)), 3.2))
-    for ax, key in zip(axes, ("loss",) + COMPONENTS):
+    keys = ("loss",) + tuple(k for k in COMPONENTS + CLASSIFIER_COMPONENTS if f"train_{k}" in table)
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2))
+    for ax, key in zip(axes, keys):
         for split in ("train", "val"):
             ax.plot(table["epoch"], table[f"{split}_{key}"], marker=".", label=split)
         ax.set_title(key)
@@ -285,7 +368,7 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     noise: torch.Generator
     device: torch.device
-    train_data: ParticleData
+    train_data: ParticleData | CombinedData
     val_data: ParticleData
     setup: LossSetup
     checkpoint: Path
@@ -310,32 +393,87 @@ def make_optimizer(model: torch.nn.Module, learning_rate: float) -> torch.optim.
     return torch.optim.Adam(model.parameters(), lr=learning_rate, fused=True)
 
 
+def open_unlabelled(folders: list[Path], class_names: list[str], like: ParticleData) -> list[ParticleData]:
+    """The unlabelled splits, stripped of any class and pose they carry, checked against ``like``."""
+    parts = []
+    for folder in folders:
+        part = ParticleData.open(folder, class_names, require_known=False).without_labels()
+        if not math.isclose(part.pixel_size_angstrom, like.pixel_size_angstrom, rel_tol=1e-4):
+            raise InputError(f"{folder}: pixel size {part.pixel_size_angstrom} Å differs from the training "
+                             f"split's {like.pixel_size_angstrom} Å")
+        parts.append(part)
+    return parts
+
+
+def loss_masks(config: Config, data: ParticleData | CombinedData) -> torch.Tensor | None:
+    """The missing-wedge masks of the loss, one per part of ``data`` stacked (K, D, H, W'): the
+    simulation's tilt range for simulated particles, each extracted split's own otherwise; None
+    without wedge masking (2D, no tilt range, or training.wedge_masked_loss false)."""
+    parts = data.parts if isinstance(data, CombinedData) else [data]
+    if not config.training.wedge_masked_loss or len(data.spatial_shape) != 3:
+        return None
+    ranges = [split_tilt_range_deg(part.source.particles) or config.simulation.tilt_range_deg for part in parts]
+    if any(r is None for r in ranges):
+        return None
+    return torch.stack([wedge_mask(data.spatial_shape, r) for r in ranges])
+
+
+def classifier_setup(config: Config, class_names: list[str], train_data: ParticleData) -> ClassifierSetup | None:
+    """The classifier's classes (those the labelled training split has, in affinity order) and its terms."""
+    ss = config.training.semi_supervised
+    if not ss.classifier:
+        return None
+    if len(train_data.spatial_shape) == 3 and (ss.augment_rotation_deg or ss.augment_shift_px):
+        raise InputError("training.semi_supervised.augment_rotation_deg / augment_shift_px are for 2D images: "
+                         "a rotated subtomogram would carry its missing wedge with it")
+    present = sorted(set(train_data.class_index[train_data.class_index >= 0].tolist()))
+    if len(present) < 2:
+        raise InputError(f"{train_data.source.folder}: the classifier head needs labelled particles of at least "
+                         f"two classes, found {[class_names[i] for i in present]}")
+    label_of_row = np.full(len(class_names), -1, dtype=np.int64)
+    label_of_row[present] = np.arange(len(present))
+    labels = label_of_row[np.maximum(train_data.class_index, 0)]
+    labels[train_data.class_index < 0] = -1
+    return ClassifierSetup(class_names=[class_names[i] for i in present],
+                           label_of_row=torch.tensor(label_of_row), weights=class_weights(labels, len(present)),
+                           weight=ss.classifier_weight, top_k=ss.decoded_classes,
+                           augment_rotation_deg=ss.augment_rotation_deg, augment_shift_px=ss.augment_shift_px)
+
+
 def build_run(config: Config, train_dir: Path, val_dir: Path, affinity: Path, output_dir: Path,
-              maps: list[Path] | None = None) -> Run:
+              maps: list[Path] | None = None, unlabelled_dirs: list[Path] | None = None) -> Run:
     """Read the data and affinity, build model, optimiser and scheduler (seeded)."""
     tc = config.training
     device = choose_device(tc.device)
     class_names, matrix = read_affinity_csv(affinity)
-    train_data, val_data = _open_data(Path(train_dir), Path(val_dir), class_names)
+    labelled, val_data = _open_data(Path(train_dir), Path(val_dir), class_names)
+    unlabelled = open_unlabelled([Path(d) for d in unlabelled_dirs or []], class_names, labelled)
+    train_data = CombinedData([labelled, *unlabelled]) if unlabelled else labelled
     spatial = train_data.spatial_shape
+    classifier = classifier_setup(config, class_names, labelled)
     torch.manual_seed(config.seed)
     model = AffinityVAE(spatial, tc.channels, tc.latent_dims, tc.decoder, tc.n_splats, hidden_units(tc.channels),
-                        train_data.pixel_size_angstrom).to(device)
+                        train_data.pixel_size_angstrom,
+                        n_classes=0 if classifier is None else len(classifier.class_names)).to(device)
     optimizer = make_optimizer(model, tc.learning_rate)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=tc.epochs, eta_min=0.05 * tc.learning_rate)
     noise = torch.Generator().manual_seed(config.seed)
-    use_wedge = tc.wedge_masked_loss and config.simulation.tilt_range_deg is not None and len(spatial) == 3
+    masks = loss_masks(config, train_data)
     seen_symmetry = {c: g for c, g in config.alignment.symmetry.items() if c not in config.unseen}
     sym = symmetry_table(class_names, seen_symmetry, maps)
+    if classifier is not None:
+        classifier.label_of_row = classifier.label_of_row.to(device)
     setup = LossSetup(
         affinity=torch.tensor(matrix, dtype=torch.float32, device=device),
         affinity_kind=tc.affinity_loss,
-        fourier_mask=wedge_mask(spatial, config.simulation.tilt_range_deg).to(device) if use_wedge else None,
+        fourier_mask=None if masks is None else masks.to(device),
         symmetry_ops=None if sym is None else sym.to(device),
         pose_weight=tc.pose_weight,
+        classifier=classifier,
     )
     fingerprint = {"config": config.model_dump(mode="json"), "n_train": len(train_data), "n_val": len(val_data),
-                   "class_names": class_names, "spatial_shape": list(spatial)}
+                   "class_names": class_names, "spatial_shape": list(spatial),
+                   "unlabelled": [str(d) for d in unlabelled_dirs or []]}
     return Run(config, model, optimizer, scheduler, noise, device, train_data, val_data, setup,
                Path(output_dir) / CHECKPOINT, fingerprint)
 
@@ -350,8 +488,13 @@ def _train_epoch(run: Run, state: TrainState, stop: StopRequest, hook: BatchHook
                leave=False, mininterval=1.0, file=sys.stderr)
     started, cpu_started = time.perf_counter(), time.process_time()
     volumes = run.train_data.tensor_batches(todo, pin_memory=run.device.type == "cuda")
+    cs = run.setup.classifier
+    augment = cs is not None and (cs.augment_rotation_deg > 0 or cs.augment_shift_px > 0)
     for idx, vols in zip(todo, volumes):
-        losses = batch_losses(run.model, make_batch(run.train_data, idx, vols, run.device), run.setup, True, run.noise)
+        batch = make_batch(run.train_data, idx, vols, run.device)
+        if augment:
+            batch = augment_batch(batch, cs.augment_rotation_deg, cs.augment_shift_px, run.noise)
+        losses = batch_losses(run.model, batch, run.setup, True, run.noise)
         run.optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
         values = loss_values(losses)   # the step's one synchronisation, after the work is queued
@@ -390,14 +533,19 @@ def _finish_epoch(run: Run, state: TrainState) -> None:
     rate = state.running.count / max(state.seconds, 1e-9)
     row = {"epoch": state.epoch + 1, "train_loss": tr["total"], "val_loss": val["total"], "seconds": state.seconds,
            "samples_per_s": rate, "cpu_seconds": state.cpu_seconds, "validation_seconds": validation_seconds}
-    row.update({f"train_{k}": tr[k] for k in COMPONENTS})
-    row.update({f"val_{k}": val[k] for k in COMPONENTS})
+    components = COMPONENTS + (CLASSIFIER_COMPONENTS if run.setup.classifier is not None else ())
+    row.update({f"train_{k}": tr[k] for k in components})
+    row.update({f"val_{k}": val[k] for k in components})
+    if "accuracy" in val:
+        row["val_accuracy"] = val["accuracy"]
     row.update({"beta": run.setup.beta, "gamma": run.setup.gamma,
                 "learning_rate": run.optimizer.param_groups[0]["lr"]})
     state.history.append(row)
     tqdm.write(
         f"cryovae train: epoch {row['epoch']}/{tc.epochs}  train {row['train_loss']:.5g}  val {row['val_loss']:.5g}  "
-        f"(recon {val['recon']:.4g}, kl {val['kl']:.4g}, affinity {val['affinity']:.4g}, pose {val['pose']:.4g})  "
+        f"(recon {val['recon']:.4g}, kl {val['kl']:.4g}, affinity {val['affinity']:.4g}, pose {val['pose']:.4g}"
+        + (f", classifier {val['classifier']:.4g}, accuracy {val['accuracy']:.3f}" if "accuracy" in val else "")
+        + ")  "
         f"training {rate:.0f} samples/s ({state.seconds:.1f} s), validation {validation_seconds:.1f} s",
         file=sys.stderr,
     )
@@ -419,13 +567,14 @@ def _log_setup(run: Run) -> None:
 
 
 def run_training(config: Config, train_dir: Path, val_dir: Path, affinity: Path, output_dir: Path,
-                 batch_hook: BatchHook | None = None, maps: list[Path] | None = None) -> None:
+                 batch_hook: BatchHook | None = None, maps: list[Path] | None = None,
+                 unlabelled_dirs: list[Path] | None = None) -> None:
     """:func:`train` with an optional ``batch_hook(epoch, batches_done)`` called after every batch."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     tc = config.training
     torch.set_num_threads(tc.threads)
-    run = build_run(config, train_dir, val_dir, affinity, output_dir, maps)
+    run = build_run(config, train_dir, val_dir, affinity, output_dir, maps, unlabelled_dirs)
     state = load_checkpoint(run.checkpoint, run.model, run.optimizer, run.scheduler, run.noise,
                             run.fingerprint) or TrainState()
     _log_setup(run)
@@ -444,6 +593,8 @@ def run_training(config: Config, train_dir: Path, val_dir: Path, affinity: Path,
                            file=sys.stderr)
     extra = {"epochs_trained": state.epoch, "final_val_loss": state.history[-1]["val_loss"],
              "seed": config.seed}
+    if run.setup.classifier is not None:
+        extra["classifier_class_names"] = list(run.setup.classifier.class_names)
     save_model(output_dir / "model.pt", run.model, run.fingerprint["class_names"], run.fingerprint["config"], extra)
     write_history(output_dir / "history.csv", state.history)
     plot_history(output_dir / "loss_curves.png", state.history)
@@ -451,9 +602,10 @@ def run_training(config: Config, train_dir: Path, val_dir: Path, affinity: Path,
 
 
 def train(config: Config, train_dir: Path, val_dir: Path, affinity: Path, output_dir: Path,
-          maps: list[Path] | None = None) -> None:
+          maps: list[Path] | None = None, unlabelled_dirs: list[Path] | None = None) -> None:
     """Train the affinity-VAE on ``train_dir``, validate on ``val_dir``; write model.pt, history.csv,
     loss_curves.png into ``output_dir``.  Resumes from ``output_dir/checkpoint.pt`` when present.
     ``maps``: the seen classes' reference maps, where symmetric classes' axes are located.
+    ``unlabelled_dirs``: splits trained on without their labels (training.semi_supervised).
     """
-    run_training(config, train_dir, val_dir, affinity, output_dir, maps=maps)
+    run_training(config, train_dir, val_dir, affinity, output_dir, maps=maps, unlabelled_dirs=unlabelled_dirs)

@@ -7,6 +7,8 @@ rule train:
         val=f"{OUT}/subtomograms/val/particles.star",
         affinity=f"{OUT}/affinity/affinity.csv",
         maps=expand(f"{OUT}/maps/{{cls}}.mrc", cls=SEEN),
+        # training.semi_supervised.unlabelled: tomogram splits trained on without labels (ss-rVAE)
+        unlabelled=expand(f"{OUT}/extracted/{{tomo}}", tomo=CFG.training.semi_supervised.unlabelled),
     output:
         model=f"{OUT}/model/model.pt",
         history=f"{OUT}/model/history.csv",
@@ -34,7 +36,7 @@ rule train:
         "(echo CUDA_VISIBLE_DEVICES=${{CUDA_VISIBLE_DEVICES:-unset}}; "
         "cryovae train --config {params.config:q} --train-dir {params.train_dir} "
         "--val-dir {params.val_dir} --affinity {input.affinity} --maps {input.maps} "
-        "--output-dir {params.output_dir}) "
+        "--unlabelled-dirs {input.unlabelled} --output-dir {params.output_dir}) "
         "> {log} 2>&1 || (tail -n 1 {log} >&2; exit 1)"
 
 

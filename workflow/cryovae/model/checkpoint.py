@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from cryovae.model.io import read_record, save_record
-from cryovae.model.losses import COMPONENTS
+from cryovae.model.losses import CLASSIFIER_COMPONENTS, COMPONENTS
 
 STOP_SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s)
 
@@ -58,7 +58,8 @@ def stop_on_signals(request: StopRequest) -> Iterator[None]:
 class Running:
     """Sample-weighted sums of the loss components over part of an epoch."""
 
-    sums: dict[str, float] = field(default_factory=lambda: {k: 0.0 for k in ("total",) + COMPONENTS})
+    sums: dict[str, float] = field(
+        default_factory=lambda: {k: 0.0 for k in ("total",) + COMPONENTS + CLASSIFIER_COMPONENTS})
     count: int = 0
 
     def add(self, losses: dict[str, float], n: int) -> None:

@@ -60,6 +60,20 @@ class ParticleData:
     def has_poses(self) -> bool:
         return self.true_rotation is not None
 
+    @property
+    def pose_known(self) -> np.ndarray:
+        """(n,) bool: whether each row has a true pose (all or none, for one split)."""
+        return np.full(len(self), self.has_poses)
+
+    @property
+    def source_index(self) -> np.ndarray:
+        """(n,) the part each row comes from: one split, one part (see :class:`CombinedData`)."""
+        return np.zeros(len(self), dtype=np.int64)
+
+    def without_labels(self) -> "ParticleData":
+        """The same particles unlabelled: class -1 and no true poses (what training may not see)."""
+        return ParticleData(self.source, self.spatial_shape, np.full(len(self), -1, dtype=np.int64), None, None)
+
     def read(self, indices: np.ndarray) -> np.ndarray:
         """Volumes at STAR rows ``indices``, (n, *spatial) float32 (see ``SubtomogramSet.volumes``)."""
         if not len(indices):
@@ -78,6 +92,64 @@ class ParticleData:
             return tensor.pin_memory() if pin_memory else tensor
 
         return _read_ahead(read, batches)
+
+
+@dataclass
+class CombinedData:
+    """Several splits trained on as one (a labelled split and unlabelled ones): ParticleData's
+    interface, rows in the order of ``parts``.
+
+    source_index (n,) says which part each row comes from (its own missing wedge, for one);
+    pose_known (n,) whether the row has a true pose: rows without one get the identity and no
+    shift in true_rotation / true_shift_voxels, which the pose loss leaves out.
+    """
+
+    parts: list[ParticleData]
+
+    def __post_init__(self) -> None:
+        first = self.parts[0]
+        for part in self.parts[1:]:
+            if part.spatial_shape != first.spatial_shape:
+                raise InputError(f"{part.source.folder}: particle shape {part.spatial_shape} differs from "
+                                 f"{first.source.folder}'s {first.spatial_shape}")
+        sizes = [len(p) for p in self.parts]
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)])
+        self.spatial_shape = first.spatial_shape
+        self.source_index = np.repeat(np.arange(len(self.parts)), sizes)
+        self.class_index = np.concatenate([p.class_index for p in self.parts])
+        self.pose_known = np.concatenate([np.full(len(p), p.has_poses) for p in self.parts])
+        if self.has_poses:
+            eye, zero = np.eye(3, dtype=np.float32), np.zeros(3, dtype=np.float32)
+            self.true_rotation = np.concatenate([p.true_rotation if p.has_poses else np.tile(eye, (len(p), 1, 1))
+                                                 for p in self.parts])
+            self.true_shift_voxels = np.concatenate([p.true_shift_voxels if p.has_poses
+                                                     else np.tile(zero, (len(p), 1)) for p in self.parts])
+        else:
+            self.true_rotation = self.true_shift_voxels = None
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def pixel_size_angstrom(self) -> float:
+        return self.parts[0].pixel_size_angstrom
+
+    @property
+    def has_poses(self) -> bool:
+        return any(p.has_poses for p in self.parts)
+
+    def read(self, indices: np.ndarray) -> np.ndarray:
+        """Volumes at rows ``indices`` (any order, any parts), (n, *spatial) float32."""
+        indices = np.asarray(indices, dtype=np.int64)
+        out = np.empty((len(indices),) + self.spatial_shape, dtype=np.float32)
+        which = self.source_index[indices]
+        for k in np.unique(which):
+            sel = which == k
+            out[sel] = self.parts[k].read(indices[sel] - self.offsets[k])
+        return out
+
+    batches = ParticleData.batches
+    tensor_batches = ParticleData.tensor_batches
 
 
 def _read_ahead(read: Callable[[np.ndarray], T], batches: list[np.ndarray]) -> Iterator[T]:

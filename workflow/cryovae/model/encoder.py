@@ -55,8 +55,10 @@ class Encoder(nn.Module):
             self.head.bias[2 * latent_dims : 2 * latent_dims + self.pose_dims] = torch.tensor(identity)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """x: (n, 1, *spatial) -> latent_mean, latent_logvar (n, L); rotation (n, d, d); shift_voxels (n, d)."""
-        out = self.head(self.hidden(self.features(x))).float()
+        """x: (n, 1, *spatial) -> latent_mean, latent_logvar (n, L); rotation (n, d, d); shift_voxels (n, d);
+        hidden (n, hidden): the trunk's last layer, which a classifier head reads."""
+        hidden = self.hidden(self.features(x))
+        out = self.head(hidden).float()
         lat = self.latent_dims
         pose = out[:, 2 * lat : 2 * lat + self.pose_dims]
         rotation = matrix_from_6d_torch(pose) if self.ndim == 3 else rotation_from_angle_vector(pose)
@@ -65,6 +67,7 @@ class Encoder(nn.Module):
             "latent_logvar": out[:, lat : 2 * lat],
             "rotation": rotation,
             "shift_voxels": out[:, 2 * lat + self.pose_dims :],
+            "hidden": hidden,
         }
 
 

@@ -1,6 +1,7 @@
 """Loss terms of the affinity-VAE.
 
-total = reconstruction + beta * KL + gamma * affinity + pose_weight * pose
+total = reconstruction + beta * (KL + class KL) + gamma * affinity + pose_weight * pose
+        + alpha * classifier
 
 - reconstruction: per-voxel mean squared error, optionally only over the Fourier
   components the missing wedge leaves measured (3D);
@@ -8,7 +9,9 @@ total = reconstruction + beta * KL + gamma * affinity + pose_weight * pose
 - affinity: mean over pairs i < j of |cos(mu_i, mu_j) - affinity[c_i, c_j]| (L1) or its
   square (L2), pairs of particles with a known class only;
 - pose (simulated data): geodesic angle in radians to the true rotation (the closest
-  symmetry mate for symmetric classes) plus the squared shift error in voxels.
+  symmetry mate for symmetric classes) plus the squared shift error in voxels;
+- classifier, class KL (a model with classes): the labelled cross entropy and the unlabelled
+  rows' KL of q(y|x) from the uniform prior (:mod:`cryovae.model.semisup`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from cryovae.rotations import geodesic_distance_torch
 from cryovae.volumes import rfft_weights
 
 COMPONENTS = ("recon", "kl", "affinity", "pose")   # the loss terms, in history/log order
+CLASSIFIER_COMPONENTS = ("classifier", "class_kl")   # and those of a model with classes
 
 
 def kl_divergence(latent_mean: torch.Tensor, latent_logvar: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,11 @@
-"""The affinity-VAE: encoder (shape latent + explicit pose) and a CNN or splat decoder."""
+"""The affinity-VAE: encoder (shape latent + explicit pose) and a CNN or splat decoder.
+
+With ``n_classes`` > 0 it is also the semi-supervised rotationally invariant VAE (ss-rVAE, the
+M2 model of Kingma et al. on an invariant encoder, as in Ziatdinov, Kalinin et al. 2024): a
+classifier head q(y|x) reads the encoder's trunk, and the decoder p(x|z, y) receives the class
+(one-hot, or a distribution over classes) beside the shape latent.  Pose stays explicit, so the
+class and the latent carry what the particle is, the pose where it points.
+"""
 
 from __future__ import annotations
 
@@ -28,6 +35,7 @@ class AffinityVAE(nn.Module):
         n_splats: int = 128,
         hidden: int = 256,
         pixel_size_angstrom: float = 1.0,
+        n_classes: int = 0,
     ):
         super().__init__()
         spatial_shape = tuple(int(s) for s in spatial_shape)
@@ -38,39 +46,71 @@ class AffinityVAE(nn.Module):
             "latent_dims": int(latent_dims), "decoder": decoder, "n_splats": int(n_splats),
             "hidden": int(hidden), "pixel_size_angstrom": float(pixel_size_angstrom),
         }
+        if n_classes:   # absent from plain models' files, which therefore load unchanged
+            self.config["n_classes"] = int(n_classes)
+        self.n_classes = int(n_classes)
         self.spatial_shape = spatial_shape
         self.pixel_size_angstrom = float(pixel_size_angstrom)
         self.encoder = Encoder(spatial_shape, list(channels), latent_dims, hidden)
+        decoder_inputs = latent_dims + self.n_classes
         if decoder == "cnn":
-            self.decoder = CnnDecoder(spatial_shape, list(channels), latent_dims, hidden)
+            self.decoder = CnnDecoder(spatial_shape, list(channels), decoder_inputs, hidden)
         elif decoder == "splat":
-            self.decoder = SplatDecoder(spatial_shape, n_splats, latent_dims, hidden)
+            self.decoder = SplatDecoder(spatial_shape, n_splats, decoder_inputs, hidden)
         else:
             raise ValueError(f"decoder must be 'cnn' or 'splat', got {decoder!r}")
+        self.classifier = nn.Linear(hidden, self.n_classes) if self.n_classes else None
 
     @property
     def hyperparameters(self) -> dict[str, Any]:
         """Everything :class:`AffinityVAE` needs to be rebuilt (plain types)."""
         return dict(self.config)
 
-    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None, sample: bool = True) -> dict:
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None, sample: bool = True,
+                y: torch.Tensor | None = None) -> dict:
         """x (n, 1, *spatial) -> encoder outputs plus ``z`` (n, L) and ``reconstruction`` (x's shape).
 
         With ``sample`` the latent is drawn by reparameterisation with noise from
         ``generator`` (a CPU generator, so that runs are reproducible on any device);
-        otherwise the mean is used.
+        otherwise the mean is used.  A model with classes also returns ``class_logits``
+        (n, C), and decodes under ``y`` (n, C) (one-hot labels or class probabilities; by
+        default the classifier's own probabilities).
         """
         enc = self.encoder(x)
-        z = enc["latent_mean"]
-        if sample:
-            eps = torch.randn(z.shape, generator=generator, dtype=z.dtype)
-            if z.device.type == "cuda":   # asynchronous copy: a pageable one would wait for the GPU
-                eps = eps.pin_memory()
-            eps = eps.to(z.device, non_blocking=True)
-            z = z + eps * torch.exp(0.5 * enc["latent_logvar"])
+        if self.classifier is not None:
+            enc["class_logits"] = self.classifier(enc["hidden"]).float()
+            if y is None:
+                y = torch.softmax(enc["class_logits"], dim=1)
+        z = self.sample_latent(enc, generator) if sample else enc["latent_mean"]
         enc["z"] = z
-        enc["reconstruction"] = self.decoder.posed(z, enc["rotation"], enc["shift_voxels"])
+        enc["reconstruction"] = self.decoder.posed(self.decoder_input(z, y), enc["rotation"], enc["shift_voxels"])
         return enc
+
+    @staticmethod
+    def sample_latent(enc: dict, generator: torch.Generator | None) -> torch.Tensor:
+        """z = mean + eps * sd by reparameterisation, eps from ``generator`` (a CPU generator)."""
+        z = enc["latent_mean"]
+        eps = torch.randn(z.shape, generator=generator, dtype=z.dtype)
+        if z.device.type == "cuda":   # asynchronous copy: a pageable one would wait for the GPU
+            eps = eps.pin_memory()
+        eps = eps.to(z.device, non_blocking=True)
+        return z + eps * torch.exp(0.5 * enc["latent_logvar"])
+
+    def decoder_input(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """The decoder's input: z (n, L), with the class (n, C) beside it in a model with
+        classes (``y`` None: the uniform distribution, the class left open)."""
+        if self.classifier is None:
+            return z
+        if y is None:
+            y = torch.full((z.shape[0], self.n_classes), 1.0 / self.n_classes, dtype=z.dtype, device=z.device)
+        return torch.cat([z, y.to(z.dtype)], dim=1)
+
+    @torch.no_grad()
+    def class_probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        """q(y|x): (n, 1, *spatial) -> (n, C) class probabilities (a model with classes only)."""
+        if self.classifier is None:
+            raise ValueError("this model has no classifier head (trained without training.semi_supervised)")
+        return torch.softmax(self.classifier(self.encoder(x)["hidden"]).float(), dim=1)
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -78,24 +118,30 @@ class AffinityVAE(nn.Module):
         origin_angstrom (n, 3).
 
         rotation is particle-from-canonical in RELION's convention (2D: about z);
-        origin_angstrom is rlnOriginX/Y/ZAngst = -shift * pixel size (2D: z = 0).
+        origin_angstrom is rlnOriginX/Y/ZAngst = -shift * pixel size (2D: z = 0).  A model with
+        classes adds class_probabilities (n, C), q(y|x).
         """
         enc = self.encoder(x)
         shift = enc["shift_voxels"]
         if shift.shape[1] == 2:
             shift = torch.cat([shift, torch.zeros_like(shift[:, :1])], dim=1)
-        return {
+        out = {
             "latent_mean": enc["latent_mean"],
             "latent_logvar": enc["latent_logvar"],
             "rotation": rotation_3x3(enc["rotation"]),
             "origin_angstrom": -shift * self.pixel_size_angstrom,
         }
+        if self.classifier is not None:
+            out["class_probabilities"] = torch.softmax(self.classifier(enc["hidden"]).float(), dim=1)
+        return out
 
-    def decode(self, z: torch.Tensor, rotation: torch.Tensor, shift_voxels: torch.Tensor) -> torch.Tensor:
-        """Particle-frame volume (n, 1, *spatial) of latents (n, L) in pose (rotation (n, d, d), shift (n, d))."""
-        return self.decoder.posed(z, rotation, shift_voxels)
+    def decode(self, z: torch.Tensor, rotation: torch.Tensor, shift_voxels: torch.Tensor,
+               y: torch.Tensor | None = None) -> torch.Tensor:
+        """Particle-frame volume (n, 1, *spatial) of latents (n, L) in pose (rotation (n, d, d), shift (n, d));
+        ``y`` (n, C): the class of a model with classes (see :meth:`decoder_input`)."""
+        return self.decoder.posed(self.decoder_input(z, y), rotation, shift_voxels)
 
     @torch.no_grad()
-    def decode_canonical(self, z: torch.Tensor) -> torch.Tensor:
-        """Canonical-frame volume (n, 1, *spatial) of latents (n, L)."""
-        return self.decoder.canonical(z)
+    def decode_canonical(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Canonical-frame volume (n, 1, *spatial) of latents (n, L) (and classes ``y`` (n, C))."""
+        return self.decoder.canonical(self.decoder_input(z, y))
