@@ -171,3 +171,11 @@ def test_embed_writes_the_class_probabilities_the_network_feature_reads(shifted_
     truth = np.array([NAMES.index(c) for c in arrays["class_name"]])
     assert (probs.argmax(1) == truth).mean() >= 0.9
     np.testing.assert_allclose(features(["network"], arrays, None), np.log(np.maximum(probs.astype(float), 1e-6)))
+
+
+def test_class_means_decode_under_their_class_and_unseen_ones_under_none():
+    model = AffinityVAE((8, 8), [4], latent_dims=2, hidden=16, n_classes=2)
+    model.classifier_class_names = ["a", "b"]
+    np.testing.assert_allclose(model.class_condition(["b", "a", "unseen"]).numpy(),
+                               [[0.0, 1.0], [1.0, 0.0], [0.5, 0.5]])
+    assert AffinityVAE((8, 8), [4], latent_dims=2, hidden=16).class_condition(["a"]) is None

@@ -165,7 +165,7 @@ def align_frames(config: Config, model: Path, latents: Path, maps: list[Path], o
     net, _ = load_model(model, device="cpu")
     means = torch.as_tensor(_class_means(load_latents(latents), classes, latents), dtype=torch.float32)
     with torch.no_grad():
-        canonical = net.decode_canonical(means)[:, 0].float().numpy()
+        canonical = net.decode_canonical(means, net.class_condition(classes))[:, 0].float().numpy()
     frames = {}
     for name, volume in zip(classes, canonical):
         reference = mrcfile.read(by_name[name]).astype(np.float32)

@@ -453,12 +453,14 @@ def load_trained_model(path: Path, latent_dims: int):
     return model
 
 
-def decode_latents(model, latents: np.ndarray) -> np.ndarray:
-    """Decode latents (n, L) to canonical volumes (n, D, H, W) with ``model.decode_canonical``."""
+def decode_latents(model, latents: np.ndarray, y=None) -> np.ndarray:
+    """Decode latents (n, L) to canonical volumes (n, D, H, W) with ``model.decode_canonical``;
+    ``y`` (n, C): the class input of a model with classes (see ``AffinityVAE.class_condition``)."""
     import torch
 
     with torch.no_grad():
-        volumes = model.decode_canonical(torch.as_tensor(np.asarray(latents), dtype=torch.float32))
+        z = torch.as_tensor(np.asarray(latents), dtype=torch.float32)
+        volumes = model.decode_canonical(z) if y is None else model.decode_canonical(z, torch.as_tensor(y))
     if volumes.ndim != 5:
         raise InputError(f"the model decodes {tuple(volumes.shape[2:])} arrays; evaluation expects 3D volumes "
                          "(n, 1, D, H, W)")
@@ -617,7 +619,9 @@ def _plot_model(labels, latents, affinity, model, config, kind, output_dir: Path
             plots.plot_message(output_dir / name, "Decoded class means", "No particle was given a class.")
         return
     means = class_mean_latents(latents, labels, groups)
-    plots.plot_reconstructions(output_dir / "reconstructions.png", decode_latents(model, means), groups, kind)
+    condition = model.class_condition(groups)
+    plots.plot_reconstructions(output_dir / "reconstructions.png", decode_latents(model, means, condition),
+                               groups, kind)
     if len(groups) < 2:
         plots.plot_message(output_dir / "interpolation.png", "Latent interpolation",
                            f"Only one {kind} ({groups[0]}) in this split: nothing to interpolate between.")
@@ -625,7 +629,12 @@ def _plot_model(labels, latents, affinity, model, config, kind, output_dir: Path
     start, end = interpolation_pair(groups, affinity)
     weights = np.linspace(0.0, 1.0, INTERPOLATION_STEPS)
     path_z = (1 - weights)[:, None] * means[groups.index(start)] + weights[:, None] * means[groups.index(end)]
-    plots.plot_interpolation(output_dir / "interpolation.png", decode_latents(model, path_z), weights, start, end)
+    path_y = None   # a model with classes walks its class input along with the latent
+    if condition is not None:
+        ends = condition[[groups.index(start), groups.index(end)]].numpy()
+        path_y = (1 - weights)[:, None] * ends[0] + weights[:, None] * ends[1]
+    plots.plot_interpolation(output_dir / "interpolation.png", decode_latents(model, path_z, path_y), weights,
+                             start, end)
 
 
 def read_history(path: Path) -> pd.DataFrame:

@@ -267,14 +267,18 @@ def black_box(train_latents, y_train, eval_latents, y_eval) -> dict:
 # ----------------------------------------------------------------------------- traversals
 
 
-def traversal_volumes(model, means: np.ndarray, scale: np.ndarray, steps_sd: np.ndarray) -> np.ndarray:
+def traversal_volumes(model, means: np.ndarray, scale: np.ndarray, steps_sd: np.ndarray,
+                      classes: list[str] | None = None) -> np.ndarray:
     """Decoded canonical volumes (K, L, S, D, H, W): class means (K, L) moved along each dimension
-    by steps_sd (S,) times that dimension's standard deviation scale (L,)."""
+    by steps_sd (S,) times that dimension's standard deviation scale (L,).  A model with classes
+    decodes each class's traversal under that class (``classes``, K names)."""
     k, n = means.shape
     z = np.repeat(means[:, None, None, :], n, axis=1).repeat(len(steps_sd), axis=2)
     for j in range(n):
         z[:, j, :, j] += steps_sd[None, :] * scale[j]
-    volumes = decode_latents(model, z.reshape(-1, n))
+    condition = None if classes is None else model.class_condition(classes)
+    y = None if condition is None else np.repeat(condition.numpy(), n * len(steps_sd), axis=0)
+    volumes = decode_latents(model, z.reshape(-1, n), y)
     return volumes.reshape(k, n, len(steps_sd), *volumes.shape[1:])
 
 
@@ -367,7 +371,7 @@ def _write_figures(config, result: dict, labels, latents, model, output_dir: Pat
     groups = [c for c in config.class_names if np.any(labels == c)]
     means = np.stack([latents[labels == c].mean(0) for c in groups])
     steps_sd = result["traversal_steps_sd"]
-    volumes = traversal_volumes(model, means, latents.std(0), steps_sd)
+    volumes = traversal_volumes(model, means, latents.std(0), steps_sd, groups)
     plots.plot_traversals(output_dir / "traversal_slices.png", volumes[..., volumes.shape[3] // 2, :, :],
                           groups, steps_sd, "central xy slice")
     plots.plot_traversals(output_dir / "traversal_projections.png", volumes.sum(axis=3), groups, steps_sd,

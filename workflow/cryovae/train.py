@@ -463,6 +463,7 @@ def build_run(config: Config, train_dir: Path, val_dir: Path, affinity: Path, ou
     sym = symmetry_table(class_names, seen_symmetry, maps)
     if classifier is not None:
         classifier.label_of_row = classifier.label_of_row.to(device)
+        model.classifier_class_names = list(classifier.class_names)
     setup = LossSetup(
         affinity=torch.tensor(matrix, dtype=torch.float32, device=device),
         affinity_kind=tc.affinity_loss,

@@ -8,7 +8,8 @@ It holds only tensors, dicts, lists, strings and numbers:
   (spatial_shape, channels, latent_dims, decoder, n_splats, hidden, pixel_size_angstrom);
 - ``class_names`` (affinity-matrix order), ``box_size``, ``spatial_shape``,
   ``pixel_size_angstrom``, ``latent_dims``, ``decoder``, ``ndim``;
-- ``config``: the run's configuration as a plain dict; plus anything passed as ``extra``.
+- ``config``: the run's configuration as a plain dict; plus anything passed as ``extra``
+  (a model with a classifier head: ``classifier_class_names``, its classes in order).
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Af
         raise InputError(f"{path}: model format version {record.get('format_version')}, expected {FORMAT_VERSION}")
     model = AffinityVAE(**record["hyperparameters"])
     model.load_state_dict(record["state_dict"])
+    model.classifier_class_names = record.get("classifier_class_names")
     model.to(device).eval()
     meta = {k: v for k, v in record.items() if k != "state_dict"}
     return model, meta

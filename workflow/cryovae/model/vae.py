@@ -60,6 +60,7 @@ class AffinityVAE(nn.Module):
         else:
             raise ValueError(f"decoder must be 'cnn' or 'splat', got {decoder!r}")
         self.classifier = nn.Linear(hidden, self.n_classes) if self.n_classes else None
+        self.classifier_class_names: list[str] | None = None   # set by training and by load_model
 
     @property
     def hyperparameters(self) -> dict[str, Any]:
@@ -104,6 +105,20 @@ class AffinityVAE(nn.Module):
         if y is None:
             y = torch.full((z.shape[0], self.n_classes), 1.0 / self.n_classes, dtype=z.dtype, device=z.device)
         return torch.cat([z, y.to(z.dtype)], dim=1)
+
+    def class_condition(self, classes: list[str]) -> torch.Tensor | None:
+        """The decoder's class input for particles of ``classes``: (k, C) one-hot rows over
+        ``classifier_class_names``, the uniform row for a class the classifier lacks (unseen);
+        None for a model without classes."""
+        if self.classifier is None:
+            return None
+        names = list(self.classifier_class_names or [])
+        rows = torch.full((len(classes), self.n_classes), 1.0 / self.n_classes)
+        for i, name in enumerate(classes):
+            if name in names:
+                rows[i] = 0.0
+                rows[i, names.index(name)] = 1.0
+        return rows
 
     @torch.no_grad()
     def class_probabilities(self, x: torch.Tensor) -> torch.Tensor:
