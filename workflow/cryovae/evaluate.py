@@ -454,16 +454,14 @@ def load_trained_model(path: Path, latent_dims: int):
 
 
 def decode_latents(model, latents: np.ndarray, y=None) -> np.ndarray:
-    """Decode latents (n, L) to canonical volumes (n, D, H, W) with ``model.decode_canonical``;
+    """Decode latents (n, L) to canonical volumes (n, D, H, W) (2D models: images (n, H, W)) with
+    ``model.decode_canonical``;
     ``y`` (n, C): the class input of a model with classes (see ``AffinityVAE.class_condition``)."""
     import torch
 
     with torch.no_grad():
         z = torch.as_tensor(np.asarray(latents), dtype=torch.float32)
         volumes = model.decode_canonical(z) if y is None else model.decode_canonical(z, torch.as_tensor(y))
-    if volumes.ndim != 5:
-        raise InputError(f"the model decodes {tuple(volumes.shape[2:])} arrays; evaluation expects 3D volumes "
-                         "(n, 1, D, H, W)")
     return volumes[:, 0].detach().cpu().numpy().astype(np.float64)
 
 

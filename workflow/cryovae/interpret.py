@@ -372,6 +372,10 @@ def _write_figures(config, result: dict, labels, latents, model, output_dir: Pat
     means = np.stack([latents[labels == c].mean(0) for c in groups])
     steps_sd = result["traversal_steps_sd"]
     volumes = traversal_volumes(model, means, latents.std(0), steps_sd, groups)
+    if volumes.ndim == 5:   # images (K, L, S, H, W): the image is both figures' picture
+        plots.plot_traversals(output_dir / "traversal_slices.png", volumes, groups, steps_sd, "image")
+        plots.plot_traversals(output_dir / "traversal_projections.png", volumes, groups, steps_sd, "image")
+        return
     plots.plot_traversals(output_dir / "traversal_slices.png", volumes[..., volumes.shape[3] // 2, :, :],
                           groups, steps_sd, "central xy slice")
     plots.plot_traversals(output_dir / "traversal_projections.png", volumes.sum(axis=3), groups, steps_sd,

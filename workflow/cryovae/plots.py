@@ -229,13 +229,21 @@ def central_slices(volume_zyx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.n
     return volume_zyx[d // 2], volume_zyx[:, h // 2, :], volume_zyx[:, :, w // 2]
 
 
+def sections(array: np.ndarray) -> tuple[np.ndarray, ...]:
+    """What a figure shows of a decoded array: a volume's three central slices, an image itself."""
+    return (array,) if array.ndim == 2 else central_slices(array)
+
+
 def plot_reconstructions(path: Path, volumes_zyx: np.ndarray, classes: Sequence[str], group_kind: str) -> None:
-    """For each class, central xy/xz/yz slices of the decoded canonical volume; volumes (k, D, H, W)."""
+    """For each class, central xy/xz/yz slices of the decoded canonical volume; volumes (k, D, H, W)
+    (images (k, H, W): the image)."""
     k = len(classes)
-    fig, axes = plt.subplots(k, 3, figsize=(7.5, 2.4 * k + 0.6), squeeze=False, layout="constrained")
+    image = volumes_zyx.ndim == 3
+    fig, axes = plt.subplots(k, 1 if image else 3, figsize=(2.9 if image else 7.5, 2.4 * k + 0.6), squeeze=False,
+                             layout="constrained")
     for row, (name, vol) in enumerate(zip(classes, volumes_zyx)):
         lo, hi = float(np.min(vol)), float(np.max(vol))
-        for col, (img, plane) in enumerate(zip(central_slices(vol), ("xy", "xz", "yz"))):
+        for col, (img, plane) in enumerate(zip(sections(vol), ("xy", "xz", "yz"))):
             ax = axes[row, col]
             im = ax.imshow(img, cmap="gray", origin="lower", vmin=lo, vmax=hi)
             ax.set_xticks([])
@@ -244,7 +252,9 @@ def plot_reconstructions(path: Path, volumes_zyx: np.ndarray, classes: Sequence[
             ax.set_ylabel(plane[1], fontsize=8, labelpad=1)
             ax.set_title(f"{name}: {plane}", fontsize=9)
         fig.colorbar(im, ax=list(axes[row]), shrink=0.9, label="density")
-    fig.suptitle(f"Decoded canonical volume of each {group_kind} mean latent (central slices)", fontsize=10)
+    what = "image" if image else "volume"
+    fig.suptitle(f"Decoded canonical {what} of each {group_kind} mean latent" + ("" if image else " (central slices)"),
+                 fontsize=10)
     save_figure(fig, path)
 
 
@@ -254,7 +264,7 @@ def plot_interpolation(path: Path, volumes_zyx: np.ndarray, weights: np.ndarray,
     lo, hi = float(np.min(volumes_zyx)), float(np.max(volumes_zyx))
     fig, axes = plt.subplots(1, s, figsize=(1.9 * s + 0.8, 2.6), squeeze=False, layout="constrained")
     for ax, vol, t in zip(axes[0], volumes_zyx, weights):
-        im = ax.imshow(central_slices(vol)[0], cmap="gray", origin="lower", vmin=lo, vmax=hi)
+        im = ax.imshow(sections(vol)[0], cmap="gray", origin="lower", vmin=lo, vmax=hi)
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_title(f"t = {t:.2f}", fontsize=9)
