@@ -245,8 +245,9 @@ def clustering_order(matrix: np.ndarray) -> np.ndarray:
     return leaves_list(linkage(squareform(distance, checks=False), method="average", optimal_ordering=True))
 
 
-def plot_affinity(path: Path, class_names: list[str], matrix: np.ndarray, mode: str) -> None:
-    """Heatmap PNG, classes in clustering order, labelled, with a colour bar."""
+def plot_affinity(path: Path, class_names: list[str], matrix: np.ndarray, mode: str, title: str | None = None,
+                  colour_label: str = "cosine of standardised SOAP") -> None:
+    """Heatmap PNG, classes in clustering order, labelled, with a colour bar (``title``: None for the SOAP one)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -266,8 +267,8 @@ def plot_affinity(path: Path, class_names: list[str], matrix: np.ndarray, mode: 
                 value = matrix[order[i], order[j]]
                 ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7,
                         color="white" if abs(value) > 0.6 else "black")
-    ax.set_title(f"SOAP affinity ({mode.replace('_', '-')}), clustered")
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="cosine of standardised SOAP")
+    ax.set_title(title if title is not None else f"SOAP affinity ({mode.replace('_', '-')}), clustered")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label=colour_label)
     fig.tight_layout()
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png", dpi=120, metadata={"Software": None})

@@ -305,6 +305,37 @@ VERBS: dict[str, tuple[str, str, str, list[tuple[tuple[str, ...], dict]]]] = {
             (("--output-dir",), {"type": _P, "required": True, "help": "folder for the JSON, expressions and plots"}),
         ],
     ),
+    "make-images": (
+        "cryovae.images2d:make_images",
+        "Generate one split of 2D glyph images (images.kind suits or alphanumeric) with their true in-plane poses.",
+        "cryovae make-images --config config.yaml --split train --output-dir results/images/train",
+        [
+            (("--split",), {"required": True, "help": "split to generate (a key of images.splits)"}),
+            (("--output-dir",), {"type": _P, "required": True,
+                                 "help": "split folder to write (shards, particles.star, montage.png)"}),
+        ],
+    ),
+    "import-images": (
+        "cryovae.images2d:import_images",
+        "Read one split of the user's 2D images and labels (images.kind files) into a split folder.",
+        "cryovae import-images --config config.yaml --split train --output-dir results/images/train",
+        [
+            (("--split",), {"required": True, "help": "split to import (a key of images.splits)"}),
+            (("--output-dir",), {"type": _P, "required": True,
+                                 "help": "split folder to write (shards, particles.star, montage.png)"}),
+        ],
+    ),
+    "image-affinity": (
+        "cryovae.images2d:image_affinity",
+        "Rotation-invariant shape affinity of the configured glyphs: affinity CSV and heatmap.",
+        "cryovae image-affinity --config config.yaml --csv results/images/affinity.csv "
+        "--plot results/images/affinity.png",
+        [
+            (("--csv",), {"type": _P, "required": True,
+                          "help": "affinity matrix to write (CSV: header of class names, then N×N in class order)"}),
+            (("--plot",), {"type": _P, "required": True, "help": "heatmap to write (PNG, classes ordered by similarity)"}),
+        ],
+    ),
 }
 
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from cryovae.errors import InputError
 
@@ -459,6 +460,127 @@ class InterpretationConfig(_Section):
     )
 
 
+def _check_range(v, lower: float | None = None):
+    """A [min, max] pair with min <= max (and min > lower when given)."""
+    if not v[0] <= v[1] or (lower is not None and not v[0] > lower):
+        bound = f" and min > {lower}" if lower is not None else ""
+        raise ValueError(f"expected [min, max] with min <= max{bound}")
+    return v
+
+
+class GeneratedImageSplit(_Section):
+    """One split of generated glyph images (images.kind suits or alphanumeric): per-image random distortions."""
+
+    per_class: int = Field(200, ge=1, description="Images of each class.")
+    rotation_deg: tuple[float, float] = Field(
+        (-5.0, 5.0), description="In-plane rotation drawn uniformly in [min, max] degrees (recorded as rlnAnglePsi)."
+    )
+    shear_deg: float = Field(0.0, ge=0, lt=90, description="Shear along x and along y, each uniform in ±this (degrees).")
+    scale: tuple[float, float] = Field((1.0, 1.0), description="Isotropic scale drawn uniformly in [min, max].")
+    translation: float = Field(
+        0.0, ge=0, le=0.5, description="Shift per axis uniform in ±this fraction of the image edge (recorded as "
+        "rlnOriginX/YAngst)."
+    )
+    noise_sd: float = Field(0.0, ge=0, description="Gaussian noise, standard deviation relative to each image's "
+                            "signal standard deviation; 0: none.")
+    labelled: bool = Field(True, description="false: every image is written as class unknown (the truth goes in "
+                           "cryovaeTrueClassName), the unlabelled part of semi-supervised training.")
+
+    @field_validator("rotation_deg")
+    @classmethod
+    def _rotation_order(cls, v):
+        return _check_range(v)
+
+    @field_validator("scale")
+    @classmethod
+    def _scale_order(cls, v):
+        return _check_range(v, lower=0.0)
+
+
+class ImageFileSplit(_Section):
+    """One split read from the user's image stack (images.kind files)."""
+
+    images: str = Field(..., description="Image stack: .mrc/.mrcs (2D: one image, 3D: a stack along z), multi-page "
+                        ".tif/.tiff, .npy (n, H, W), or a folder of .png/.tif/.tiff (or of one subfolder per class).")
+    labels: str | None = Field(
+        None, description="One class name per image: a CSV with a column class (or rlnClassName), a text file of one "
+        "name per line, or a folder of class subfolders; null: unlabelled (or the subfolders of images)."
+    )
+    labelled: bool = Field(True, description="false: the labels are kept only as cryovaeTrueClassName and every "
+                           "image is written as class unknown.")
+
+
+def _image_split_tag(value) -> str:
+    """Which kind of split a mapping is: one naming ``images`` is read from files."""
+    if isinstance(value, dict):
+        return "files" if "images" in value else "generated"
+    return "files" if isinstance(value, ImageFileSplit) else "generated"
+
+
+ImageSplit = Annotated[
+    Annotated[GeneratedImageSplit, Tag("generated")] | Annotated[ImageFileSplit, Tag("files")],
+    Discriminator(_image_split_tag),
+]
+
+
+def _default_image_splits() -> dict[str, GeneratedImageSplit]:
+    """The card-suit splits of the ss-rVAE example: few labelled images with weak rotational disorder,
+    many unlabelled ones (and the validation set) with a strong one."""
+    strong = {"rotation_deg": (-60.0, 60.0), "shear_deg": 15.0, "scale": (1.0, 1.3), "translation": 0.1}
+    return {
+        "train": GeneratedImageSplit(per_class=200, rotation_deg=(-5.0, 5.0), shear_deg=15.0, scale=(1.0, 1.3)),
+        "unlabelled": GeneratedImageSplit(per_class=3000, labelled=False, **strong),
+        "val": GeneratedImageSplit(per_class=1000, **strong),
+    }
+
+
+class ImagesConfig(_Section):
+    """2D image data: generated glyphs (card suits, alphanumerics) or stacks of the user's images."""
+
+    kind: Literal["suits", "alphanumeric", "files"] = Field(
+        "suits", description="suits (clubs, spades, hearts, diamonds) or alphanumeric (A-Z, 0-9): glyphs generated "
+        "from DejaVu Sans; files: the user's image stacks."
+    )
+    classes: list[str] | None = Field(
+        None, description="Classes in order (the order of rlnClassNumber and of the affinity matrix): which glyphs "
+        "(null: all of the kind), or the class names of the files (null: the sorted names all splits' labels give)."
+    )
+    size: int = Field(48, ge=8, description="Edge of the generated images in pixels.")
+    render_size: int = Field(64, ge=8, description="Glyphs are drawn at this edge, then centre-cropped to size.")
+    pixel_size_angstrom: float = Field(1.0, gt=0, description="Pixel size written to the splits (Å).")
+    normalise: bool = Field(False, description="Zero mean, unit variance per image (false: generated glyphs are "
+                            "bright ink in [0, 1] on 0).")
+    particles_per_shard: int = Field(4096, ge=1, description="Images per shard file.")
+    splits: dict[str, ImageSplit] = Field(
+        default_factory=_default_image_splits,
+        description="Split name -> how its images are made (generated kinds) or read (files).",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.size > self.render_size:
+            raise ValueError(f"size {self.size} is larger than render_size {self.render_size}")
+        want = ImageFileSplit if self.kind == "files" else GeneratedImageSplit
+        for name, split in self.splits.items():
+            if not name.replace("-", "_").isidentifier():
+                raise ValueError(f"split name {name!r}: expected letters, digits, '_' or '-'")
+            if not isinstance(split, want):
+                expected = "images, labels, labelled" if self.kind == "files" else \
+                    "per_class, rotation_deg, shear_deg, scale, translation, noise_sd, labelled"
+                raise ValueError(f"splits.{name}: kind {self.kind} expects the keys {expected}")
+        if self.classes is not None:
+            if len(set(self.classes)) != len(self.classes) or "unknown" in self.classes or not self.classes:
+                raise ValueError(f"classes: expected distinct names other than 'unknown', got {self.classes}")
+            if self.kind != "files":
+                from cryovae.glyphs import KINDS
+
+                stray = [c for c in self.classes if c not in KINDS[self.kind]]
+                if stray:
+                    raise ValueError(f"classes {stray} are not glyphs of kind {self.kind} "
+                                     f"({', '.join(KINDS[self.kind])})")
+        return self
+
+
 class Config(_Section):
     """The whole workflow configuration."""
 
@@ -488,6 +610,7 @@ class Config(_Section):
     interpretation: InterpretationConfig = Field(
         default_factory=InterpretationConfig, description="Interpretable models of the latent space."
     )
+    images: ImagesConfig = Field(default_factory=ImagesConfig, description="2D image data (generated or read).")
 
     @field_validator("box_size")
     @classmethod
@@ -619,9 +742,22 @@ def _local_inputs(config: Config) -> list[tuple[str, str]]:
     return named
 
 
+def _image_inputs(config: Config) -> list[tuple[str, str]]:
+    """(config key, path) of the image stacks and labels of images.kind files (files or folders)."""
+    if config.images.kind != "files":
+        return []
+    named = []
+    for name, split in config.images.splits.items():
+        named.append((f"images.splits.{name}.images", split.images))
+        if split.labels is not None:
+            named.append((f"images.splits.{name}.labels", split.labels))
+    return named
+
+
 def check_input_files(config: Config, source: str = "") -> None:
-    """InputError listing every input file the config names that is not an existing file."""
+    """InputError listing every input file the config names that is not an existing file (or folder, for images)."""
     missing = [f"  {key}: {path}" for key, path in _local_inputs(config) if not Path(path).expanduser().is_file()]
+    missing += [f"  {key}: {path}" for key, path in _image_inputs(config) if not Path(path).expanduser().exists()]
     if missing:
         raise InputError(
             f"invalid config {source}: no such file (relative paths are taken from {Path.cwd()}):\n"

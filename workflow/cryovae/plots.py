@@ -391,3 +391,26 @@ def plot_traversals(path: Path, images: np.ndarray, classes: Sequence[str], step
     steps = ", ".join(f"{v:+.1f}" for v in steps_sd)
     ax.set_title(f"Latent traversals around each class mean ({what}; steps {steps} SD)", fontsize=10)
     save_figure(fig, path)
+
+
+def plot_image_montage(path: Path, images: np.ndarray, labels: Sequence[str], classes: Sequence[str],
+                       per_class: int, title: str) -> None:
+    """A grid of 2D images (n, H, W): one row per class (``classes`` order, then ``unknown``), its first
+    ``per_class`` images, each with its own grey scale."""
+    labels = np.asarray([str(v) for v in labels], dtype=object)
+    rows = [c for c in [*classes, UNKNOWN] if (labels == c).any()]
+    rows += sorted(set(labels) - set(rows))
+    cols = min(per_class, max(int((labels == r).sum()) for r in rows))
+    fig, axes = plt.subplots(len(rows), cols, figsize=(1.1 * cols + 1.0, 1.1 * len(rows) + 0.5), squeeze=False)
+    for r, name in enumerate(rows):
+        picks = np.nonzero(labels == name)[0][:cols]
+        for c, ax in enumerate(axes[r]):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c < len(picks):
+                ax.imshow(images[picks[c]], cmap="gray", interpolation="nearest")
+            else:
+                ax.set_axis_off()
+        axes[r, 0].set_ylabel(name, rotation=0, ha="right", va="center")
+    fig.suptitle(title)
+    save_figure(fig, path)
