@@ -20,7 +20,9 @@ from cryovae.errors import InputError
 
 # A structure given as a PDB id rather than a file (see structures.resolve_structure_file).
 PDB_ID_PATTERN = re.compile(r"[0-9][A-Za-z0-9]{3}")
-GLOBAL_KEYS = ("output_dir", "seed", "structures", "unseen", "pixel_size_angstrom", "box_size")
+# Every stage sees these: in data: images the classes come from the images section.
+GLOBAL_KEYS = ("output_dir", "seed", "data", "structures", "unseen", "pixel_size_angstrom", "box_size", "images")
+IMAGE_SPLITS = ("train", "val", "test")   # the splits data: images needs (train and val: seen classes only)
 SECTIONS_KEY = "stage_sections"
 CLASS_KEY = "stage_class"
 
@@ -524,13 +526,16 @@ ImageSplit = Annotated[
 
 
 def _default_image_splits() -> dict[str, GeneratedImageSplit]:
-    """The card-suit splits of the ss-rVAE example: few labelled images with weak rotational disorder,
-    many unlabelled ones (and the validation set) with a strong one."""
+    """The card-suit splits of the ss-rVAE example: few labelled images with weak rotational disorder
+    (train, and val held out of them for training's validation and the unknown threshold), many
+    unlabelled ones and the test set with a strong one."""
+    weak = {"rotation_deg": (-5.0, 5.0), "shear_deg": 15.0, "scale": (1.0, 1.3)}
     strong = {"rotation_deg": (-60.0, 60.0), "shear_deg": 15.0, "scale": (1.0, 1.3), "translation": 0.1}
     return {
-        "train": GeneratedImageSplit(per_class=200, rotation_deg=(-5.0, 5.0), shear_deg=15.0, scale=(1.0, 1.3)),
+        "train": GeneratedImageSplit(per_class=200, **weak),
+        "val": GeneratedImageSplit(per_class=50, **weak),
+        "test": GeneratedImageSplit(per_class=1000, **strong),
         "unlabelled": GeneratedImageSplit(per_class=3000, labelled=False, **strong),
-        "val": GeneratedImageSplit(per_class=1000, **strong),
     }
 
 
@@ -586,10 +591,14 @@ class Config(_Section):
 
     output_dir: str = Field("results", description="Where every output lands.")
     seed: int = Field(0, ge=0, description="Seed of every stochastic step.")
+    data: Literal["subtomograms", "images"] = Field(
+        "subtomograms", description="subtomograms: structures -> simulated or extracted subtomograms (3D); images: "
+        "2D images (the images section: generated glyphs or the user's stacks) through the same model, classes "
+        "and evaluation.")
     structures: dict[str, str] = Field(
-        ..., json_schema_extra={"minProperties": 2},  # checked below: a one-class stage slice has one
+        default_factory=dict,  # at least 2 with data: subtomograms, checked below (a one-class stage slice has one)
         description="Class name -> local PDB/mmCIF file (.gz accepted), a 4-character PDB id, "
-        "or demo:NAME for a generated synthetic structure.",
+        "or demo:NAME for a generated synthetic structure (data: subtomograms).",
     )
     unseen: list[str] = Field(default_factory=list, description="Classes held out of training, seen only at test.")
     pixel_size_angstrom: float = Field(10.0, gt=0, description="Pixel size of maps and subtomograms in Å.")
@@ -626,6 +635,9 @@ class Config(_Section):
         context = info.context or {}
         sections = context.get(SECTIONS_KEY)
         present = set(type(self).model_fields) if sections is None else {*GLOBAL_KEYS, *sections}
+        if self.data == "images":
+            self._images_mode(present)
+            return self
         for name in self.unseen:
             if name not in self.structures:
                 raise ValueError(f"unseen class {name!r} is not a key of structures")
@@ -661,6 +673,39 @@ class Config(_Section):
                                      "simulated sim_00, sim_01, ...)")
         return self
 
+    def _images_mode(self, present: set[str]) -> None:
+        """data: images: classes from the images section, the splits it needs, nothing 3D-only."""
+        names = self.class_names
+        for name in self.unseen:
+            if name not in names:
+                raise ValueError(f"unseen class {name!r} is not one of the image classes {names}")
+        if len(self.seen_classes) < 2:
+            raise ValueError(f"at least two image classes must be seen in training, got {self.seen_classes}")
+        missing = [s for s in IMAGE_SPLITS if s not in self.images.splits]
+        if missing:
+            raise ValueError(f"data: images needs the splits {list(IMAGE_SPLITS)} in images.splits; missing {missing}")
+        if "matching" in present and self.matching.enabled:
+            raise ValueError("data: images has no reference maps to match against: set matching.enabled: false")
+        if "classification" in present:
+            cc = self.classification
+            other = sorted(set(cc.features + cc.unknown_features) - {"latent", "network"})
+            if other:
+                raise ValueError(f"data: images: classification features {other} need template matching; "
+                                 "use latent (and network, with training.semi_supervised.classifier)")
+            if "network" in cc.features + cc.unknown_features and "training" in present \
+                    and not self.training.semi_supervised.classifier:
+                raise ValueError("classification.features lists 'network' but training.semi_supervised.classifier "
+                                 "is false")
+        if "training" in present:
+            for name in self.training.semi_supervised.unlabelled:
+                if name not in self.images.splits or name in IMAGE_SPLITS:
+                    raise ValueError(f"training.semi_supervised.unlabelled names {name!r}: with data: images it "
+                                     f"takes splits of images.splits other than {list(IMAGE_SPLITS)}")
+        if "tomogram_simulation" in present and self.tomogram_simulation.tomograms:
+            raise ValueError("data: images makes no tomograms: set tomogram_simulation.tomograms: 0")
+        if "extraction" in present and self.extraction.tomograms:
+            raise ValueError("data: images extracts nothing: leave extraction.tomograms empty")
+
     def _tomogram_simulation_names(self) -> None:
         ts = self.tomogram_simulation
         for name in ts.maps:
@@ -685,12 +730,17 @@ class Config(_Section):
 
     @property
     def class_names(self) -> list[str]:
-        """All classes, in config order (the order of the affinity matrix)."""
+        """All classes, in config order (the order of the affinity matrix): the structures, or
+        with data: images the image classes (:func:`cryovae.images2d.image_class_names`)."""
+        if self.data == "images":
+            from cryovae.images2d import image_class_names
+
+            return image_class_names(self)
         return list(self.structures)
 
     @property
     def seen_classes(self) -> list[str]:
-        return [c for c in self.structures if c not in self.unseen]
+        return [c for c in self.class_names if c not in self.unseen]
 
     @property
     def simulated_tomograms(self) -> list[str]:

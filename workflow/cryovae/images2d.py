@@ -418,6 +418,14 @@ def _folder_labels(images_path: str) -> str | None:
     return None
 
 
+def split_classes(config, split: str) -> list[str]:
+    """The classes a split holds: train and val the seen ones (config.unseen are held out of what
+    the model learns from), every other split all of them."""
+    from cryovae.config import IMAGE_SPLITS
+
+    return config.seen_classes if split in IMAGE_SPLITS[:2] else image_class_names(config)
+
+
 def make_images(config, split: str, output_dir: Path) -> None:
     """Generate split ``split`` of ``images.splits`` (glyphs with their true poses) into ``output_dir``."""
     from cryovae.glyphs import glyph_dataset
@@ -427,9 +435,10 @@ def make_images(config, split: str, output_dir: Path) -> None:
         raise InputError("make-images generates glyphs: images.kind is files, use cryovae import-images")
     spec = image_split_config(config, split)
     classes = image_class_names(config)
-    data = glyph_dataset(images.kind, spec.per_class, classes, images.size, images.render_size, spec.rotation_deg,
+    made = split_classes(config, split)
+    data = glyph_dataset(images.kind, spec.per_class, made, images.size, images.render_size, spec.rotation_deg,
                          spec.translation, spec.shear_deg, spec.scale, spec.noise_sd, split_seed(config, split))
-    truth = [classes[i] for i in data.labels]
+    truth = [made[i] for i in data.labels]
     extra = {"cryovaeShearXDeg": data.shear_deg[:, 0], "cryovaeShearYDeg": data.shear_deg[:, 1],
              "cryovaeScale": data.scale}
     if not spec.labelled:
@@ -453,6 +462,10 @@ def import_images(config, split: str, output_dir: Path) -> None:
     stray = sorted(set(labels) - set(classes) - {UNKNOWN})
     if stray:
         raise InputError(f"{source}: class name(s) {stray} are not in images.classes {classes}")
+    unseen = sorted(set(labels) - set(split_classes(config, split)) - {UNKNOWN})
+    if spec.labelled and unseen:
+        raise InputError(f"{source}: split {split} holds images of the unseen class(es) {unseen}; training and "
+                         "validation splits hold seen classes only (unseen ones belong in test)")
     extra = None
     if not spec.labelled and source is not None:
         extra = {"cryovaeTrueClassName": labels}
