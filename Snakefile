@@ -21,7 +21,8 @@ validate(config, "workflow/schemas/config.schema.json")
 
 wildcard_constraints:
     cls="|".join(CLASSES),
-    split="|".join(SIM_SPLITS + TOMOGRAMS),
+    split="|".join(SIM_SPLITS + TOMOGRAMS + EXTRA_IMAGE_SPLITS),
+    imsplit="|".join(IMAGE_SPLITS) if IMAGE_SPLITS else "(?!)",
     simsplit="|".join(SIM_SPLITS),
     tomo="|".join(TOMOGRAMS) if TOMOGRAMS else "(?!)",
     simtomo="|".join(SIM_TOMOGRAMS) if SIM_TOMOGRAMS else "(?!)",
@@ -33,9 +34,17 @@ wildcard_constraints:
 report: "workflow/report/workflow.rst"
 
 
-include: "workflow/rules/structures.smk"
-include: "workflow/rules/subtomograms.smk"
-include: "workflow/rules/tomograms.smk"
+if IMAGES:  # data: images: 2D splits, shape affinity, reference images
+
+    include: "workflow/rules/images.smk"
+
+else:  # data: subtomograms: structures, SOAP affinity, maps, subtomograms, tomograms
+
+    include: "workflow/rules/structures.smk"
+    include: "workflow/rules/subtomograms.smk"
+    include: "workflow/rules/tomograms.smk"
+
+
 include: "workflow/rules/model.smk"
 include: "workflow/rules/answers.smk"
 include: "workflow/rules/interpret.smk"
@@ -45,3 +54,4 @@ rule all:
     input:
         all_targets(),
     default_target: True
+

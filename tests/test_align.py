@@ -34,3 +34,19 @@ def test_search_rotates_volumes_about_n_over_2():
         return torch.cat([_rotated(v, r[None].numpy()) for v, r in zip(volumes, rotations)])
 
     assert check_rigid_transform(rotated, with_shift=False, dtype=torch.float32) < 2e-6
+
+
+def test_in_plane_search_finds_the_rotation_and_shift_of_an_image():
+    from cryovae.align import search_rotation_2d
+    from cryovae.glyphs import render_glyph
+    from cryovae.volumes import rotate_volume
+
+    glyph = render_glyph("alphanumeric", "F", 64, 48).astype(np.float64)
+    theta = np.radians(37.0)
+    turn = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
+    # the reference is the canonical image turned by 37 deg and moved by (+2, -3) pixels
+    reference = rotate_volume(glyph, turn, -np.array([2.0, -3.0]))
+    rotation, offset, score = search_rotation_2d(glyph, reference)
+    assert np.degrees(np.arctan2(rotation[1, 0], rotation[0, 0])) == pytest.approx(37.0, abs=0.3)
+    np.testing.assert_allclose(offset, [2.0, -3.0, 0.0], atol=0.51)
+    assert score > 0.95

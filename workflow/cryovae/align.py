@@ -90,6 +90,39 @@ def search_rotation(
     return rotation, offsets[0], float(scores[0])
 
 
+def search_rotation_2d(canonical: np.ndarray, reference: np.ndarray, step_deg: float = 1.0,
+                       fine_step_deg: float = 0.1) -> tuple[np.ndarray, np.ndarray, float]:
+    """In-plane search of a 2D image against a reference: (rotation (3, 3) about z, offset (3,)
+    pixels (x, y, 0), correlation), with ``reference(y) ≈ canonical(R^T (y - t))``.
+
+    Every angle of a ``step_deg`` grid over the circle, then a ``fine_step_deg`` grid within ± one
+    step of the best; each angle's best offset from a circular FFT cross-correlation (whole pixels).
+    """
+    can = torch.as_tensor(np.ascontiguousarray(canonical), dtype=torch.float32)
+    ref = torch.as_tensor(np.ascontiguousarray(reference), dtype=torch.float32)
+    ref_ft = torch.fft.rfft2(standardise_volumes(ref[None]).reshape(ref.shape))
+
+    def scores(angles_deg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        theta = torch.as_tensor(np.radians(angles_deg), dtype=torch.float32)
+        c, s_ = torch.cos(theta), torch.sin(theta)
+        mats = torch.stack([torch.stack([c, -s_], -1), torch.stack([s_, c], -1)], -2)
+        turned = standardise_volumes(rigid_transform(can.expand(len(mats), *can.shape), mats))
+        cc = torch.fft.irfft2(ref_ft * torch.fft.rfft2(turned.reshape(-1, *can.shape)).conj(), s=can.shape)
+        best, flat = cc.reshape(len(mats), -1).max(1)
+        yx = np.stack(np.unravel_index(flat.numpy(), can.shape), 1)
+        yx = (yx + np.array(can.shape) // 2) % np.array(can.shape) - np.array(can.shape) // 2   # signed
+        return best.numpy(), yx[:, ::-1].astype(np.float64)
+
+    coarse = np.arange(0.0, 360.0, step_deg)
+    first, _ = scores(coarse)
+    fine = coarse[first.argmax()] + np.arange(-step_deg, step_deg + fine_step_deg / 2, fine_step_deg)
+    best, offsets = scores(fine)
+    k = int(best.argmax())
+    theta = np.radians(fine[k])
+    rotation = np.array([[np.cos(theta), -np.sin(theta), 0.0], [np.sin(theta), np.cos(theta), 0.0], [0.0, 0.0, 1.0]])
+    return rotation, np.array([offsets[k, 0], offsets[k, 1], 0.0]), float(best[k])
+
+
 def _principal_frames(reference: np.ndarray, step_deg: float = 5.0) -> np.ndarray:
     """Frames whose z is a principal axis of the map's positive density, spun about z: (3 * 360/step, 3, 3).
 
@@ -151,34 +184,81 @@ def _class_means(latents: dict[str, np.ndarray], classes: list[str], path: Path)
     return np.stack([latents["latent_mean"][names == c].mean(0) for c in classes])
 
 
-def align_frames(config: Config, model: Path, latents: Path, maps: list[Path], output: Path) -> None:
+def class_averages_2d(latents: dict[str, np.ndarray], split_dir: Path, classes: list[str],
+                      pixel_size_angstrom: float) -> np.ndarray:
+    """Each class's images brought into the model's canonical frame by their own predicted poses
+    and averaged: (k, H, W).  For images this is sharper than the decoded class mean (the
+    average of many consistent poses, as a class average is), so the frame is found from it."""
+    from cryovae.model.data import ParticleData
+
+    data = ParticleData.open(split_dir, classes, require_known=False)
+    if not np.array_equal(data.source.particles["cryovaeParticleId"].astype(str).to_numpy(),
+                          latents["particle_id"].astype(str)):
+        raise InputError(f"{split_dir}: particles differ from the latent file's (embed the same split)")
+    names = latents["class_name"].astype(str)
+    rotation = torch.as_tensor(latents["rotation"][:, :2, :2], dtype=torch.float32)
+    shift = torch.as_tensor(-latents["origin_angstrom"][:, :2] / pixel_size_angstrom, dtype=torch.float32)
+    back_rotation = rotation.transpose(1, 2)   # canonical = T(R^T, -R^T d)(image)
+    back_shift = -(back_rotation @ shift[:, :, None])[..., 0]
+    out = []
+    for name in classes:
+        rows = np.nonzero(names == name)[0]
+        images = torch.as_tensor(data.read(rows), dtype=torch.float32)
+        out.append(rigid_transform(images, back_rotation[rows], back_shift[rows]).mean(0).numpy())
+    return np.stack(out)
+
+
+def align_frames(config: Config, model: Path, latents: Path, maps: list[Path], output: Path,
+                 split_dir: Path | None = None) -> None:
     """Write ``frames.json``: per seen class the canonical-to-reference rotation, offset, and the
     assumed point group with its axes in the reference map (``symmetry_axes``: the O of
-    :func:`orient_symmetry`)."""
+    :func:`orient_symmetry`).  A 2D model's frame is found from the class averages of the images
+    in ``split_dir`` (the split ``latents`` encodes; see :func:`class_averages_2d`)."""
     from cryovae.model import load_model
 
     classes = config.seen_classes
     by_name = {Path(p).stem: Path(p) for p in maps}
+    net, _ = load_model(model, device="cpu")
+    if len(net.spatial_shape) == 2 and not maps:
+        log.warning("align: no reference images (the user's own images): poses stay in the model's frame")
+        frames = {name: {"rotation_canonical_to_reference": np.eye(3).tolist(), "translation_angstrom": [0.0] * 3,
+                         "symmetry": "C1", "symmetry_axes": np.eye(3).tolist(), "correlation": None}
+                  for name in classes}
+        write_text_atomic(output, json.dumps(frames, indent=2, sort_keys=True) + "\n")
+        return
     missing = [c for c in classes if c not in by_name]
     if missing:
         raise InputError(f"no reference map given for classes {missing}")
-    net, _ = load_model(model, device="cpu")
-    means = torch.as_tensor(_class_means(load_latents(latents), classes, latents), dtype=torch.float32)
-    with torch.no_grad():
-        canonical = net.decode_canonical(means, net.class_condition(classes))[:, 0].float().numpy()
+    encoded = load_latents(latents)
+    means = torch.as_tensor(_class_means(encoded, classes, latents), dtype=torch.float32)
+    if len(net.spatial_shape) == 2:
+        if split_dir is None:
+            raise InputError("align: a 2D model's frame comes from the class averages of its training images; "
+                             "give --split-dir (the split the latents encode)")
+        canonical = class_averages_2d(encoded, Path(split_dir), classes, net.pixel_size_angstrom)
+    else:
+        with torch.no_grad():
+            canonical = net.decode_canonical(means, net.class_condition(classes))[:, 0].float().numpy()
     frames = {}
     for name, volume in zip(classes, canonical):
         reference = mrcfile.read(by_name[name]).astype(np.float32)
         if reference.shape != volume.shape:
             raise InputError(f"{by_name[name]}: map shape {reference.shape}, model box {volume.shape}")
-        rotation, offset, score = search_rotation(
-            volume, reference, config.alignment.coarse_step_deg, config.alignment.fine_steps
-        )
-        group = config.alignment.symmetry.get(name, "C1")
-        axes, self_cc = orient_symmetry(reference, group)
+        if volume.ndim == 2:   # an image: in-plane search; of the point groups only Cn (about z) is in-plane
+            rotation, offset, score = search_rotation_2d(volume, reference)
+            group, axes, self_cc = config.alignment.symmetry.get(name, "C1"), np.eye(3), 1.0
+            if not group.startswith("C"):
+                raise InputError(f"alignment.symmetry: {name} is {group}; an image's symmetry is an in-plane "
+                                 "rotation group Cn")
+        else:
+            rotation, offset, score = search_rotation(
+                volume, reference, config.alignment.coarse_step_deg, config.alignment.fine_steps
+            )
+            group = config.alignment.symmetry.get(name, "C1")
+            axes, self_cc = orient_symmetry(reference, group)
         frames[name] = {
             "rotation_canonical_to_reference": np.round(rotation, 8).tolist(),
-            "translation_angstrom": np.round(offset * config.pixel_size_angstrom, 6).tolist(),
+            "translation_angstrom": np.round(offset * net.pixel_size_angstrom, 6).tolist(),
             "symmetry": group,
             "symmetry_axes": np.round(axes, 8).tolist(),
             "symmetry_correlation": round(self_cc, 6),

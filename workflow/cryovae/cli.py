@@ -221,8 +221,11 @@ VERBS: dict[str, tuple[str, str, str, list[tuple[tuple[str, ...], dict]]]] = {
             (("--model",), {"type": _P, "required": True, "help": "trained model (model.pt from cryovae train)"}),
             (("--latents",), {"type": _P, "required": True,
                               "help": "latents of the training split (.npz from cryovae embed)"}),
-            (("--maps",), {"type": _P, "nargs": "+", "required": True,
-                           "help": "reference maps of the seen classes (MRC, named {class}.mrc)"}),
+            (("--maps",), {"type": _P, "nargs": "*", "default": [],
+                           "help": "reference maps of the seen classes (MRC, named {class}.mrc; 2D models: "
+                                   "reference images, or none for the user's own images)"}),
+            (("--split-dir",), {"type": _P, "default": None,
+                                "help": "2D models: the split folder the latents encode (its class averages are aligned)"}),
             (("--output",), {"type": _P, "required": True,
                              "help": "frames to write (JSON: rotation from the model's frame to each map, symmetry axes)"}),
         ],
@@ -334,6 +337,15 @@ VERBS: dict[str, tuple[str, str, str, list[tuple[tuple[str, ...], dict]]]] = {
             (("--csv",), {"type": _P, "required": True,
                           "help": "affinity matrix to write (CSV: header of class names, then N×N in class order)"}),
             (("--plot",), {"type": _P, "required": True, "help": "heatmap to write (PNG, classes ordered by similarity)"}),
+        ],
+    ),
+    "image-reference": (
+        "cryovae.images2d:image_reference",
+        "The canonical glyph of one class as a 2D MRC image (the reference align measures poses against).",
+        "cryovae image-reference --config config.yaml --class-name hearts --output results/maps/hearts.mrc",
+        [
+            (("--class-name",), {"required": True, "help": "class whose reference image to write"}),
+            (("--output",), {"type": _P, "required": True, "help": "reference image to write (2D MRC)"}),
         ],
     ),
 }

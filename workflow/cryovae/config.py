@@ -556,6 +556,9 @@ class ImagesConfig(_Section):
     normalise: bool = Field(False, description="Zero mean, unit variance per image (false: generated glyphs are "
                             "bright ink in [0, 1] on 0).")
     particles_per_shard: int = Field(4096, ge=1, description="Images per shard file.")
+    affinity: str | None = Field(None, description="kind files: an affinity CSV between the classes (header of "
+                                 "class names, then the matrix); null: the identity. Generated kinds compute "
+                                 "the glyphs' rotation-invariant shape affinity.")
     splits: dict[str, ImageSplit] = Field(
         default_factory=_default_image_splits,
         description="Split name -> how its images are made (generated kinds) or read (files).",

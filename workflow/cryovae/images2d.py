@@ -481,13 +481,50 @@ def image_affinity(config, csv: Path, plot: Path) -> None:
     from cryovae.glyphs import canonical_glyphs, shape_affinity
 
     images = config.images
-    if images.kind == "files":
-        raise InputError("image-affinity compares generated glyphs: images.kind is files, which has no canonical "
-                         "images; give the training an affinity CSV of your own")
     classes = image_class_names(config)
     if len(classes) < 2:
         raise InputError(f"images.classes: an affinity matrix needs at least 2 classes, got {classes}")
-    matrix = shape_affinity(canonical_glyphs(images.kind, classes, images.size, images.render_size))
+    if images.kind == "files":
+        matrix, title = _files_affinity(images.affinity, classes)
+    else:
+        matrix = shape_affinity(canonical_glyphs(images.kind, classes, images.size, images.render_size))
+        title = f"glyph shape affinity ({images.kind}), clustered"
     write_affinity_csv(csv, classes, matrix)
-    plot_affinity(plot, classes, matrix, images.kind, title=f"glyph shape affinity ({images.kind}), clustered",
-                  colour_label="rotation-invariant correlation, spread to [-1, 1]")
+    plot_affinity(plot, classes, matrix, images.kind, title=title,
+                  colour_label="rotation-invariant correlation, spread to [-1, 1]" if images.kind != "files"
+                  else "affinity")
+
+
+def _files_affinity(path: str | None, classes: list[str]) -> tuple[np.ndarray, str]:
+    """The user's affinity CSV (images.affinity) in class order, or, without one, the identity: each
+    class like itself only (no structural prior between the user's classes)."""
+    from cryovae.affinity import read_affinity_csv
+
+    if path is None:
+        log.info("image-affinity: images.affinity is null; each class is like itself only (identity)")
+        return np.eye(len(classes)), "no affinity given: identity"
+    names, matrix = read_affinity_csv(Path(path))
+    missing = [c for c in classes if c not in names]
+    if missing:
+        raise InputError(f"{path}: the affinity matrix lacks the classes {missing} (it has {names})")
+    order = [names.index(c) for c in classes]
+    return matrix[np.ix_(order, order)], f"affinity from {Path(path).name}"
+
+
+def image_reference(config, class_name: str, output: Path) -> None:
+    """The canonical (undistorted) glyph of ``class_name`` as a 2D MRC image at the images' pixel size:
+    the reference the model's frame is aligned to (cryovae align) and poses are measured against."""
+    import mrcfile
+
+    from cryovae.glyphs import render_glyph
+
+    images = config.images
+    if images.kind == "files":
+        raise InputError("image-reference renders generated glyphs: images.kind files has no reference images")
+    if class_name not in image_class_names(config):
+        raise InputError(f"class {class_name!r} is not one of the image classes {image_class_names(config)}")
+    image = render_glyph(images.kind, class_name, images.render_size, images.size).astype(np.float32)
+    with atomic_path(output) as tmp:
+        with mrcfile.new(tmp, overwrite=True) as mrc:
+            mrc.set_data(image)
+            mrc.voxel_size = images.pixel_size_angstrom

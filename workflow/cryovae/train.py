@@ -280,7 +280,9 @@ def symmetry_table(
             continue
         if name not in by_name:
             raise InputError(f"class {name} is {group}: its reference map is needed to locate the symmetry axes")
-        axes, _ = orient_symmetry(mrcfile.read(by_name[name]).astype(np.float32), group)
+        reference = mrcfile.read(by_name[name]).astype(np.float32)
+        # an image's group turns about z, the axis normal to it; a map's axes are located in it
+        axes = np.eye(3) if reference.ndim == 2 else orient_symmetry(reference, group)[0]
         groups.append(symmetry_group_in_frame(group, axes))
     size = max(len(g) for g in groups)
     if size == 1:

@@ -59,11 +59,13 @@ rule align:
     input:
         model=f"{OUT}/model/model.pt",
         latents=f"{OUT}/embeddings/latent/train.npz",
-        maps=expand(f"{OUT}/maps/{{cls}}.mrc", cls=SEEN),
+        maps=seen_references(),
+        split=split_path("train"),
     output:
         f"{OUT}/model/frames.json",
     params:
         config=stage_config("alignment", "training"),
+        split_dir=lambda wildcards, input: folder_of(input.split),
     conda:
         CONDA_ENV
     log:
@@ -76,7 +78,8 @@ rule align:
         "Aligning the model's frame to each class map (log: {log})"
     shell:
         "cryovae align --config {params.config:q} --model {input.model} --latents {input.latents} "
-        "--maps {input.maps} --output {output} 2> {log} || (tail -n 1 {log} >&2; exit 1)"
+        "--maps {input.maps} --split-dir {params.split_dir} --output {output} "
+        "2> {log} || (tail -n 1 {log} >&2; exit 1)"
 
 
 rule adapt:

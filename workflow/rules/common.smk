@@ -13,8 +13,11 @@ SIM_TOMOGRAMS = simulated_tomogram_names(CFG)
 OUT = CFG.output_dir
 CLASSES = CFG.class_names
 SEEN = CFG.seen_classes
-SIM_SPLITS = ["train", "val", "test"]
+IMAGES = CFG.data == "images"
+SIM_SPLITS = ["train", "val", "test"]  # the model's three splits: simulated, or images with data: images
 TOMOGRAMS = list(CFG.extraction.tomograms)
+IMAGE_SPLITS = list(CFG.images.splits) if IMAGES else []
+EXTRA_IMAGE_SPLITS = [s for s in IMAGE_SPLITS if s not in SIM_SPLITS]  # e.g. the unlabelled images
 CONDA_ENV = "../../envs/cryovae.yaml"
 ALL_SECTIONS = [k for k in CFG.model_fields if k not in GLOBAL_KEYS]
 # Every rule's command ends in `2> {log} || (tail -n 1 {log} >&2; exit 1)`: the verb writes
@@ -44,18 +47,41 @@ def shard_files(split, extension):
 
 
 def split_dir(split):
-    """Folder of a split's shards and particles.star: simulated or extracted."""
+    """Folder of a split's shards and particles.star: simulated, extracted or images."""
+    if IMAGES:
+        return f"{OUT}/images/{split}"
     if split in SIM_SPLITS:
         return f"{OUT}/subtomograms/{split}"
     return f"{OUT}/extracted/{split}"
 
 
-def split_input(wildcards):
-    """Input of a split: the gathered STAR (simulated), or the extraction folder."""
-    split = wildcards.get("simsplit", wildcards.get("split"))
-    if split in SIM_SPLITS:
+def split_path(split):
+    """A split as an input: the gathered STAR (simulated), or the extraction or images folder."""
+    if split in SIM_SPLITS and not IMAGES:
         return f"{OUT}/subtomograms/{split}/particles.star"
-    return f"{OUT}/extracted/{split}"
+    return split_dir(split)
+
+
+def folder_of(path):
+    """The split folder of a :func:`split_path`: the STAR's folder, or the folder itself."""
+    return os.path.dirname(path) if path.endswith(".star") else path
+
+
+def split_input(wildcards):
+    """Input of a split: :func:`split_path` of the rule's {simsplit} or {split}."""
+    return split_path(wildcards.get("simsplit", wildcards.get("split")))
+
+
+def unlabelled_splits():
+    """The folders training.semi_supervised.unlabelled names (tomogram or image splits)."""
+    return [split_dir(s) for s in CFG.training.semi_supervised.unlabelled]
+
+
+def seen_references():
+    """The seen classes' reference maps (images: reference images; none for the user's own images)."""
+    if IMAGES and CFG.images.kind == "files":
+        return []
+    return expand(f"{OUT}/maps/{{cls}}.mrc", cls=SEEN)
 
 
 def split_classes(split):
@@ -84,6 +110,15 @@ EVAL_SPLITS = ["val", "test"]
 
 
 def all_targets():
+    if IMAGES:
+        return [
+            *expand(f"{OUT}/images/{{imsplit}}", imsplit=IMAGE_SPLITS),
+            f"{OUT}/affinity/affinity.csv",
+            *expand(f"{OUT}/embeddings/{{split}}.csv", split=SIM_SPLITS),
+            *expand(f"{OUT}/evaluation/{{split}}/metrics.json", split=EVAL_SPLITS),
+            *expand(f"{OUT}/interpret/{{split}}/interpretation.json", split=EVAL_SPLITS),
+            f"{OUT}/provenance.json",
+        ]
     # The simulated shards are targets: snakemake does not remake a deleted input of a job
     # whose output is up to date, only a deleted target (and then everything downstream).
     return [

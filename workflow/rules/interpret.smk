@@ -46,3 +46,21 @@ rule interpret:
         "cryovae interpret --config {params.config:q} --embeddings {input.embeddings} "
         "--split-dir {params.split_dir} --train-latents {input.train_latents} --affinity {input.affinity} "
         "--model {input.model} --output-dir {params.output_dir} 2> {log} || (tail -n 1 {log} >&2; exit 1)"
+
+
+# What made the outputs: the package version and the whole validated config.
+
+rule provenance:
+    output:
+        f"{OUT}/provenance.json",
+    params:
+        config=stage_config(*ALL_SECTIONS),
+    conda:
+        CONDA_ENV
+    log:
+        f"{OUT}/logs/provenance.log",
+    localrule: True
+    message:
+        "Provenance of the run -> {output} (log: {log})"
+    shell:
+        "cryovae provenance --config {params.config:q} --output {output} 2> {log} || (tail -n 1 {log} >&2; exit 1)"

@@ -3,12 +3,12 @@
 
 rule train:
     input:
-        train=f"{OUT}/subtomograms/train/particles.star",
-        val=f"{OUT}/subtomograms/val/particles.star",
+        train=split_path("train"),
+        val=split_path("val"),
         affinity=f"{OUT}/affinity/affinity.csv",
-        maps=expand(f"{OUT}/maps/{{cls}}.mrc", cls=SEEN),
-        # training.semi_supervised.unlabelled: tomogram splits trained on without labels (ss-rVAE)
-        unlabelled=expand(f"{OUT}/extracted/{{tomo}}", tomo=CFG.training.semi_supervised.unlabelled),
+        maps=seen_references(),
+        # training.semi_supervised.unlabelled: splits trained on without labels (ss-rVAE)
+        unlabelled=unlabelled_splits(),
     output:
         model=f"{OUT}/model/model.pt",
         history=f"{OUT}/model/history.csv",
@@ -17,8 +17,8 @@ rule train:
         ),
     params:
         config=stage_config("training", "simulation", "alignment"),
-        train_dir=lambda wildcards, input: os.path.dirname(input.train),
-        val_dir=lambda wildcards, input: os.path.dirname(input.val),
+        train_dir=lambda wildcards, input: folder_of(input.train),
+        val_dir=lambda wildcards, input: folder_of(input.val),
         output_dir=lambda wildcards, output: os.path.dirname(output.model),
     conda:
         CONDA_ENV

@@ -70,19 +70,3 @@ rule affinity:
     shell:
         "cryovae affinity --config {params.config:q} --descriptors {input} "
         "--csv {output.csv} --plot {output.plot} 2> {log} || (tail -n 1 {log} >&2; exit 1)"
-
-
-rule provenance:
-    output:
-        f"{OUT}/provenance.json",
-    params:
-        config=stage_config(*ALL_SECTIONS),
-    conda:
-        CONDA_ENV
-    log:
-        f"{OUT}/logs/provenance.log",
-    localrule: True
-    message:
-        "Provenance of the run -> {output} (log: {log})"
-    shell:
-        "cryovae provenance --config {params.config:q} --output {output} 2> {log} || (tail -n 1 {log} >&2; exit 1)"
