@@ -536,3 +536,19 @@ def test_pose_margin_auroc_and_determined_medians():
     assert out["pose_error_median_deg_determined"] == 3.0 and out["pose_error_median_deg_undetermined"] == 100.0
     assert out["per_class_pose_determined_fraction"] == {"a": 1.0, "b": 0.0}
     assert out["pose_undetermined_classes"] == ["b"] and out["shift_error_median_px"] == 0.5
+
+
+def test_unseen_placement_ranks_the_affinity_nearest_seen_class_in_latent_space():
+    from cryovae.evaluate import unseen_placement
+
+    names = ["a", "b", "c", "u"]
+    affinity = pd.DataFrame(np.array([[1, 0, 0, 0.2], [0, 1, 0, 0.9], [0, 0, 1, 0.1], [0.2, 0.9, 0.1, 1.0]]),
+                            index=names, columns=names)
+    centres = {"a": [1.0, 0, 0], "b": [0, 1.0, 0], "c": [0, 0, 1.0], "u": [0.8, 0.5, 0.0]}
+    labels = np.repeat(names, 5)
+    latents = np.array([centres[c] for c in labels]) + 0.01 * np.random.default_rng(0).standard_normal((20, 3))
+    out = unseen_placement(latents, labels.astype(object), affinity, ["a", "b", "c"], ["u"])
+    # u lies nearest a in latent space, second nearest b, which the affinity ranks first
+    assert out == {"u": {"nearest_seen_in_latent": "a", "nearest_seen_by_affinity": "b",
+                         "affinity_nearest_rank_in_latent": 2}}
+    assert unseen_placement(latents, labels.astype(object), affinity, ["a", "b", "c"], []) is None

@@ -30,6 +30,8 @@ Metrics that need ground truth are ``null`` in metrics.json when the split has n
   ``pose_margin_auroc``: AUROC of ``pose_margin`` separating frame-free errors < 15° from
   > 45°; ``pose_undetermined_classes``: classes with fewer than half their particles
   determined (their maps do not fix an orientation at this pixel size and SNR).
+- ``unseen_placement``: per unseen class, the seen class its mean latent is nearest (cosine), the
+  seen class the affinity ranks nearest, and the latter's rank in the latent ordering;
 - ``affinity_spearman``: Spearman correlation, over the upper triangle, of the cosine
   similarity of class-mean latents against the affinity matrix, for the true classes
   present in the split (at least three, so that there are three pairs).
@@ -438,6 +440,26 @@ def upper_triangle_spearman(a: np.ndarray, b: np.ndarray) -> float | None:
     return float(spearmanr(x, y).statistic)
 
 
+def unseen_placement(latents: np.ndarray, true_class: np.ndarray, affinity: pd.DataFrame, seen: Sequence[str],
+                     unseen: Sequence[str]) -> dict[str, dict] | None:
+    """Where each unseen class lands among the seen ones: per unseen class with particles, the seen
+    class whose mean latent is nearest (cosine of class means), the seen class the affinity ranks
+    nearest, and that class's rank (1 = nearest) in the latent ordering.  None without both."""
+    seen = [c for c in seen if np.any(true_class == c)]
+    unseen = [c for c in unseen if np.any(true_class == c)]
+    if not seen or not unseen:
+        return None
+    means = class_mean_latents(latents, true_class, [*seen, *unseen])
+    cos = cosine_similarity_matrix(means)[len(seen):, :len(seen)]
+    out = {}
+    for row, name in enumerate(unseen):
+        order = [seen[j] for j in np.argsort(-cos[row])]
+        by_affinity = max(seen, key=lambda c: affinity.loc[name, c])
+        out[name] = {"nearest_seen_in_latent": order[0], "nearest_seen_by_affinity": by_affinity,
+                     "affinity_nearest_rank_in_latent": order.index(by_affinity) + 1}
+    return out
+
+
 # ----------------------------------------------------------------------------- model
 
 
@@ -534,6 +556,8 @@ def compute_metrics(config, merged: pd.DataFrame, latents: np.ndarray, affinity:
     metrics["affinity_spearman"] = (upper_triangle_spearman(
         cosine_similarity_matrix(class_mean_latents(latents, true_class, true_groups)),
         affinity.loc[true_groups, true_groups].to_numpy()) if true_groups else None)
+    metrics["unseen_placement"] = unseen_placement(latents, true_class, affinity, config.seen_classes,
+                                                   config.unseen)
     predicted_groups = [c for c in config.seen_classes if np.any(predicted == c)]
     metrics["affinity_spearman_predicted_classes"] = (upper_triangle_spearman(
         cosine_similarity_matrix(class_mean_latents(latents, predicted, predicted_groups)),

@@ -423,7 +423,8 @@ def split_classes(config, split: str) -> list[str]:
     the model learns from), every other split all of them."""
     from cryovae.config import IMAGE_SPLITS
 
-    return config.seen_classes if split in IMAGE_SPLITS[:2] else image_class_names(config)
+    names = image_class_names(config)
+    return [c for c in names if c not in config.unseen] if split in IMAGE_SPLITS[:2] else names
 
 
 def make_images(config, split: str, output_dir: Path) -> None:
