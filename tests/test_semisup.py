@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -179,3 +180,29 @@ def test_class_means_decode_under_their_class_and_unseen_ones_under_none():
     np.testing.assert_allclose(model.class_condition(["b", "a", "unseen"]).numpy(),
                                [[0.0, 1.0], [1.0, 0.0], [0.5, 0.5]])
     assert AffinityVAE((8, 8), [4], latent_dims=2, hidden=16).class_condition(["a"]) is None
+
+
+def test_the_exported_classifier_runs_without_cryovae_and_agrees(shifted_run, tmp_path):
+    import subprocess
+    import sys
+
+    from cryovae.cli import main
+
+    config = json.dumps({"structures": {n: f"demo:{n}" for n in NAMES}})
+    assert main(["export-classifier", "--config", config, "--model", str(shifted_run / "out" / "model.pt"),
+                 "--output", str(tmp_path / "head.ts")]) == 0
+    images = np.load(shifted_run / "val" / "shard_000.npy")[:8]
+    np.save(tmp_path / "x.npy", images)
+    # a fresh interpreter that never imports cryovae (its path is not on sys.path)
+    script = ("import json, sys, numpy as np, torch; extra = {'meta.json': ''}; "
+              f"m = torch.jit.load({str(tmp_path / 'head.ts')!r}, _extra_files=extra); "
+              f"x = torch.tensor(np.load({str(tmp_path / 'x.npy')!r}))[:, None]; "
+              "print(json.dumps({'p': m(x).tolist(), 'meta': json.loads(extra['meta.json']), "
+              "'cryovae': 'cryovae' in sys.modules}))")
+    env = {"PATH": "/usr/bin:/bin", "PYTHONNOUSERSITE": "1"}
+    out = json.loads(subprocess.run([sys.executable, "-I", "-c", script], capture_output=True, text=True,
+                                    check=True, env=env, cwd=tmp_path).stdout)
+    model, _ = load_model(shifted_run / "out" / "model.pt")
+    expected = model.class_probabilities(torch.tensor(images)[:, None]).numpy()
+    np.testing.assert_allclose(np.array(out["p"]), expected, rtol=1e-5, atol=1e-6)
+    assert out["meta"]["class_names"] == NAMES and not out["cryovae"]

@@ -339,6 +339,16 @@ VERBS: dict[str, tuple[str, str, str, list[tuple[tuple[str, ...], dict]]]] = {
             (("--plot",), {"type": _P, "required": True, "help": "heatmap to write (PNG, classes ordered by similarity)"}),
         ],
     ),
+    "export-classifier": (
+        "cryovae.model.io:export_classifier",
+        "The classifier head of a semi-supervised model as TorchScript, to run without cryovae.",
+        "cryovae export-classifier --config config.yaml --model results/model/model.pt --output classifier.ts",
+        [
+            (("--model",), {"type": _P, "required": True, "help": "trained model with a classifier head (model.pt)"}),
+            (("--output",), {"type": _P, "required": True,
+                             "help": "TorchScript archive to write (torch.jit.load(path)(x) -> class probabilities)"}),
+        ],
+    ),
     "image-reference": (
         "cryovae.images2d:image_reference",
         "The canonical glyph of one class as a 2D MRC image (the reference align measures poses against).",

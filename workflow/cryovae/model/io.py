@@ -93,3 +93,35 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Af
     model.to(device).eval()
     meta = {k: v for k, v in record.items() if k != "state_dict"}
     return model, meta
+
+
+class ClassifierHead(torch.nn.Module):
+    """q(y|x) of a model with classes, on its own: the encoder trunk and the classifier head,
+    (n, 1, *spatial) -> (n, C) class probabilities."""
+
+    def __init__(self, model: AffinityVAE):
+        super().__init__()
+        self.features = model.encoder.features
+        self.hidden = model.encoder.hidden
+        self.classifier = model.classifier
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.classifier(self.hidden(self.features(x))).float(), dim=1)
+
+
+def export_classifier(config, model: str | Path, output: str | Path) -> None:
+    """Write the classifier head of ``model`` as TorchScript: ``torch.jit.load(output)(x)`` gives the
+    class probabilities of images or subtomograms x (n, 1, *spatial) without cryovae installed; the
+    class names, box and pixel size are in the archive's ``meta.json`` (``_extra_files``)."""
+    import json
+
+    net, meta = load_model(model)
+    if net.classifier is None:
+        raise InputError(f"{model}: the model has no classifier head (train with "
+                         "training.semi_supervised.classifier: true)")
+    head = torch.jit.script(ClassifierHead(net).eval())
+    info = {"class_names": meta["classifier_class_names"], "spatial_shape": meta["spatial_shape"],
+            "pixel_size_angstrom": meta["pixel_size_angstrom"], "package_version": __version__,
+            "input": "(n, 1, *spatial_shape) float32, normalised as the training particles were"}
+    with atomic_path(output) as tmp, open(tmp, "wb") as fh:
+        torch.jit.save(head, fh, _extra_files={"meta.json": json.dumps(info)})
