@@ -190,12 +190,12 @@ def test_the_exported_classifier_runs_without_cryovae_and_agrees(shifted_run, tm
 
     config = json.dumps({"structures": {n: f"demo:{n}" for n in NAMES}})
     assert main(["export-classifier", "--config", config, "--model", str(shifted_run / "out" / "model.pt"),
-                 "--output", str(tmp_path / "head.ts")]) == 0
+                 "--output", str(tmp_path / "head.pt2")]) == 0
     images = np.load(shifted_run / "val" / "shard_000.npy")[:8]
     np.save(tmp_path / "x.npy", images)
     # a fresh interpreter that never imports cryovae (its path is not on sys.path)
     script = ("import json, sys, numpy as np, torch; extra = {'meta.json': ''}; "
-              f"m = torch.jit.load({str(tmp_path / 'head.ts')!r}, _extra_files=extra); "
+              f"m = torch.export.load({str(tmp_path / 'head.pt2')!r}, extra_files=extra).module(); "
               f"x = torch.tensor(np.load({str(tmp_path / 'x.npy')!r}))[:, None]; "
               "print(json.dumps({'p': m(x).tolist(), 'meta': json.loads(extra['meta.json']), "
               "'cryovae': 'cryovae' in sys.modules}))")

@@ -341,12 +341,12 @@ VERBS: dict[str, tuple[str, str, str, list[tuple[tuple[str, ...], dict]]]] = {
     ),
     "export-classifier": (
         "cryovae.model.io:export_classifier",
-        "The classifier head of a semi-supervised model as TorchScript, to run without cryovae.",
-        "cryovae export-classifier --config config.yaml --model results/model/model.pt --output classifier.ts",
+        "The classifier head of a semi-supervised model as a torch.export program, to run without cryovae.",
+        "cryovae export-classifier --config config.yaml --model results/model/model.pt --output classifier.pt2",
         [
             (("--model",), {"type": _P, "required": True, "help": "trained model with a classifier head (model.pt)"}),
             (("--output",), {"type": _P, "required": True,
-                             "help": "TorchScript archive to write (torch.jit.load(path)(x) -> class probabilities)"}),
+                             "help": "program to write (.pt2; torch.export.load(path).module()(x) -> class probabilities)"}),
         ],
     ),
     "image-reference": (

@@ -110,18 +110,21 @@ class ClassifierHead(torch.nn.Module):
 
 
 def export_classifier(config, model: str | Path, output: str | Path) -> None:
-    """Write the classifier head of ``model`` as TorchScript: ``torch.jit.load(output)(x)`` gives the
-    class probabilities of images or subtomograms x (n, 1, *spatial) without cryovae installed; the
-    class names, box and pixel size are in the archive's ``meta.json`` (``_extra_files``)."""
+    """Write the classifier head of ``model`` as a ``torch.export`` program:
+    ``torch.export.load(output).module()(x)`` gives the class probabilities of images or
+    subtomograms x (n, 1, *spatial), any n, without cryovae installed; the class names, box and
+    pixel size are in the archive's ``meta.json`` (``extra_files``)."""
     import json
 
     net, meta = load_model(model)
     if net.classifier is None:
         raise InputError(f"{model}: the model has no classifier head (train with "
                          "training.semi_supervised.classifier: true)")
-    head = torch.jit.script(ClassifierHead(net).eval())
+    example = torch.zeros((2, 1, *meta["spatial_shape"]))
+    program = torch.export.export(ClassifierHead(net).eval(), (example,),
+                                  dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
     info = {"class_names": meta["classifier_class_names"], "spatial_shape": meta["spatial_shape"],
             "pixel_size_angstrom": meta["pixel_size_angstrom"], "package_version": __version__,
             "input": "(n, 1, *spatial_shape) float32, normalised as the training particles were"}
     with atomic_path(output) as tmp, open(tmp, "wb") as fh:
-        torch.jit.save(head, fh, _extra_files={"meta.json": json.dumps(info)})
+        torch.export.save(program, fh, extra_files={"meta.json": json.dumps(info)})
