@@ -22,7 +22,8 @@ def test_shipped_schema_is_generated_from_the_typed_config():
     assert shipped == json_schema(), "run: cryovae schema --output workflow/schemas/config.schema.json"
 
 
-@pytest.mark.parametrize("name", ["config.yaml", "config/shrec2021.yaml", "config/suits.yaml", "tests/configs/tiny.yaml",
+@pytest.mark.parametrize("name", ["config.yaml", "config/shrec2021.yaml", "config/suits.yaml",
+                                  "config/alphanumeric.yaml", "tests/configs/tiny.yaml",
                                   "tests/configs/tiny_images.yaml"])
 def test_shipped_configs_validate_both_ways(name):
     data = yaml.safe_load((REPO / name).read_text())
