@@ -18,6 +18,9 @@ validation set from the classifier head's probabilities (``embed``):
 - ``supervised_aug`` / ``semi_aug``: the same with the model's rotational invariance imposed by
   turning (±180°) and shifting (±``--aug-shift`` px) every training image on the fly.
 
+Semi-supervised batches hold ``--labelled-fraction`` labelled images (cycled); the labelled-only
+variants train as many more epochs as make the same number of optimiser steps.
+
 ``--peer PYTHON`` runs ``benchmarks/ssrvae_peer.py`` (pyroVED's ssiVAE, in its own environment)
 on exactly the same arrays.  Writes ``summary.json`` and prints a Markdown table.
 
@@ -74,12 +77,17 @@ def write_splits(data: dict, root: Path) -> dict[str, Path]:
 
 
 def variant_config(args, class_names: list[str], unlabelled: bool, augment: bool):
-    semi = {"classifier": True, "classifier_weight": args.alpha, "decoded_classes": args.decoded_classes}
+    semi = {"classifier": True, "classifier_weight": args.alpha, "decoded_classes": args.decoded_classes,
+            "classifier_input": args.classifier_input, "labelled_fraction": args.labelled_fraction}
     if augment:
         semi.update(augment_rotation_deg=180.0, augment_shift_px=args.aug_shift)
+    # a labelled-only variant sees (labelled + unlabelled) / labelled times fewer images an epoch:
+    # it trains that many more epochs, so that every variant takes the same optimiser steps
+    steps = args.unlabelled / ((1 - args.labelled_fraction) * args.labelled)   # labelled-only epochs per one
+    epochs = args.epochs if unlabelled else args.epochs * round(steps)
     return validate_config({
         "structures": {n: f"demo:{n}" for n in class_names}, "box_size": args.size, "seed": args.seed,
-        "training": {"epochs": args.epochs, "batch_size": args.batch_size, "latent_dims": args.latent_dims,
+        "training": {"epochs": epochs, "batch_size": args.batch_size, "latent_dims": args.latent_dims,
                      "channels": [16, 32, 64], "pose_weight": 0.0, "beta": 0.01, "gamma": args.gamma,
                      "learning_rate": args.learning_rate, "threads": args.threads, "device": "cpu",
                      "semi_supervised": semi},
@@ -106,7 +114,7 @@ def run_variant(args, name: str, folders: dict, affinity: Path, class_names: lis
     order = [list(arrays["classifier_class_names"]).index(c) for c in class_names]
     predicted = arrays["class_probabilities"][:, order].argmax(1)
     result = per_class_accuracy(predicted, truth, class_names)
-    result.update(training_seconds=seconds, epochs=args.epochs)
+    result.update(training_seconds=seconds, epochs=cfg.training.epochs)
     return result
 
 
@@ -149,8 +157,11 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--latent-dims", type=int, default=4)
     ap.add_argument("--gamma", type=float, default=1.0, help="affinity loss weight (shape affinity of the suits)")
-    ap.add_argument("--alpha", type=float, default=1.0, help="classifier_weight")
+    ap.add_argument("--alpha", type=float, default=30.0,
+                    help="classifier_weight (the ss-rVAE notebook's aux_loss_multiplier is 30)")
     ap.add_argument("--decoded-classes", type=int, default=0, help="top-k classes of the unlabelled ELBO (0: all)")
+    ap.add_argument("--classifier-input", default="canonical", choices=["canonical", "trunk"])
+    ap.add_argument("--labelled-fraction", type=float, default=0.5)
     ap.add_argument("--aug-shift", type=float, default=5.0, help="augmentation shift, pixels per axis")
     ap.add_argument("--learning-rate", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=2)

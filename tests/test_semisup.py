@@ -206,3 +206,17 @@ def test_the_exported_classifier_runs_without_cryovae_and_agrees(shifted_run, tm
     expected = model.class_probabilities(torch.tensor(images)[:, None]).numpy()
     np.testing.assert_allclose(np.array(out["p"]), expected, rtol=1e-5, atol=1e-6)
     assert out["meta"]["class_names"] == NAMES and not out["cryovae"]
+
+
+def test_mixed_batches_hold_the_labelled_share_and_pass_once_over_the_unlabelled():
+    from cryovae.train import mixed_epoch_batches
+
+    classes = np.array([0, 1] * 5 + [-1] * 100)
+    batches = mixed_epoch_batches(classes, 16, 0.25, seed=3, epoch=2)
+    unlabelled = np.concatenate([b[classes[b] < 0] for b in batches])
+    assert sorted(unlabelled.tolist()) == list(range(10, 110))          # each once
+    assert all((classes[b] >= 0).sum() == 4 for b in batches)            # 4 of 16 labelled in each
+    labelled = np.concatenate([b[classes[b] >= 0] for b in batches])
+    assert np.bincount(labelled, minlength=10)[:10].min() >= 3            # cycled through all of them
+    again = mixed_epoch_batches(classes, 16, 0.25, seed=3, epoch=2)
+    assert all(np.array_equal(a, b) for a, b in zip(batches, again))

@@ -288,8 +288,14 @@ class SemiSupervisedConfig(_Section):
     unlabelled: list[str] = Field(
         [], description="Splits whose particles train without their labels, through the ELBO over the classes "
         "(extracted tomograms, e.g. sim_00, or 2D image splits); needs classifier: true.")
-    classifier_weight: float = Field(1.0, ge=0, description="alpha: weight of the labelled class-weighted "
-                                     "cross entropy in the total loss.")
+    classifier_input: Literal["canonical", "trunk"] = Field(
+        "canonical", description="What q(y|x) reads: canonical, the particle moved back into the model's frame "
+        "by its own predicted pose, through a CNN of its own (invariant as the pose is); trunk, the encoder's "
+        "last hidden layer.")
+    classifier_weight: float = Field(30.0, ge=0, description="alpha: weight of the labelled class-weighted "
+                                     "cross entropy in the total loss (30, as the ss-rVAE example).")
+    labelled_fraction: float = Field(0.5, gt=0, lt=1, description="Share of labelled particles in every "
+                                     "batch when unlabelled splits train too (the labelled ones are cycled).")
     decoded_classes: int = Field(3, ge=0, description="An unlabelled particle's ELBO is summed over its "
                                  "this-many most probable classes (renormalised); 0: all (one decoder pass each).")
     augment_rotation_deg: float = Field(0.0, ge=0, le=180, description="2D only: each training image is "

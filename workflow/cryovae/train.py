@@ -303,6 +303,30 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, shuffle: bool 
     return [b for b in batches if len(b) >= 2]
 
 
+def mixed_epoch_batches(class_index: np.ndarray, batch_size: int, labelled_fraction: float, seed: int,
+                        epoch: int) -> list[np.ndarray]:
+    """An epoch of batches that each hold ``labelled_fraction`` of labelled rows (class >= 0).
+
+    The epoch is one pass over the unlabelled rows; the labelled ones are cycled through seeded
+    permutations, so a few labelled particles beside many unlabelled ones still weigh in every step
+    (drawn at their share of the data, a batch would hold only a handful).  Without unlabelled
+    rows it is :func:`epoch_batches`.
+    """
+    labelled, unlabelled = np.nonzero(class_index >= 0)[0], np.nonzero(class_index < 0)[0]
+    if not len(unlabelled) or not len(labelled):
+        return epoch_batches(len(class_index), batch_size, seed, epoch)
+    rng = np.random.default_rng([seed, epoch, 1])
+    n_lab = min(max(1, round(batch_size * labelled_fraction)), batch_size - 1)
+    n_unl = batch_size - n_lab
+    order = rng.permutation(unlabelled)
+    steps = -(-len(order) // n_unl)
+    cycles = -(-steps * n_lab // len(labelled))
+    lab = np.concatenate([rng.permutation(labelled) for _ in range(cycles)])
+    batches = [np.concatenate([lab[k * n_lab:(k + 1) * n_lab], order[k * n_unl:(k + 1) * n_unl]])
+               for k in range(steps)]
+    return [b for b in batches if len(b) >= 2]
+
+
 @torch.no_grad()
 def evaluate(model: AffinityVAE, data: ParticleData, setup: LossSetup, batch_size: int, device: torch.device) -> dict:
     """Mean loss components on a split with the latent means (no sampling)."""
@@ -456,7 +480,8 @@ def build_run(config: Config, train_dir: Path, val_dir: Path, affinity: Path, ou
     torch.manual_seed(config.seed)
     model = AffinityVAE(spatial, tc.channels, tc.latent_dims, tc.decoder, tc.n_splats, hidden_units(tc.channels),
                         train_data.pixel_size_angstrom,
-                        n_classes=0 if classifier is None else len(classifier.class_names)).to(device)
+                        n_classes=0 if classifier is None else len(classifier.class_names),
+                        classifier_input=tc.semi_supervised.classifier_input).to(device)
     optimizer = make_optimizer(model, tc.learning_rate)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=tc.epochs, eta_min=0.05 * tc.learning_rate)
     noise = torch.Generator().manual_seed(config.seed)
@@ -484,7 +509,11 @@ def build_run(config: Config, train_dir: Path, val_dir: Path, affinity: Path, ou
 def _train_epoch(run: Run, state: TrainState, stop: StopRequest, hook: BatchHook | None) -> None:
     """Finish the epoch ``state.epoch`` from batch ``state.batch``; checkpoint and exit on a stop request."""
     tc = run.config.training
-    batches = epoch_batches(len(run.train_data), tc.batch_size, run.config.seed, state.epoch)
+    if run.setup.classifier is not None:
+        batches = mixed_epoch_batches(run.train_data.class_index, tc.batch_size,
+                                      tc.semi_supervised.labelled_fraction, run.config.seed, state.epoch)
+    else:
+        batches = epoch_batches(len(run.train_data), tc.batch_size, run.config.seed, state.epoch)
     todo = batches[state.batch :]
     run.model.train()
     bar = tqdm(total=len(batches), initial=state.batch, desc=f"epoch {state.epoch + 1}/{tc.epochs}",

@@ -96,17 +96,15 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Af
 
 
 class ClassifierHead(torch.nn.Module):
-    """q(y|x) of a model with classes, on its own: the encoder trunk and the classifier head,
+    """q(y|x) of a model with classes, on its own (the encoder, for the pose, and the classifier):
     (n, 1, *spatial) -> (n, C) class probabilities."""
 
     def __init__(self, model: AffinityVAE):
         super().__init__()
-        self.features = model.encoder.features
-        self.hidden = model.encoder.hidden
-        self.classifier = model.classifier
+        self.model = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.classifier(self.hidden(self.features(x))).float(), dim=1)
+        return torch.softmax(self.model.class_logits(self.model.encoder(x), x), dim=1)
 
 
 def export_classifier(config, model: str | Path, output: str | Path) -> None:

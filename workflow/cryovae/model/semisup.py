@@ -84,7 +84,7 @@ def semisupervised_terms(model, x: torch.Tensor, class_index: torch.Tensor, four
     class; unlabelled: expected under q(y|x)); classifier the labelled cross entropy; class_kl
     the unlabelled rows' KL of q(y|x) from the uniform prior."""
     enc = model.encoder(x)
-    logits = model.classifier(enc["hidden"]).float()
+    logits = model.class_logits(enc, x)
     z = model.sample_latent(enc, generator) if sample else enc["latent_mean"]
     enc.update(z=z, class_logits=logits)
     known = class_index >= 0

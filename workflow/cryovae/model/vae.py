@@ -2,9 +2,14 @@
 
 With ``n_classes`` > 0 it is also the semi-supervised rotationally invariant VAE (ss-rVAE, the
 M2 model of Kingma et al. on an invariant encoder, as in Ziatdinov, Kalinin et al. 2024): a
-classifier head q(y|x) reads the encoder's trunk, and the decoder p(x|z, y) receives the class
-(one-hot, or a distribution over classes) beside the shape latent.  Pose stays explicit, so the
-class and the latent carry what the particle is, the pose where it points.
+classifier q(y|x), and a decoder p(x|z, y) that receives the class (one-hot, or a distribution
+over classes) beside the shape latent.  Pose stays explicit, so the class and the latent carry
+what the particle is, the pose where it points.  The classifier reads (``classifier_input``):
+
+- ``canonical``: the particle moved back into the model's canonical frame by the encoder's own
+  pose (no gradient to the pose), through a CNN of its own: it inherits the invariance the pose
+  gives, so a class learnt on upright particles holds for turned ones;
+- ``trunk``: the encoder's last hidden layer (invariant only as far as training makes it).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from torch import nn
 
 from cryovae.model.decoders import CnnDecoder, SplatDecoder
 from cryovae.model.encoder import Encoder, rotation_3x3
+from cryovae.volumes import rigid_transform
 
 
 class AffinityVAE(nn.Module):
@@ -36,6 +42,7 @@ class AffinityVAE(nn.Module):
         hidden: int = 256,
         pixel_size_angstrom: float = 1.0,
         n_classes: int = 0,
+        classifier_input: str = "canonical",
     ):
         super().__init__()
         spatial_shape = tuple(int(s) for s in spatial_shape)
@@ -48,7 +55,11 @@ class AffinityVAE(nn.Module):
         }
         if n_classes:   # absent from plain models' files, which therefore load unchanged
             self.config["n_classes"] = int(n_classes)
+            self.config["classifier_input"] = classifier_input
+        if classifier_input not in ("canonical", "trunk"):
+            raise ValueError(f"classifier_input must be 'canonical' or 'trunk', got {classifier_input!r}")
         self.n_classes = int(n_classes)
+        self.classifier_input = classifier_input
         self.spatial_shape = spatial_shape
         self.pixel_size_angstrom = float(pixel_size_angstrom)
         self.encoder = Encoder(spatial_shape, list(channels), latent_dims, hidden)
@@ -59,7 +70,12 @@ class AffinityVAE(nn.Module):
             self.decoder = SplatDecoder(spatial_shape, n_splats, decoder_inputs, hidden)
         else:
             raise ValueError(f"decoder must be 'cnn' or 'splat', got {decoder!r}")
-        self.classifier = nn.Linear(hidden, self.n_classes) if self.n_classes else None
+        self.classifier = None
+        if self.n_classes and classifier_input == "trunk":
+            self.classifier = nn.Linear(hidden, self.n_classes)
+        elif self.n_classes:
+            trunk = Encoder(spatial_shape, list(channels), 1, hidden)   # its conv stack and hidden layer
+            self.classifier = nn.Sequential(trunk.features, trunk.hidden, nn.Linear(hidden, self.n_classes))
         self.classifier_class_names: list[str] | None = None   # set by training and by load_model
 
     @property
@@ -79,13 +95,25 @@ class AffinityVAE(nn.Module):
         """
         enc = self.encoder(x)
         if self.classifier is not None:
-            enc["class_logits"] = self.classifier(enc["hidden"]).float()
+            enc["class_logits"] = self.class_logits(enc, x)
             if y is None:
                 y = torch.softmax(enc["class_logits"], dim=1)
         z = self.sample_latent(enc, generator) if sample else enc["latent_mean"]
         enc["z"] = z
         enc["reconstruction"] = self.decoder.posed(self.decoder_input(z, y), enc["rotation"], enc["shift_voxels"])
         return enc
+
+    def class_logits(self, enc: dict, x: torch.Tensor) -> torch.Tensor:
+        """q(y|x) as logits (n, C), float32, from the encoder's outputs ``enc`` of ``x``."""
+        if self.classifier_input == "trunk":
+            return self.classifier(enc["hidden"]).float()
+        return self.classifier(self.canonicalise(x, enc["rotation"].detach(), enc["shift_voxels"].detach())).float()
+
+    @staticmethod
+    def canonicalise(x: torch.Tensor, rotation: torch.Tensor, shift_voxels: torch.Tensor) -> torch.Tensor:
+        """x = T(R, t)(canonical) back in the canonical frame: T(R^T, -R^T t)(x), (n, 1, *spatial)."""
+        back = rotation.transpose(1, 2)
+        return rigid_transform(x, back, -(back @ shift_voxels[:, :, None])[..., 0]).to(x.dtype)
 
     @staticmethod
     def sample_latent(enc: dict, generator: torch.Generator | None) -> torch.Tensor:
@@ -125,7 +153,7 @@ class AffinityVAE(nn.Module):
         """q(y|x): (n, 1, *spatial) -> (n, C) class probabilities (a model with classes only)."""
         if self.classifier is None:
             raise ValueError("this model has no classifier head (trained without training.semi_supervised)")
-        return torch.softmax(self.classifier(self.encoder(x)["hidden"]).float(), dim=1)
+        return torch.softmax(self.class_logits(self.encoder(x), x), dim=1)
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -147,7 +175,7 @@ class AffinityVAE(nn.Module):
             "origin_angstrom": -shift * self.pixel_size_angstrom,
         }
         if self.classifier is not None:
-            out["class_probabilities"] = torch.softmax(self.classifier(enc["hidden"]).float(), dim=1)
+            out["class_probabilities"] = torch.softmax(self.class_logits(enc, x), dim=1)
         return out
 
     def decode(self, z: torch.Tensor, rotation: torch.Tensor, shift_voxels: torch.Tensor,
