@@ -473,8 +473,17 @@ def test_metrics_table_lists_every_value_of_the_json(perfect):
     assert table["symmetry.beta"] == "C2"
     assert table["confusion_matrix"] == json.dumps(metrics["confusion_matrix"])
     flat = {}
-    for key, value in metrics.items():
-        flat.update({f"{key}.{k}": v for k, v in value.items()} if isinstance(value, dict) else {key: value})
+
+    def walk(prefix, value):   # nested keys joined by dots, at any depth (unseen_placement.{class}.{field})
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            flat[prefix] = value
+
+    walk("", metrics)
+    assert table["unseen_placement.delta.affinity_nearest_rank_in_latent"] == str(
+        metrics["unseen_placement"]["delta"]["affinity_nearest_rank_in_latent"])
     assert sorted(table) == sorted(flat)
     assert all(table[k] == "n/a" for k, v in flat.items() if v is None)
 
