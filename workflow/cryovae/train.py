@@ -307,10 +307,11 @@ def mixed_epoch_batches(class_index: np.ndarray, batch_size: int, labelled_fract
                         epoch: int) -> list[np.ndarray]:
     """An epoch of batches that each hold ``labelled_fraction`` of labelled rows (class >= 0).
 
-    The epoch is one pass over the unlabelled rows; the labelled ones are cycled through seeded
-    permutations, so a few labelled particles beside many unlabelled ones still weigh in every step
-    (drawn at their share of the data, a batch would hold only a handful).  Without unlabelled
-    rows it is :func:`epoch_batches`.
+    The epoch is one pass over the larger of the two parts at its share of the batch; the other
+    part is cycled through seeded permutations, so a few labelled particles beside many unlabelled
+    ones still weigh in every step (drawn at their share of the data, a batch would hold only a
+    handful), and a few unlabelled ones beside many labelled do not shorten the epoch.  Without
+    unlabelled rows it is :func:`epoch_batches`.
     """
     labelled, unlabelled = np.nonzero(class_index >= 0)[0], np.nonzero(class_index < 0)[0]
     if not len(unlabelled) or not len(labelled):
@@ -318,13 +319,13 @@ def mixed_epoch_batches(class_index: np.ndarray, batch_size: int, labelled_fract
     rng = np.random.default_rng([seed, epoch, 1])
     n_lab = min(max(1, round(batch_size * labelled_fraction)), batch_size - 1)
     n_unl = batch_size - n_lab
-    order = rng.permutation(unlabelled)
-    steps = -(-len(order) // n_unl)
-    cycles = -(-steps * n_lab // len(labelled))
-    lab = np.concatenate([rng.permutation(labelled) for _ in range(cycles)])
-    batches = [np.concatenate([lab[k * n_lab:(k + 1) * n_lab], order[k * n_unl:(k + 1) * n_unl]])
-               for k in range(steps)]
-    return [b for b in batches if len(b) >= 2]
+    steps = max(-(-len(unlabelled) // n_unl), -(-len(labelled) // n_lab))
+
+    def cycled(rows: np.ndarray, per_step: int) -> np.ndarray:
+        return np.concatenate([rng.permutation(rows) for _ in range(-(-steps * per_step // len(rows)))])
+
+    lab, unl = cycled(labelled, n_lab), cycled(unlabelled, n_unl)
+    return [np.concatenate([lab[k * n_lab:(k + 1) * n_lab], unl[k * n_unl:(k + 1) * n_unl]]) for k in range(steps)]
 
 
 @torch.no_grad()
