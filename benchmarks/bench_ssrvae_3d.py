@@ -67,12 +67,13 @@ def main(argv=None) -> int:
     ap.add_argument("--evaluate", nargs="+", required=True, help="splits the heads are scored on")
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--decoded-classes", type=int, default=3)
+    ap.add_argument("--classifier-input", default="auto", choices=["auto", "canonical", "trunk"])
     ap.add_argument("--variants", nargs="+", default=["supervised", "semi"], choices=["supervised", "semi"])
     ap.add_argument("--output", type=Path, required=True)
     args = ap.parse_args(argv)
     raw = yaml.safe_load((args.run_dir / "bench_config.yaml").read_text())
     raw["training"] = {**raw.get("training", {}), "epochs": args.epochs, "semi_supervised": {
-        "classifier": True, "decoded_classes": args.decoded_classes}}
+        "classifier": True, "decoded_classes": args.decoded_classes, "classifier_input": args.classifier_input}}
     config = validate_config(raw)
     seen = config.seen_classes
     results = {}

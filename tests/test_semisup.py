@@ -225,3 +225,11 @@ def test_mixed_batches_hold_the_labelled_share_and_pass_over_the_larger_part():
     few = np.array([0, 1] * 50 + [-1] * 6)
     batches = mixed_epoch_batches(few, 16, 0.5, seed=3, epoch=0)
     assert len(batches) == 13 and set(np.concatenate([b[few[b] >= 0] for b in batches]).tolist()) == set(range(100))
+
+
+def test_auto_classifier_input_is_canonical_for_images_and_trunk_for_subtomograms():
+    from cryovae.train import classifier_input
+
+    assert classifier_input("auto", (48, 48)) == "canonical"
+    assert classifier_input("auto", (32, 32, 32)) == "trunk"
+    assert classifier_input("canonical", (32, 32, 32)) == "canonical"

@@ -288,10 +288,11 @@ class SemiSupervisedConfig(_Section):
     unlabelled: list[str] = Field(
         [], description="Splits whose particles train without their labels, through the ELBO over the classes "
         "(extracted tomograms, e.g. sim_00, or 2D image splits); needs classifier: true.")
-    classifier_input: Literal["canonical", "trunk"] = Field(
-        "canonical", description="What q(y|x) reads: canonical, the particle moved back into the model's frame "
+    classifier_input: Literal["auto", "canonical", "trunk"] = Field(
+        "auto", description="What q(y|x) reads: canonical, the particle moved back into the model's frame "
         "by its own predicted pose, through a CNN of its own (invariant as the pose is); trunk, the encoder's "
-        "last hidden layer.")
+        "last hidden layer; auto: canonical for images, trunk for subtomograms (whose network poses do not "
+        "carry over to tomograms: see benchmarks/RESULTS.md).")
     classifier_weight: float = Field(30.0, ge=0, description="alpha: weight of the labelled class-weighted "
                                      "cross entropy in the total loss (30, as the ss-rVAE example).")
     labelled_fraction: float = Field(0.5, gt=0, lt=1, description="Share of labelled particles in every "

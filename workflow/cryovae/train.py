@@ -467,6 +467,15 @@ def classifier_setup(config: Config, class_names: list[str], train_data: Particl
                            augment_rotation_deg=ss.augment_rotation_deg, augment_shift_px=ss.augment_shift_px)
 
 
+def classifier_input(setting: str, spatial_shape: tuple[int, ...]) -> str:
+    """training.semi_supervised.classifier_input resolved: auto is canonical for images, trunk for
+    subtomograms (the network's 3D poses do not carry over to tomograms, so neither would a
+    classifier of the particles put back by them)."""
+    if setting != "auto":
+        return setting
+    return "canonical" if len(spatial_shape) == 2 else "trunk"
+
+
 def build_run(config: Config, train_dir: Path, val_dir: Path, affinity: Path, output_dir: Path,
               maps: list[Path] | None = None, unlabelled_dirs: list[Path] | None = None) -> Run:
     """Read the data and affinity, build model, optimiser and scheduler (seeded)."""
@@ -482,7 +491,7 @@ def build_run(config: Config, train_dir: Path, val_dir: Path, affinity: Path, ou
     model = AffinityVAE(spatial, tc.channels, tc.latent_dims, tc.decoder, tc.n_splats, hidden_units(tc.channels),
                         train_data.pixel_size_angstrom,
                         n_classes=0 if classifier is None else len(classifier.class_names),
-                        classifier_input=tc.semi_supervised.classifier_input).to(device)
+                        classifier_input=classifier_input(tc.semi_supervised.classifier_input, spatial)).to(device)
     optimizer = make_optimizer(model, tc.learning_rate)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=tc.epochs, eta_min=0.05 * tc.learning_rate)
     noise = torch.Generator().manual_seed(config.seed)
