@@ -291,8 +291,8 @@ class SemiSupervisedConfig(_Section):
     classifier_input: Literal["auto", "canonical", "trunk"] = Field(
         "auto", description="What q(y|x) reads: canonical, the particle moved back into the model's frame "
         "by its own predicted pose, through a CNN of its own (invariant as the pose is); trunk, the encoder's "
-        "last hidden layer; auto: canonical for images, trunk for subtomograms (whose network poses do not "
-        "carry over to tomograms: see benchmarks/RESULTS.md).")
+        "last hidden layer; auto: canonical for images, trunk for subtomograms (the network's own 3D poses are "
+        "far off, ~100° median on simulated data, so particles put back by them would not be upright).")
     classifier_weight: float = Field(30.0, ge=0, description="alpha: weight of the labelled class-weighted "
                                      "cross entropy in the total loss (30, as the ss-rVAE example).")
     labelled_fraction: float = Field(0.5, gt=0, lt=1, description="Share of labelled particles in every "

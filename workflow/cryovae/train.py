@@ -469,8 +469,8 @@ def classifier_setup(config: Config, class_names: list[str], train_data: Particl
 
 def classifier_input(setting: str, spatial_shape: tuple[int, ...]) -> str:
     """training.semi_supervised.classifier_input resolved: auto is canonical for images, trunk for
-    subtomograms (the network's 3D poses do not carry over to tomograms, so neither would a
-    classifier of the particles put back by them)."""
+    subtomograms (the network's own 3D poses are far off, about 100° median even on simulated
+    particles, so particles put back by them are not upright)."""
     if setting != "auto":
         return setting
     return "canonical" if len(spatial_shape) == 2 else "trunk"
