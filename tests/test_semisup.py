@@ -49,7 +49,7 @@ def test_expected_reconstruction_sums_over_the_classes_weighted_by_q():
     torch.manual_seed(0)
     model = AffinityVAE((8, 8), [4], latent_dims=2, hidden=16, n_classes=3).eval()
     x = torch.randn(5, 1, 8, 8)
-    enc = model.encoder(x)
+    enc = model.encode_outputs(x)
     logits = torch.randn(5, 3)
     z = enc["latent_mean"]
     each = torch.stack([reconstruction_error(model.decode(z, enc["rotation"], enc["shift_voxels"],
@@ -71,7 +71,7 @@ def test_labelled_rows_decode_under_their_own_class():
     known = labels >= 0
     own = reconstruction_error(model.decode(z[known], enc["rotation"][known], enc["shift_voxels"][known],
                                             y=torch.eye(2)[labels[known]]), x[known])
-    unl = expected_reconstruction(model, z[~known], {k: enc[k][~known] for k in ("rotation", "shift_voxels")},
+    unl = expected_reconstruction(model, z[~known], {"decoded_pose": tuple(t[~known] for t in enc["decoded_pose"])},
                                   x[~known], enc["class_logits"][~known], None, 0)
     torch.testing.assert_close(terms["recon"], torch.cat([own, unl]).mean())
     ce = torch.nn.functional.cross_entropy(enc["class_logits"][known], labels[known])

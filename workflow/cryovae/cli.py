@@ -167,6 +167,13 @@ VERBS: dict[str, tuple[str, str, str, list[tuple[tuple[str, ...], dict]]]] = {
             (("--unlabelled-dirs",), {"type": _P, "nargs": "*", "default": None,
                                       "help": "split folders trained on without their labels "
                                               "(training.semi_supervised.unlabelled)"}),
+            (("--train-match",), {"type": _P, "default": None,
+                                  "help": "match output of the training split (training.shape_frame: matched)"}),
+            (("--val-match",), {"type": _P, "default": None,
+                                "help": "match output of the validation split (training.shape_frame: matched)"}),
+            (("--unlabelled-matches",), {"type": _P, "nargs": "*", "default": None,
+                                         "help": "match outputs of the unlabelled splits, in their order "
+                                                 "(training.shape_frame: matched)"}),
             (("--output-dir",), {"type": _P, "required": True,
                                  "help": "folder for model.pt, history.csv, loss_curves.png and the checkpoint"}),
         ],
@@ -180,6 +187,8 @@ VERBS: dict[str, tuple[str, str, str, list[tuple[tuple[str, ...], dict]]]] = {
             (("--model",), {"type": _P, "required": True, "help": "trained model (model.pt from cryovae train)"}),
             (("--split-dir",), {"type": _P, "required": True,
                                 "help": "split folder to encode (shards + particles.star)"}),
+            (("--match",), {"type": _P, "default": None,
+                            "help": "match output of the same split (a model of training.shape_frame: matched)"}),
             (("--output",), {"type": _P, "required": True,
                              "help": "latents to write (.npz: ids, latent means, poses, shifts)"}),
         ],

@@ -338,6 +338,11 @@ class TrainingConfig(_Section):
     threads: int = Field(2, ge=1, description="CPU threads the train rule asks for.")
     semi_supervised: SemiSupervisedConfig = Field(
         default_factory=SemiSupervisedConfig, description="Classifier head and unlabelled splits (ss-rVAE).")
+    shape_frame: Literal["particle", "matched"] = Field(
+        "particle", description="Where the shape latent reads each particle: particle, as it lies (one encoder "
+        "gives latent and pose); matched, turned upright by its best-fit template-matched pose (training and "
+        "inference alike, so the latent sees shape alone; a second encoder gives the network's own pose). "
+        "matched needs matching.enabled and subtomograms.")
 
 
 FeatureName = Literal["latent", "template", "fit", "template_relative", "margin", "network"]
@@ -669,6 +674,10 @@ class Config(_Section):
                     raise ValueError(f"{section} names {name!r}, which is not a key of structures")
         if {"training", "simulation"} <= present:
             self._batch_fits_training_split()
+        if {"training", "matching"} <= present and self.training.shape_frame == "matched" \
+                and not self.matching.enabled:
+            raise ValueError("training.shape_frame is matched (particles read in their template-matched pose) but "
+                             "matching.enabled is false")
         if {"training", "classification"} <= present:
             cc = self.classification
             if "network" in cc.features + cc.unknown_features and not self.training.semi_supervised.classifier:

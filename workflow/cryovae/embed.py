@@ -9,7 +9,7 @@ The output ``.npz`` (written atomically) holds, one row per particle in STAR ord
   model's canonical frame; ``align`` relates it to each class's reference map);
 - ``origin_angstrom`` (n, 3) float64: rlnOriginX/Y/ZAngst of the predicted shift;
 - ``recon_error`` (n,) float32: per-particle reconstruction error of the mean latent in the
-  predicted pose, the training reconstruction loss (wedge-masked when the config says so: by
+  predicted pose (a model of training.shape_frame matched: in the matched pose it read the particle in), the training reconstruction loss (wedge-masked when the config says so: by
   the split's own tilt range for extracted particles, the simulation's otherwise);
 - a model with a classifier head (training.semi_supervised.classifier) adds
   ``class_probabilities`` (n, C) float32, q(y|x), over ``classifier_class_names`` (C,) str.
@@ -46,12 +46,18 @@ def _check_compatible(data: ParticleData, meta: dict, model_path: Path, split_di
 
 
 @torch.no_grad()
-def encode_split(config: Config, model_path: Path, split_dir: Path) -> dict[str, np.ndarray]:
-    """The arrays of :func:`embed` for one split (see the module docstring)."""
+def encode_split(config: Config, model_path: Path, split_dir: Path, match: Path | None = None) -> dict[str, np.ndarray]:
+    """The arrays of :func:`embed` for one split (see the module docstring); ``match``: the
+    split's template-matching output, whose poses a model of shape_frame 'matched' reads in."""
     device = choose_device(config.training.device)
     model, meta = load_model(model_path, device)
     data = ParticleData.open(split_dir, meta["class_names"], require_known=False)
     _check_compatible(data, meta, Path(model_path), Path(split_dir))
+    if model.shape_frame == "matched":
+        if match is None:
+            raise InputError(f"{model_path} reads particles in their template-matched pose "
+                             "(training.shape_frame: matched): give the split's match output (--match)")
+        data = data.with_frames(match)
     tilt = split_tilt_range_deg(data.source.particles) or config.simulation.tilt_range_deg  # extracted: its own
     use_wedge = config.training.wedge_masked_loss and tilt is not None and len(data.spatial_shape) == 3
     mask = wedge_mask(data.spatial_shape, tilt).to(device) if use_wedge else None
@@ -59,10 +65,13 @@ def encode_split(config: Config, model_path: Path, split_dir: Path) -> dict[str,
                for i in range(0, len(data), config.training.batch_size)]
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ("latent_mean", "latent_logvar", "rotation", "shift",
                                                           "recon_error", "class_probabilities")}
-    for vols in tqdm(data.batches(batches), total=len(batches), desc="embed", mininterval=1.0):
+    for rows, vols in zip(batches, tqdm(data.batches(batches), total=len(batches), desc="embed", mininterval=1.0)):
         x = torch.from_numpy(vols).unsqueeze(1).to(device)
+        frame = None
+        if data.has_frames:
+            frame = (torch.from_numpy(data.frame_rotation[rows]), torch.from_numpy(data.frame_shift_voxels[rows]))
         with autocast(device):
-            out = model(x, sample=False)
+            out = model(x, sample=False, frame=frame)
         parts["latent_mean"].append(out["latent_mean"].float().cpu().numpy())
         parts["latent_logvar"].append(out["latent_logvar"].float().cpu().numpy())
         parts["rotation"].append(rotation_3x3(out["rotation"].double()).cpu().numpy())
@@ -90,10 +99,11 @@ def encode_split(config: Config, model_path: Path, split_dir: Path) -> dict[str,
     }
 
 
-def embed(config: Config, model: Path, split_dir: Path, output: Path) -> None:
-    """Encode every particle of ``split_dir`` with ``model``; write the ``.npz`` at ``output``."""
+def embed(config: Config, model: Path, split_dir: Path, output: Path, match: Path | None = None) -> None:
+    """Encode every particle of ``split_dir`` with ``model``; write the ``.npz`` at ``output``
+    (``match``: the split's template-matching output, for a model of shape_frame 'matched')."""
     torch.set_num_threads(config.training.threads)
-    arrays = encode_split(config, Path(model), Path(split_dir))
+    arrays = encode_split(config, Path(model), Path(split_dir), None if match is None else Path(match))
     with atomic_path(output) as tmp:
         with open(tmp, "wb") as fh:
             np.savez(fh, **arrays)

@@ -481,3 +481,25 @@ def match_split(config: Config, split_dir: Path, maps: list[Path], output: Path)
         "match %s: %d particles, %d classes, wedge %s, CTF %s", split_dir.name, len(data), len(matcher.classes),
         tilt, "per tilt, per particle" if per_tilt is not None else ("per particle" if defocus is not None else "none"),
     )
+
+
+def best_fit_frames(path: Path, particle_id: np.ndarray, pixel_size_angstrom: float) -> tuple[np.ndarray, np.ndarray]:
+    """Each particle's pose under its best-fitting refined class, from a :func:`match_split`
+    output: rotation (n, 3, 3) float32 particle-from-reference and shift (n, 3) float32 in
+    voxels (x, y, z; -rlnOrigin / pixel size), rows in the order of ``particle_id`` (the
+    split's STAR order, which the file must have)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: template-matching file does not exist")
+    with np.load(path, allow_pickle=False) as data:
+        ids, fit = data["particle_id"].astype(str), data["fit"].astype(np.float64)
+        rotation, origin = data["rotation"], data["origin_angstrom"]
+    if not np.array_equal(ids, np.asarray(particle_id).astype(str)):
+        raise InputError(f"{path}: particles differ from the split's (re-run match on the same split)")
+    unrefined = ~np.isfinite(fit).any(axis=1)
+    if unrefined.any():
+        raise InputError(f"{path}: particle {ids[np.argmax(unrefined)]!r} has no refined class")
+    best = np.nanargmax(fit, axis=1)
+    rows = np.arange(len(ids))
+    shift = -origin[rows, best] / pixel_size_angstrom
+    return rotation[rows, best].astype(np.float32), shift.astype(np.float32)

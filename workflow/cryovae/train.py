@@ -41,6 +41,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import mrcfile
 import numpy as np
@@ -153,6 +154,14 @@ class ClassifierSetup:
     augment_shift_px: float = 0.0
 
 
+class MatchFiles(NamedTuple):
+    """The template-matching outputs of the splits trained on (training.shape_frame: matched)."""
+
+    train: Path | None = None
+    val: Path | None = None
+    unlabelled: list[Path] | None = None
+
+
 @dataclass
 class Batch:
     """One batch on the device: volumes (n, 1, *spatial); class rows (n,); true poses or None."""
@@ -163,6 +172,12 @@ class Batch:
     true_shift_voxels: torch.Tensor | None
     pose_known: torch.Tensor | None = None     # (n,) bool: rows with a true pose (None: all of them)
     source_index: torch.Tensor | None = None   # (n,) part of CombinedData each row is from (its wedge)
+    frame_rotation: torch.Tensor | None = None      # (n, 3, 3): the pose a matched model reads each row in
+    frame_shift_voxels: torch.Tensor | None = None  # (n, 3)
+
+    @property
+    def frame(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return None if self.frame_rotation is None else (self.frame_rotation, self.frame_shift_voxels)
 
 
 def row_masks(setup: LossSetup, batch: Batch) -> torch.Tensor | None:
@@ -183,14 +198,14 @@ def batch_losses(model: AffinityVAE, batch: Batch, setup: LossSetup, sample: boo
     zero = torch.zeros((), device=batch.volumes.device)
     with autocast(batch.volumes.device, setup.compute_dtype):
         if setup.classifier is None:
-            out = model(batch.volumes, generator=generator, sample=sample)
+            out = model(batch.volumes, generator=generator, sample=sample, frame=batch.frame)
             terms = {"recon": reconstruction_error(out["reconstruction"], batch.volumes, mask).mean(),
                      "classifier": zero, "class_kl": zero}
         else:
             labels = setup.classifier.label_of_row[batch.class_index.clamp(min=0)]
             labels = torch.where(batch.class_index >= 0, labels, -1)
             out, terms = semisupervised_terms(model, batch.volumes, labels, mask, setup.classifier.weights,
-                                              setup.classifier.top_k, generator, sample)
+                                              setup.classifier.top_k, generator, sample, batch.frame)
     losses = {
         "recon": terms["recon"],
         "kl": kl_divergence(out["latent_mean"].float(), out["latent_logvar"].float()),
@@ -229,13 +244,15 @@ def make_batch(data: ParticleData, indices: np.ndarray, volumes: np.ndarray | to
             tensor = tensor.pin_memory()
         return tensor.to(device, non_blocking=cuda)
 
-    rot = shift = known = None
+    rot = shift = known = frame_rot = frame_shift = None
     if data.has_poses:
         rot, shift = move(data.true_rotation[indices]), move(data.true_shift_voxels[indices])
         known = data.pose_known[indices]
         known = None if known.all() else move(known)
+    if data.has_frames:
+        frame_rot, frame_shift = move(data.frame_rotation[indices]), move(data.frame_shift_voxels[indices])
     return Batch(move(volumes).unsqueeze(1), move(data.class_index[indices]), rot, shift, known,
-                 move(data.source_index[indices]))
+                 move(data.source_index[indices]), frame_rot, frame_shift)
 
 
 def augment_batch(batch: Batch, rotation_deg: float, shift_px: float, generator: torch.Generator) -> Batch:
@@ -342,7 +359,7 @@ def evaluate(model: AffinityVAE, data: ParticleData, setup: LossSetup, batch_siz
             labels = setup.classifier.label_of_row[batch.class_index.clamp(min=0)]
             known = (batch.class_index >= 0) & (labels >= 0)
             with autocast(device, setup.compute_dtype):
-                predicted = model.class_probabilities(batch.volumes).argmax(dim=1)
+                predicted = model.class_probabilities(batch.volumes, batch.frame).argmax(dim=1)
             right += int((predicted[known] == labels[known]).sum())
             counted += int(known.sum())
     means = running.means()
@@ -432,6 +449,20 @@ def open_unlabelled(folders: list[Path], class_names: list[str], like: ParticleD
     return parts
 
 
+def with_matched_frames(labelled: ParticleData, val: ParticleData, unlabelled: list[ParticleData],
+                        train_match: Path | None, val_match: Path | None,
+                        unlabelled_matches: list[Path] | None) -> tuple[ParticleData, ParticleData, list[ParticleData]]:
+    """The splits with their matched frames (training.shape_frame: matched): each split's
+    template-matching output gives every particle's best-fit pose."""
+    unlabelled_matches = list(unlabelled_matches or [])
+    if train_match is None or val_match is None or len(unlabelled_matches) != len(unlabelled):
+        raise InputError("training.shape_frame is matched: give the template-matching output of the training and "
+                         "validation splits (--train-match, --val-match) and of every unlabelled split "
+                         f"(--unlabelled-matches: {len(unlabelled)} expected, {len(unlabelled_matches)} given)")
+    return (labelled.with_frames(train_match), val.with_frames(val_match),
+            [part.with_frames(m) for part, m in zip(unlabelled, unlabelled_matches)])
+
+
 def loss_masks(config: Config, data: ParticleData | CombinedData) -> torch.Tensor | None:
     """The missing-wedge masks of the loss, one per part of ``data`` stacked (K, D, H, W'): the
     simulation's tilt range for simulated particles, each extracted split's own otherwise; None
@@ -476,14 +507,23 @@ def classifier_input(setting: str, spatial_shape: tuple[int, ...]) -> str:
     return "canonical" if len(spatial_shape) == 2 else "trunk"
 
 
+def _match_names(matches: MatchFiles | None) -> list[str]:
+    matches = matches or MatchFiles()
+    return [str(m) for m in (matches.train, matches.val, *(matches.unlabelled or []))]
+
+
 def build_run(config: Config, train_dir: Path, val_dir: Path, affinity: Path, output_dir: Path,
-              maps: list[Path] | None = None, unlabelled_dirs: list[Path] | None = None) -> Run:
+              maps: list[Path] | None = None, unlabelled_dirs: list[Path] | None = None,
+              matches: MatchFiles | None = None) -> Run:
     """Read the data and affinity, build model, optimiser and scheduler (seeded)."""
     tc = config.training
     device = choose_device(tc.device)
     class_names, matrix = read_affinity_csv(affinity)
     labelled, val_data = _open_data(Path(train_dir), Path(val_dir), class_names)
     unlabelled = open_unlabelled([Path(d) for d in unlabelled_dirs or []], class_names, labelled)
+    if tc.shape_frame == "matched":
+        labelled, val_data, unlabelled = with_matched_frames(labelled, val_data, unlabelled,
+                                                             *(matches or MatchFiles()))
     train_data = CombinedData([labelled, *unlabelled]) if unlabelled else labelled
     spatial = train_data.spatial_shape
     classifier = classifier_setup(config, class_names, labelled)
@@ -491,7 +531,8 @@ def build_run(config: Config, train_dir: Path, val_dir: Path, affinity: Path, ou
     model = AffinityVAE(spatial, tc.channels, tc.latent_dims, tc.decoder, tc.n_splats, hidden_units(tc.channels),
                         train_data.pixel_size_angstrom,
                         n_classes=0 if classifier is None else len(classifier.class_names),
-                        classifier_input=classifier_input(tc.semi_supervised.classifier_input, spatial)).to(device)
+                        classifier_input=classifier_input(tc.semi_supervised.classifier_input, spatial),
+                        shape_frame=tc.shape_frame).to(device)
     optimizer = make_optimizer(model, tc.learning_rate)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=tc.epochs, eta_min=0.05 * tc.learning_rate)
     noise = torch.Generator().manual_seed(config.seed)
@@ -511,7 +552,8 @@ def build_run(config: Config, train_dir: Path, val_dir: Path, affinity: Path, ou
     )
     fingerprint = {"config": config.model_dump(mode="json"), "n_train": len(train_data), "n_val": len(val_data),
                    "class_names": class_names, "spatial_shape": list(spatial),
-                   "unlabelled": [str(d) for d in unlabelled_dirs or []]}
+                   "unlabelled": [str(d) for d in unlabelled_dirs or []],
+                   "matches": _match_names(matches) if tc.shape_frame == "matched" else []}
     return Run(config, model, optimizer, scheduler, noise, device, train_data, val_data, setup,
                Path(output_dir) / CHECKPOINT, fingerprint)
 
@@ -610,13 +652,13 @@ def _log_setup(run: Run) -> None:
 
 def run_training(config: Config, train_dir: Path, val_dir: Path, affinity: Path, output_dir: Path,
                  batch_hook: BatchHook | None = None, maps: list[Path] | None = None,
-                 unlabelled_dirs: list[Path] | None = None) -> None:
+                 unlabelled_dirs: list[Path] | None = None, matches: MatchFiles | None = None) -> None:
     """:func:`train` with an optional ``batch_hook(epoch, batches_done)`` called after every batch."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     tc = config.training
     torch.set_num_threads(tc.threads)
-    run = build_run(config, train_dir, val_dir, affinity, output_dir, maps, unlabelled_dirs)
+    run = build_run(config, train_dir, val_dir, affinity, output_dir, maps, unlabelled_dirs, matches)
     state = load_checkpoint(run.checkpoint, run.model, run.optimizer, run.scheduler, run.noise,
                             run.fingerprint) or TrainState()
     _log_setup(run)
@@ -644,10 +686,15 @@ def run_training(config: Config, train_dir: Path, val_dir: Path, affinity: Path,
 
 
 def train(config: Config, train_dir: Path, val_dir: Path, affinity: Path, output_dir: Path,
-          maps: list[Path] | None = None, unlabelled_dirs: list[Path] | None = None) -> None:
+          maps: list[Path] | None = None, unlabelled_dirs: list[Path] | None = None,
+          train_match: Path | None = None, val_match: Path | None = None,
+          unlabelled_matches: list[Path] | None = None) -> None:
     """Train the affinity-VAE on ``train_dir``, validate on ``val_dir``; write model.pt, history.csv,
     loss_curves.png into ``output_dir``.  Resumes from ``output_dir/checkpoint.pt`` when present.
     ``maps``: the seen classes' reference maps, where symmetric classes' axes are located.
     ``unlabelled_dirs``: splits trained on without their labels (training.semi_supervised).
+    ``train_match``, ``val_match``, ``unlabelled_matches``: the splits' template-matching outputs,
+    which give the frames of training.shape_frame: matched (unused otherwise).
     """
-    run_training(config, train_dir, val_dir, affinity, output_dir, maps=maps, unlabelled_dirs=unlabelled_dirs)
+    run_training(config, train_dir, val_dir, affinity, output_dir, maps=maps, unlabelled_dirs=unlabelled_dirs,
+                 matches=MatchFiles(train_match, val_match, unlabelled_matches))

@@ -152,6 +152,26 @@ def match_option(flag, path):
     return f"{flag} {path}" if CFG.matching.enabled else ""
 
 
+def frame_matches(splits):
+    """The match outputs of ``splits`` when the model reads particles in their matched frame
+    (training.shape_frame: matched), otherwise none."""
+    if CFG.training.shape_frame != "matched":
+        return []
+    return [f"{OUT}/embeddings/match/{split}.npz" for split in splits]
+
+
+def frame_options(**flags):
+    """Options naming the match outputs of training.shape_frame: matched, e.g.
+    frame_options(train_match="train"): '--train-match {OUT}/embeddings/match/train.npz';
+    a list of splits gives one option with several paths; nothing for a particle-frame model."""
+    parts = []
+    for flag, splits in flags.items():
+        paths = frame_matches([splits] if isinstance(splits, str) else splits)
+        if paths:
+            parts.append(f"--{flag.replace('_', '-')} " + " ".join(paths))
+    return " ".join(parts)
+
+
 def split_classifier(wildcards):
     """The class model a split is annotated with: an extracted split's own (rule adapt),
     the one fitted on simulated particles for simulated splits."""

@@ -9,6 +9,8 @@ rule train:
         maps=seen_references(),
         # training.semi_supervised.unlabelled: splits trained on without labels (ss-rVAE)
         unlabelled=unlabelled_splits(),
+        # training.shape_frame: matched: every split's template-matched poses
+        frames=frame_matches(["train", "val", *CFG.training.semi_supervised.unlabelled]),
     output:
         model=f"{OUT}/model/model.pt",
         history=f"{OUT}/model/history.csv",
@@ -20,6 +22,9 @@ rule train:
         train_dir=lambda wildcards, input: folder_of(input.train),
         val_dir=lambda wildcards, input: folder_of(input.val),
         output_dir=lambda wildcards, output: os.path.dirname(output.model),
+        frames=frame_options(
+            train_match="train", val_match="val", unlabelled_matches=CFG.training.semi_supervised.unlabelled
+        ),
     conda:
         CONDA_ENV
     log:
@@ -36,7 +41,7 @@ rule train:
         "(echo CUDA_VISIBLE_DEVICES=${{CUDA_VISIBLE_DEVICES:-unset}}; "
         "cryovae train --config {params.config:q} --train-dir {params.train_dir} "
         "--val-dir {params.val_dir} --affinity {input.affinity} --maps {input.maps} "
-        "--unlabelled-dirs {input.unlabelled} --output-dir {params.output_dir}) "
+        "--unlabelled-dirs {input.unlabelled} {params.frames} --output-dir {params.output_dir}) "
         "> {log} 2>&1 || (tail -n 1 {log} >&2; exit 1)"
 
 
@@ -44,11 +49,13 @@ rule embed:
     input:
         model=f"{OUT}/model/model.pt",
         split=split_input,
+        frames=lambda wildcards: frame_matches([wildcards.split]),
     output:
         f"{OUT}/embeddings/latent/{{split}}.npz",
     params:
         config=stage_config("training", "simulation"),
         split_dir=lambda wildcards: split_dir(wildcards.split),
+        frames=lambda wildcards: frame_options(match=wildcards.split),
     conda:
         CONDA_ENV
     log:
@@ -61,4 +68,4 @@ rule embed:
         "Encoding the {wildcards.split} split (progress: {log})"
     shell:
         "cryovae embed --config {params.config:q} --model {input.model} --split-dir {params.split_dir} "
-        "--output {output} 2> {log} || (tail -n 1 {log} >&2; exit 1)"
+        "{params.frames} --output {output} 2> {log} || (tail -n 1 {log} >&2; exit 1)"

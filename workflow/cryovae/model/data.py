@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -27,7 +27,8 @@ class ParticleData:
     class_index (n,) int64: row of each particle's class in ``class_names`` (-1: unknown);
     true_rotation (n, 3, 3) float32 particle-from-reference and true_shift_voxels (n, 3)
     float32 (x, y, z; content centre minus voxel N//2 = -rlnOrigin / pixel size), or None
-    when the STAR file has no poses.
+    when the STAR file has no poses.  frame_rotation / frame_shift_voxels: the same for the
+    pose a ``matched`` model reads each particle in (:meth:`with_frames`), or None.
     """
 
     source: SubtomogramSet
@@ -35,6 +36,8 @@ class ParticleData:
     class_index: np.ndarray
     true_rotation: np.ndarray | None
     true_shift_voxels: np.ndarray | None
+    frame_rotation: np.ndarray | None = None
+    frame_shift_voxels: np.ndarray | None = None
 
     @classmethod
     def open(cls, folder: str | Path, class_names: list[str], require_known: bool = True) -> "ParticleData":
@@ -70,9 +73,23 @@ class ParticleData:
         """(n,) the part each row comes from: one split, one part (see :class:`CombinedData`)."""
         return np.zeros(len(self), dtype=np.int64)
 
+    @property
+    def has_frames(self) -> bool:
+        return self.frame_rotation is not None
+
     def without_labels(self) -> "ParticleData":
         """The same particles unlabelled: class -1 and no true poses (what training may not see)."""
-        return ParticleData(self.source, self.spatial_shape, np.full(len(self), -1, dtype=np.int64), None, None)
+        return replace(self, class_index=np.full(len(self), -1, dtype=np.int64), true_rotation=None,
+                       true_shift_voxels=None)
+
+    def with_frames(self, match: str | Path) -> "ParticleData":
+        """The same particles with their frames: each one's best-fit pose in ``match``, the
+        template-matching output of this split (:func:`cryovae.match.best_fit_frames`)."""
+        from cryovae.match import best_fit_frames
+
+        ids = self.source.particles["cryovaeParticleId"].to_numpy()
+        rotation, shift = best_fit_frames(Path(match), ids, self.pixel_size_angstrom)
+        return replace(self, frame_rotation=rotation, frame_shift_voxels=shift)
 
     def read(self, indices: np.ndarray) -> np.ndarray:
         """Volumes at STAR rows ``indices``, (n, *spatial) float32 (see ``SubtomogramSet.volumes``)."""
@@ -126,9 +143,19 @@ class CombinedData:
                                                      else np.tile(zero, (len(p), 1)) for p in self.parts])
         else:
             self.true_rotation = self.true_shift_voxels = None
+        self.frame_rotation = self.frame_shift_voxels = None
+        if any(p.has_frames for p in self.parts):
+            lacking = [str(p.source.folder) for p in self.parts if not p.has_frames]
+            if lacking:
+                raise InputError(f"{', '.join(lacking)}: no matched frames given (every split trained on needs its "
+                                 "template-matching output when training.shape_frame is matched)")
+            self.frame_rotation = np.concatenate([p.frame_rotation for p in self.parts])
+            self.frame_shift_voxels = np.concatenate([p.frame_shift_voxels for p in self.parts])
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
+
+    has_frames = ParticleData.has_frames
 
     @property
     def pixel_size_angstrom(self) -> float:

@@ -97,14 +97,17 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Af
 
 class ClassifierHead(torch.nn.Module):
     """q(y|x) of a model with classes, on its own (the encoder, for the pose, and the classifier):
-    (n, 1, *spatial) -> (n, C) class probabilities."""
+    (n, 1, *spatial) -> (n, C) class probabilities; a model of shape_frame 'matched' also reads
+    each particle's matched pose (rotation (n, 3, 3), shift_voxels (n, 3))."""
 
     def __init__(self, model: AffinityVAE):
         super().__init__()
         self.model = model
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.model.class_logits(self.model.encoder(x), x), dim=1)
+    def forward(self, x: torch.Tensor, rotation: torch.Tensor | None = None,
+                shift_voxels: torch.Tensor | None = None) -> torch.Tensor:
+        frame = None if rotation is None else (rotation, shift_voxels)
+        return torch.softmax(self.model.class_logits(self.model.encode_outputs(x, frame), x), dim=1)
 
 
 def export_classifier(config, model: str | Path, output: str | Path) -> None:
@@ -118,11 +121,17 @@ def export_classifier(config, model: str | Path, output: str | Path) -> None:
     if net.classifier is None:
         raise InputError(f"{model}: the model has no classifier head (train with "
                          "training.semi_supervised.classifier: true)")
-    example = torch.zeros((2, 1, *meta["spatial_shape"]))
-    program = torch.export.export(ClassifierHead(net).eval(), (example,),
-                                  dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    example = (torch.zeros((2, 1, *meta["spatial_shape"])),)
+    described = "(n, 1, *spatial_shape) float32, normalised as the training particles were"
+    if net.shape_frame == "matched":   # it reads particles put upright by their matched pose
+        example += (torch.eye(3).repeat(2, 1, 1), torch.zeros(2, 3))
+        described += ("; then each particle's template-matched pose: rotation (n, 3, 3) particle-from-reference "
+                      "and shift (n, 3) in voxels (x, y, z; -rlnOrigin / pixel size)")
+    batch = torch.export.Dim("batch", min=1)
+    program = torch.export.export(ClassifierHead(net).eval(), example,
+                                  dynamic_shapes=tuple({0: batch} for _ in example))
     info = {"class_names": meta["classifier_class_names"], "spatial_shape": meta["spatial_shape"],
             "pixel_size_angstrom": meta["pixel_size_angstrom"], "package_version": __version__,
-            "input": "(n, 1, *spatial_shape) float32, normalised as the training particles were"}
+            "input": described}
     with atomic_path(output) as tmp, open(tmp, "wb") as fh:
         torch.export.save(program, fh, extra_files={"meta.json": json.dumps(info)})

@@ -58,7 +58,7 @@ def expected_reconstruction(model, z: torch.Tensor, enc: dict, x: torch.Tensor, 
                             fourier_mask: torch.Tensor | None, top_k: int) -> torch.Tensor:
     """Per-row E_q(y|x)[reconstruction error under y] over the ``top_k`` classes: (n,).
 
-    z (n, L) the latent (sampled or mean), enc the encoder's outputs (rotation, shift_voxels),
+    z (n, L) the latent (sampled or mean), enc the encoder's outputs (its ``decoded_pose``),
     x (n, 1, *spatial), logits (n, C); fourier_mask None, (D, H, W') or per row (n, D, H, W')."""
     n, n_classes = logits.shape
     k = n_classes if top_k <= 0 else min(top_k, n_classes)
@@ -68,7 +68,8 @@ def expected_reconstruction(model, z: torch.Tensor, enc: dict, x: torch.Tensor, 
     flat = cls.reshape(-1)
     y = F.one_hot(flat, n_classes).to(z.dtype)
     rows = torch.arange(n, device=z.device).repeat_interleave(k)
-    decoded = model.decode(z[rows], enc["rotation"][rows], enc["shift_voxels"][rows], y=y)
+    rotation, shift = enc["decoded_pose"]
+    decoded = model.decode(z[rows], rotation[rows], shift[rows], y=y)
     mask = fourier_mask if fourier_mask is None or fourier_mask.dim() == 3 else fourier_mask[rows]
     errors = reconstruction_error(decoded, x[rows], mask).reshape(n, k)
     return (weight * errors).sum(dim=1)
@@ -76,14 +77,15 @@ def expected_reconstruction(model, z: torch.Tensor, enc: dict, x: torch.Tensor, 
 
 def semisupervised_terms(model, x: torch.Tensor, class_index: torch.Tensor, fourier_mask: torch.Tensor | None,
                          weights: torch.Tensor, top_k: int, generator: torch.Generator | None,
-                         sample: bool) -> tuple[dict, dict[str, torch.Tensor]]:
+                         sample: bool, frame=None) -> tuple[dict, dict[str, torch.Tensor]]:
     """One forward pass of a model with classes over a mixed batch: (encoder outputs with ``z``,
     {"recon", "classifier", "class_kl"} scalars).
 
     recon is the mean over all rows of each row's reconstruction error (labelled: under its
     class; unlabelled: expected under q(y|x)); classifier the labelled cross entropy; class_kl
-    the unlabelled rows' KL of q(y|x) from the uniform prior."""
-    enc = model.encoder(x)
+    the unlabelled rows' KL of q(y|x) from the uniform prior.  ``frame``: each row's pose, for a
+    model that reads particles in their matched frame."""
+    enc = model.encode_outputs(x, frame)
     logits = model.class_logits(enc, x)
     z = model.sample_latent(enc, generator) if sample else enc["latent_mean"]
     enc.update(z=z, class_logits=logits)
@@ -92,12 +94,13 @@ def semisupervised_terms(model, x: torch.Tensor, class_index: torch.Tensor, four
     if bool(known.any()):
         mask = fourier_mask if fourier_mask is None or fourier_mask.dim() == 3 else fourier_mask[known]
         y = F.one_hot(class_index[known], model.n_classes).to(z.dtype)
-        decoded = model.decode(z[known], enc["rotation"][known], enc["shift_voxels"][known], y=y)
+        rotation, shift = enc["decoded_pose"]
+        decoded = model.decode(z[known], rotation[known], shift[known], y=y)
         per_row[known] = reconstruction_error(decoded, x[known], mask)
     if not bool(known.all()):
         u = ~known
         mask = fourier_mask if fourier_mask is None or fourier_mask.dim() == 3 else fourier_mask[u]
-        sub = {"rotation": enc["rotation"][u], "shift_voxels": enc["shift_voxels"][u]}
+        sub = {"decoded_pose": tuple(t[u] for t in enc["decoded_pose"])}
         per_row[u] = expected_reconstruction(model, z[u], sub, x[u], logits[u], mask, top_k)
     terms = {
         "recon": per_row.mean(),

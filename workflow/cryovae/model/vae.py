@@ -10,6 +10,16 @@ what the particle is, the pose where it points.  The classifier reads (``classif
   pose (no gradient to the pose), through a CNN of its own: it inherits the invariance the pose
   gives, so a class learnt on upright particles holds for turned ones;
 - ``trunk``: the encoder's last hidden layer (invariant only as far as training makes it).
+
+Where the shape latent reads the particle (``shape_frame``):
+
+- ``particle``: as it lies; one encoder gives the latent and the pose, so any pose the encoder
+  gets wrong leaks into the latent;
+- ``matched``: turned upright by a pose from outside the model (each particle's best-fit
+  template-matched pose, reference-from-particle applied), so the latent encoder sees shape
+  alone, the same in training and at inference; the decoder's volume is put back in that
+  pose and compared with the particle as it lies (under the particle's own wedge), and a
+  separate pose encoder reads the particle as it lies for the network's own pose.
 """
 
 from __future__ import annotations
@@ -22,6 +32,8 @@ from torch import nn
 from cryovae.model.decoders import CnnDecoder, SplatDecoder
 from cryovae.model.encoder import Encoder, rotation_3x3
 from cryovae.volumes import rigid_transform
+
+Frame = tuple[torch.Tensor, torch.Tensor]   # rotation (n, 3, 3) particle-from-reference, shift (n, 3) voxels
 
 
 class AffinityVAE(nn.Module):
@@ -43,6 +55,7 @@ class AffinityVAE(nn.Module):
         pixel_size_angstrom: float = 1.0,
         n_classes: int = 0,
         classifier_input: str = "canonical",
+        shape_frame: str = "particle",
     ):
         super().__init__()
         spatial_shape = tuple(int(s) for s in spatial_shape)
@@ -56,6 +69,13 @@ class AffinityVAE(nn.Module):
         if n_classes:   # absent from plain models' files, which therefore load unchanged
             self.config["n_classes"] = int(n_classes)
             self.config["classifier_input"] = classifier_input
+        if shape_frame not in ("particle", "matched"):
+            raise ValueError(f"shape_frame must be 'particle' or 'matched', got {shape_frame!r}")
+        if shape_frame == "matched":   # absent from particle-frame models' files, which load unchanged
+            if len(spatial_shape) != 3:
+                raise ValueError("shape_frame 'matched' needs 3D subtomograms (poses come from template matching)")
+            self.config["shape_frame"] = shape_frame
+        self.shape_frame = shape_frame
         if classifier_input not in ("canonical", "trunk"):
             raise ValueError(f"classifier_input must be 'canonical' or 'trunk', got {classifier_input!r}")
         self.n_classes = int(n_classes)
@@ -63,6 +83,7 @@ class AffinityVAE(nn.Module):
         self.spatial_shape = spatial_shape
         self.pixel_size_angstrom = float(pixel_size_angstrom)
         self.encoder = Encoder(spatial_shape, list(channels), latent_dims, hidden)
+        self.pose_encoder = Encoder(spatial_shape, list(channels), 1, hidden) if shape_frame == "matched" else None
         decoder_inputs = latent_dims + self.n_classes
         if decoder == "cnn":
             self.decoder = CnnDecoder(spatial_shape, list(channels), decoder_inputs, hidden)
@@ -84,29 +105,53 @@ class AffinityVAE(nn.Module):
         return dict(self.config)
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None, sample: bool = True,
-                y: torch.Tensor | None = None) -> dict:
+                y: torch.Tensor | None = None, frame: Frame | None = None) -> dict:
         """x (n, 1, *spatial) -> encoder outputs plus ``z`` (n, L) and ``reconstruction`` (x's shape).
 
         With ``sample`` the latent is drawn by reparameterisation with noise from
         ``generator`` (a CPU generator, so that runs are reproducible on any device);
         otherwise the mean is used.  A model with classes also returns ``class_logits``
         (n, C), and decodes under ``y`` (n, C) (one-hot labels or class probabilities; by
-        default the classifier's own probabilities).
+        default the classifier's own probabilities).  ``frame``: each particle's pose (rotation
+        (n, 3, 3) particle-from-reference, shift (n, 3) voxels), which a ``matched`` model needs.
         """
-        enc = self.encoder(x)
+        enc = self.encode_outputs(x, frame)
         if self.classifier is not None:
             enc["class_logits"] = self.class_logits(enc, x)
             if y is None:
                 y = torch.softmax(enc["class_logits"], dim=1)
         z = self.sample_latent(enc, generator) if sample else enc["latent_mean"]
         enc["z"] = z
-        enc["reconstruction"] = self.decoder.posed(self.decoder_input(z, y), enc["rotation"], enc["shift_voxels"])
+        enc["reconstruction"] = self.decoder.posed(self.decoder_input(z, y), *enc["decoded_pose"])
+        return enc
+
+    def encode_outputs(self, x: torch.Tensor, frame: Frame | None = None) -> dict:
+        """The encoders' outputs of x (n, 1, *spatial): latent_mean, latent_logvar, hidden (of the
+        shape encoder), rotation and shift_voxels (the network's own pose), and ``decoded_pose``,
+        the (rotation, shift) the decoder's volume is put in: the network's pose in a
+        ``particle`` model, ``frame`` in a ``matched`` one, whose shape encoder reads x put
+        upright by it (also returned, as ``upright``)."""
+        if self.pose_encoder is None:
+            enc = self.encoder(x)
+            enc["decoded_pose"] = (enc["rotation"], enc["shift_voxels"])
+            return enc
+        if frame is None:
+            raise ValueError("this model reads particles in their matched frame (shape_frame 'matched'): "
+                             "give each particle's pose (the template-matching output)")
+        rotation, shift = (t.to(x.device, torch.float32) for t in frame)
+        upright = self.canonicalise(x, rotation, shift)
+        enc = self.encoder(upright)
+        pose = self.pose_encoder(x)
+        enc.update(rotation=pose["rotation"], shift_voxels=pose["shift_voxels"], upright=upright,
+                   decoded_pose=(rotation, shift))
         return enc
 
     def class_logits(self, enc: dict, x: torch.Tensor) -> torch.Tensor:
         """q(y|x) as logits (n, C), float32, from the encoder's outputs ``enc`` of ``x``."""
         if self.classifier_input == "trunk":
             return self.classifier(enc["hidden"]).float()
+        if "upright" in enc:
+            return self.classifier(enc["upright"]).float()
         return self.classifier(self.canonicalise(x, enc["rotation"].detach(), enc["shift_voxels"].detach())).float()
 
     @staticmethod
@@ -149,22 +194,22 @@ class AffinityVAE(nn.Module):
         return rows
 
     @torch.no_grad()
-    def class_probabilities(self, x: torch.Tensor) -> torch.Tensor:
+    def class_probabilities(self, x: torch.Tensor, frame: Frame | None = None) -> torch.Tensor:
         """q(y|x): (n, 1, *spatial) -> (n, C) class probabilities (a model with classes only)."""
         if self.classifier is None:
             raise ValueError("this model has no classifier head (trained without training.semi_supervised)")
-        return torch.softmax(self.class_logits(self.encoder(x), x), dim=1)
+        return torch.softmax(self.class_logits(self.encode_outputs(x, frame), x), dim=1)
 
     @torch.no_grad()
-    def encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def encode(self, x: torch.Tensor, frame: Frame | None = None) -> dict[str, torch.Tensor]:
         """x (n, 1, *spatial) -> latent_mean, latent_logvar (n, L); rotation (n, 3, 3);
         origin_angstrom (n, 3).
 
         rotation is particle-from-canonical in RELION's convention (2D: about z);
         origin_angstrom is rlnOriginX/Y/ZAngst = -shift * pixel size (2D: z = 0).  A model with
-        classes adds class_probabilities (n, C), q(y|x).
+        classes adds class_probabilities (n, C), q(y|x).  ``frame``: as in :meth:`forward`.
         """
-        enc = self.encoder(x)
+        enc = self.encode_outputs(x, frame)
         shift = enc["shift_voxels"]
         if shift.shape[1] == 2:
             shift = torch.cat([shift, torch.zeros_like(shift[:, :1])], dim=1)
