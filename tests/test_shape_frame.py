@@ -3,10 +3,13 @@ template-matched pose, so it does not change when the particle turns with its po
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
+from cryovae.cli import main
 from cryovae.config import validate_config
 from cryovae.embed import embed
 from cryovae.errors import InputError
@@ -105,12 +108,16 @@ def test_train_and_embed_read_particles_in_their_matched_frames(tmp_path):
     rot, shift = _true_pose_match(tmp_path / "val", tmp_path / "val.npz")
     with pytest.raises(InputError, match="--train-match"):
         train(_config(), tmp_path / "train", tmp_path / "val", tmp_path / "affinity.csv", tmp_path / "model")
-    train(_config(), tmp_path / "train", tmp_path / "val", tmp_path / "affinity.csv", tmp_path / "model",
-          train_match=tmp_path / "train.npz", val_match=tmp_path / "val.npz")
+    config = json.dumps(_config().model_dump(mode="json"))
+    assert main(["train", "--config", config, "--train-dir", str(tmp_path / "train"), "--val-dir",
+                 str(tmp_path / "val"), "--affinity", str(tmp_path / "affinity.csv"), "--output-dir",
+                 str(tmp_path / "model"), "--train-match", str(tmp_path / "train.npz"),
+                 "--val-match", str(tmp_path / "val.npz")]) == 0
     model_path = tmp_path / "model" / "model.pt"
     with pytest.raises(InputError, match="--match"):
         embed(_config(), model_path, tmp_path / "val", tmp_path / "val_latent.npz")
-    embed(_config(batch_size=3), model_path, tmp_path / "val", tmp_path / "val_latent.npz", match=tmp_path / "val.npz")
+    assert main(["embed", "--config", config, "--model", str(model_path), "--split-dir", str(tmp_path / "val"),
+                 "--match", str(tmp_path / "val.npz"), "--output", str(tmp_path / "val_latent.npz")]) == 0
     model, _ = load_model(model_path)
     assert model.shape_frame == "matched"
     x = torch.from_numpy(SubtomogramSet.open(tmp_path / "val").volumes(np.arange(len(rot)))).unsqueeze(1)
