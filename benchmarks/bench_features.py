@@ -23,33 +23,48 @@ from cryovae.classify import ClassModel, features, load_latents, load_matches
 from cryovae.config import load_config
 
 
+def load_run(run_dir: Path, config) -> dict[str, tuple[dict, dict]]:
+    """(latents, match) of the train, val and test splits of a finished run."""
+    splits = {}
+    for split in ("train", "val", "test"):
+        data = load_latents(run_dir / "embeddings/latent" / f"{split}.npz")
+        match = load_matches(run_dir / "embeddings/match" / f"{split}.npz", data["particle_id"],
+                             config.seen_classes)
+        splits[split] = (data, match)
+    return splits
+
+
+def score_subset(splits: dict[str, tuple[dict, dict]], subset: list[str], config) -> dict[str, float]:
+    """The class model on features ``subset`` fitted on train, its unknown threshold set on val,
+    scored on test: accuracy (unknown calls wrong), nearest-class accuracy, unseen AUROC."""
+    x = {s: features(list(subset), *splits[s]) for s in splits}
+    model = ClassModel.fit(x["train"], splits["train"][0]["class_name"].astype(str))
+    _, val_score = model.predict(x["val"])
+    threshold = np.quantile(val_score, config.classification.accept_fraction)
+    probs, score = model.predict(x["test"])
+    truth = splits["test"][0]["class_name"].astype(str)
+    known = np.isin(truth, config.seen_classes)
+    nearest = model.classes[probs.argmax(1)]
+    called = np.where(score > threshold, "unknown", nearest)
+    return {"accuracy": float(np.mean(called[known] == truth[known])),
+            "nearest": float(np.mean(nearest[known] == truth[known])),
+            "auroc": float(roc_auc_score(~known, score)) if (~known).any() else float("nan")}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("--config", type=Path, default=None, help="default: RUN_DIR/bench_config.yaml")
     args = ap.parse_args()
     config = load_config(args.config or args.run_dir / "bench_config.yaml")
-    splits = {}
-    for split in ("train", "val", "test"):
-        data = load_latents(args.run_dir / "embeddings/latent" / f"{split}.npz")
-        match = load_matches(args.run_dir / "embeddings/match" / f"{split}.npz", data["particle_id"],
-                             config.seen_classes)
-        splits[split] = (data, match)
-    truth = splits["test"][0]["class_name"].astype(str)
-    known = np.isin(truth, config.seen_classes)
+    splits = load_run(args.run_dir, config)
+    known = np.isin(splits["test"][0]["class_name"].astype(str), config.seen_classes)
     print(f"\n## Classifier features on {args.run_dir} (test: {known.sum()} seen, {(~known).sum()} unseen)")
     for size in (1, 2, 3):
         for subset in itertools.combinations(("latent", "template", "fit"), size):
-            x = {s: features(list(subset), *splits[s]) for s in splits}
-            model = ClassModel.fit(x["train"], splits["train"][0]["class_name"].astype(str))
-            _, val_score = model.predict(x["val"])
-            threshold = np.quantile(val_score, config.classification.accept_fraction)
-            probs, score = model.predict(x["test"])
-            nearest = model.classes[probs.argmax(1)]
-            called = np.where(score > threshold, "unknown", nearest)
-            print(f"- {' + '.join(subset):24s} accuracy {np.mean(called[known] == truth[known]):.3f}, "
-                  f"nearest class {np.mean(nearest[known] == truth[known]):.3f}, "
-                  f"unseen AUROC {roc_auc_score(~known, score):.3f}")
+            r = score_subset(splits, list(subset), config)
+            print(f"- {' + '.join(subset):24s} accuracy {r['accuracy']:.3f}, nearest class {r['nearest']:.3f}, "
+                  f"unseen AUROC {r['auroc']:.3f}")
 
 
 if __name__ == "__main__":
