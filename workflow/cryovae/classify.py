@@ -135,16 +135,23 @@ class Classifier:
                 raise InputError(f"{path}: not a classifier file of this version (missing {err})") from None
 
 
-def load_matches(path: Path, particle_id: np.ndarray, classes: list[str]) -> dict[str, np.ndarray]:
-    """A ``match`` output checked against the latents' particle order and the seen classes."""
+def read_match_file(path: Path, particle_id: np.ndarray, whose: str = "the latent file's") -> dict[str, np.ndarray]:
+    """A ``match`` output's arrays, checked to hold the particles ``particle_id`` in that order
+    (``whose``: where that order comes from, for the error)."""
     if not Path(path).is_file():
         raise InputError(f"{path}: template-matching file does not exist")
     with np.load(path, allow_pickle=False) as data:
         match = {k: data[k] for k in data.files}
+    if not np.array_equal(match["particle_id"].astype(str), np.asarray(particle_id).astype(str)):
+        raise InputError(f"{path}: particles differ from {whose} (re-run match and embed on one split)")
+    return match
+
+
+def load_matches(path: Path, particle_id: np.ndarray, classes: list[str]) -> dict[str, np.ndarray]:
+    """A ``match`` output checked against the latents' particle order and the seen classes."""
+    match = read_match_file(path, particle_id)
     if list(match["classes"].astype(str)) != list(classes):
         raise InputError(f"{path}: matched classes {list(match['classes'])}, expected {list(classes)}")
-    if not np.array_equal(match["particle_id"].astype(str), particle_id.astype(str)):
-        raise InputError(f"{path}: particles differ from the latent file's (re-run match and embed on one split)")
     return match
 
 

@@ -9,7 +9,8 @@ The output ``.npz`` (written atomically) holds, one row per particle in STAR ord
   model's canonical frame; ``align`` relates it to each class's reference map);
 - ``origin_angstrom`` (n, 3) float64: rlnOriginX/Y/ZAngst of the predicted shift;
 - ``recon_error`` (n,) float32: per-particle reconstruction error of the mean latent in the
-  predicted pose (a model of training.shape_frame matched: in the matched pose it read the particle in), the training reconstruction loss (wedge-masked when the config says so: by
+  predicted pose (a model of training.shape_frame matched: in the matched pose it read the
+  particle in), the training reconstruction loss (wedge-masked when the config says so: by
   the split's own tilt range for extracted particles, the simulation's otherwise);
 - a model with a classifier head (training.semi_supervised.classifier) adds
   ``class_probabilities`` (n, C) float32, q(y|x), over ``classifier_class_names`` (C,) str.

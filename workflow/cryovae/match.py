@@ -59,6 +59,7 @@ import torch
 from tqdm import tqdm
 
 from cryovae.atomic import atomic_path
+from cryovae.classify import read_match_file
 from cryovae.config import Config
 from cryovae.acquisition import read_split_acquisitions, split_tilt_range_deg
 from cryovae.ctf import ParticleCtfs, ctf_3d, missing_wedge_mask
@@ -488,14 +489,9 @@ def best_fit_frames(path: Path, particle_id: np.ndarray, pixel_size_angstrom: fl
     output: rotation (n, 3, 3) float32 particle-from-reference and shift (n, 3) float32 in
     voxels (x, y, z; -rlnOrigin / pixel size), rows in the order of ``particle_id`` (the
     split's STAR order, which the file must have)."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: template-matching file does not exist")
-    with np.load(path, allow_pickle=False) as data:
-        ids, fit = data["particle_id"].astype(str), data["fit"].astype(np.float64)
-        rotation, origin = data["rotation"], data["origin_angstrom"]
-    if not np.array_equal(ids, np.asarray(particle_id).astype(str)):
-        raise InputError(f"{path}: particles differ from the split's (re-run match on the same split)")
+    data = read_match_file(Path(path), particle_id, whose="the split's")
+    ids, fit = data["particle_id"].astype(str), data["fit"].astype(np.float64)
+    rotation, origin = data["rotation"], data["origin_angstrom"]
     unrefined = ~np.isfinite(fit).any(axis=1)
     if unrefined.any():
         raise InputError(f"{path}: particle {ids[np.argmax(unrefined)]!r} has no refined class")
