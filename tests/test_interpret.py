@@ -76,6 +76,22 @@ def test_sparse_rules_pick_the_two_dimensions_the_class_depends_on():
     assert sparse["kept"]["dims_per_class"] == 2 and sparse["kept"]["n_parameters"] == 6
 
 
+def test_quadratic_rules_find_a_class_surrounded_by_others_where_linear_rules_cannot():
+    """Class 'in' sits at the centre of dims 2 and 5 with 'out' all around it: no half-space holds it,
+    a band on each of the two dimensions (their squares) does."""
+    rng = np.random.default_rng(5)
+    z_train, z_eval = rng.standard_normal((3000, 6)), rng.standard_normal((3000, 6))
+    label = lambda z: np.where(z[:, 2] ** 2 + z[:, 5] ** 2 < 1.4, "in", "out")  # noqa: E731
+    args = (z_train, label(z_train), z_eval, label(z_eval), ["in", "out"], 2)
+    linear, quadratic = it.sparse_models(*args, seed=0), it.sparse_models(*args, seed=0, terms="quadratic")
+    assert set(quadratic["ranking"]["in"][:2]) == {2, 5}
+    assert quadratic["kept"]["accuracy"] > 0.97
+    assert linear["kept"]["accuracy"] < 0.65  # about the share of the larger class
+    rule = quadratic["kept"]["rules"]["in"]
+    assert np.all(np.asarray(rule["square_coefficients"]) < 0) and rule["intercept"] > 0
+    assert quadratic["kept"]["n_parameters"] == 2 * (2 * 2 + 1)
+
+
 def test_symbolic_regression_recovers_the_sign_of_a_difference():
     rng = np.random.default_rng(3)
     x, x_eval = rng.standard_normal((500, 3)), rng.standard_normal((2000, 3))

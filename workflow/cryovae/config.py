@@ -460,6 +460,11 @@ class InterpretationConfig(_Section):
     """Interpretable models of the latent space: disentanglement, sparse and symbolic class rules."""
 
     max_dims: int = Field(3, ge=1, description="Latent dimensions each class rule may use (sparse and symbolic).")
+    rule_terms: Literal["linear", "quadratic"] = Field(
+        "linear", description="What a sparse class rule reads from its dimensions: the dimensions (linear, a "
+        "half-space) or also their squares (quadratic, an axis-aligned band or box: a class surrounded by others "
+        "in latent space needs it)."
+    )
     mi_bins: int = Field(20, ge=2, description="Bins for the mutual information: equal-width for latents, "
                          "quantiles for continuous factors.")
     symbolic_generations: int = Field(50, ge=1, description="Generations of the symbolic regression per class.")

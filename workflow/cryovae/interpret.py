@@ -191,43 +191,62 @@ def _l1(c: float, seed: int):
     return LogisticRegression(C=c, solver="liblinear", random_state=seed, max_iter=1000, **kind)
 
 
-def l1_ranking(z: np.ndarray, is_class: np.ndarray, seed: int, steps: int = 30) -> list[int]:
-    """Dimensions of z (n, L) in the order they enter the L1 path of is_class (n,) bool."""
+def rule_features(z: np.ndarray, terms: str) -> np.ndarray:
+    """What a class rule reads from its dimensions z (n, k): z (``linear``), or z and z² (``quadratic``:
+    the rule's region is then an axis-aligned quadric, e.g. a band or box around the class centre)."""
+    return z if terms == "linear" else np.concatenate([z, z * z], axis=1)
+
+
+def l1_ranking(z: np.ndarray, is_class: np.ndarray, seed: int, terms: str = "linear", steps: int = 30) -> list[int]:
+    """Dimensions of z (n, L) in the order they enter the L1 path of is_class (n,) bool; with quadratic
+    terms a dimension enters with the first of its two terms (z_j or z_j²)."""
     from sklearn.svm import l1_min_c
 
-    cs = l1_min_c(z, is_class, loss="log") * np.logspace(0, 3, steps)
-    entry = np.full(z.shape[1], np.inf)
+    features, n_dims = rule_features(z, terms), z.shape[1]
+    cs = l1_min_c(features, is_class, loss="log") * np.logspace(0, 3, steps)
+    entry = np.full(features.shape[1], np.inf)
     for i, c in enumerate(cs):
-        coef = _l1(c, seed).fit(z, is_class).coef_[0]
+        coef = _l1(c, seed).fit(features, is_class).coef_[0]
         entry[(coef != 0) & np.isinf(entry)] = i
-    return sorted(range(z.shape[1]), key=lambda j: (entry[j], -abs(coef[j])))
+    entry = entry.reshape(-1, n_dims).min(0)
+    weight = np.abs(coef).reshape(-1, n_dims).max(0)
+    return sorted(range(n_dims), key=lambda j: (entry[j], -weight[j]))
 
 
-def _class_scores(z_train, y_train, z_eval, dims: dict[str, list[int]], classes) -> tuple[np.ndarray, dict]:
+def _class_scores(z_train, y_train, z_eval, dims: dict[str, list[int]], classes, terms: str
+                  ) -> tuple[np.ndarray, dict]:
     """Per-class logistic scores (n_eval, K) on each class's ``dims``, and the rules (coefficients)."""
     from sklearn.linear_model import LogisticRegression
 
     scores, rules = np.zeros((len(z_eval), len(classes))), {}
     for k, c in enumerate(classes):
-        model = LogisticRegression(max_iter=1000).fit(z_train[:, dims[c]], y_train == c)
-        scores[:, k] = model.decision_function(z_eval[:, dims[c]])
-        rules[c] = {"dims": dims[c], "coefficients": model.coef_[0], "intercept": float(model.intercept_[0])}
+        d = dims[c]
+        model = LogisticRegression(max_iter=1000).fit(rule_features(z_train[:, d], terms), y_train == c)
+        scores[:, k] = model.decision_function(rule_features(z_eval[:, d], terms))
+        coef = model.coef_[0]
+        rules[c] = {"dims": d, "coefficients": coef[: len(d)], "intercept": float(model.intercept_[0])}
+        if terms == "quadratic":
+            rules[c]["square_coefficients"] = coef[len(d):]
     return scores, rules
 
 
-def sparse_models(z_train, y_train, z_eval, y_eval, classes, max_dims: int, seed: int) -> dict:
+def sparse_models(z_train, y_train, z_eval, y_eval, classes, max_dims: int, seed: int, terms: str = "linear"
+                  ) -> dict:
     """The sparse section: L1 ranking per class, accuracy against dims per class, rules at max_dims."""
-    ranking = {c: l1_ranking(z_train, y_train == c, seed) for c in classes}
+    ranking = {c: l1_ranking(z_train, y_train == c, seed, terms) for c in classes}
     curve, kept = [], {}
     for k in range(1, z_train.shape[1] + 1):
-        scores, rules = _class_scores(z_train, y_train, z_eval, {c: ranking[c][:k] for c in classes}, classes)
+        scores, rules = _class_scores(z_train, y_train, z_eval, {c: ranking[c][:k] for c in classes}, classes, terms)
         accuracy = float(np.mean(np.asarray(classes)[scores.argmax(1)] == y_eval))
         curve.append({"dims_per_class": k, "accuracy": accuracy})
         if k == min(max_dims, z_train.shape[1]):
             kept = {"dims_per_class": k, "accuracy": accuracy, "rules": rules,
-                    "n_parameters": int(sum(len(r["dims"]) + 1 for r in rules.values()))}
-    return {"model": "one-vs-rest logistic regression per class on its first k L1-path dimensions (standardised "
-                     "latents), argmax over classes", "ranking": ranking, "accuracy_by_dims": curve, "kept": kept}
+                    "n_parameters": int(sum(rule_features(np.zeros((1, len(r["dims"]))), terms).shape[1] + 1
+                                            for r in rules.values()))}
+    reads = "its dimensions" if terms == "linear" else "its dimensions and their squares"
+    return {"model": f"one-vs-rest logistic regression per class on {reads}, the first k of its L1 path "
+                     "(standardised latents), argmax over classes", "terms": terms, "ranking": ranking,
+            "accuracy_by_dims": curve, "kept": kept}
 
 
 def symbolic_models(z_train, y_train, z_eval, y_eval, classes, dims: dict[str, list[int]], options, seed: int
@@ -337,7 +356,7 @@ def interpret(config, embeddings: Path, split_dir: Path, train_latents: Path, af
     centre, scale = train_z.mean(0), train_z.std(0) + 1e-8
     zt, ze, ye = (train_z - centre) / scale, (latents[seen] - centre) / scale, labels[seen]
     reference = black_box(train_z, train_y, latents[seen], ye)
-    sparse = sparse_models(zt, train_y, ze, ye, classes, options.max_dims, config.seed)
+    sparse = sparse_models(zt, train_y, ze, ye, classes, options.max_dims, config.seed, options.rule_terms)
     dims = {c: sparse["ranking"][c][: options.max_dims] for c in classes}
     symbolic = symbolic_models(zt, train_y, ze, ye, classes, dims, options, config.seed)
     for section in (sparse["kept"], symbolic):
