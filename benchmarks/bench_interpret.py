@@ -29,7 +29,8 @@ def run_stage(config, run: Path, split: str) -> tuple[dict, float]:
     from cryovae.interpret import interpret
 
     out = run / "bench_interpret" / split
-    split_dir = run / ("subtomograms/" + split if split in ("train", "val", "test") else "extracted/" + split)
+    candidates = [run / "subtomograms" / split, run / "images" / split, run / "extracted" / split]
+    split_dir = next((c for c in candidates if (c / "particles.star").exists()), candidates[0])
     start = time.perf_counter()
     interpret(config, run / f"embeddings/{split}.csv", split_dir, run / "embeddings/latent/train.npz",
               run / "affinity/affinity.csv", run / "model/model.pt", out)
