@@ -400,7 +400,8 @@ class MatchingConfig(_Section):
     refine_top: int = Field(2, ge=1, description="Classes per particle refined (the best global scores).")
     coarse_keep: int = Field(
         4, ge=1, description="Global-search peaks refined per refined class: the best grid rotations at least "
-        "pose_far_deg apart (modulo the class's point group); the refined pose of best fit wins."
+        "pose_far_deg apart (modulo the class's point group); each climbs the coarsest local grid and the best "
+        "there is refined further."
     )
     pose_far_deg: float = Field(
         30.0, gt=0, le=180, description="Rotations this far from a particle's pose (modulo the point group) are "

@@ -23,8 +23,10 @@ rotated references.  Two stages:
 
    Each refined class starts from its ``matching.coarse_keep`` best grid rotations at least
    ``matching.pose_far_deg`` apart (modulo its point group, ``alignment.symmetry`` with the
-   axes located in the map by :func:`cryovae.align.orient_symmetry`), and the refined pose of
-   best fit wins: at low SNR the true pose is often not the best grid point.  The local
+   axes located in the map by :func:`cryovae.align.orient_symmetry`): at low SNR the true pose
+   is often not the best grid point.  The particle is centred once (the translation at the best
+   peak), every peak climbs the coarsest local grid, and the peak that scores best there goes
+   on through the finer grids.  The local
    score is the matched-filter correlation itself: the numerator compares the rotated-back
    particle with the bank, and the reference's norm under the particle's wedge and CTF comes
    from the filter W·CTF² rotated back into the reference frame, dotted with the bank's power
@@ -325,15 +327,11 @@ class Matcher:
         template_norm = ((self.weights * modulated.abs() ** 2).sum((1, 2, 3)) / box**3).sqrt()
         return displacement, peak / (template_norm * particle_norm + 1e-12)
 
-    def refine(
-        self, filtered: torch.Tensor, cls: str, rotations: np.ndarray, ctf: torch.Tensor | None,
-        particle_norm: torch.Tensor,
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Local rotation refinement and translation for class ``cls``: rotations (n, 3, 3),
-        displacement (n, 3) and the full-size normalised correlation (n,) at the result."""
-        ref = self.refs[cls]
-        d, _ = self.correlate(filtered, ref, rotations, ctf, particle_norm)
-        centred = torch.fft.irfftn(phase_shift(filtered, -d), s=(self.box,) * 3, dim=(1, 2, 3))
+    def local_score(self, filtered: torch.Tensor, cls: str, ctf: torch.Tensor | None, displacement: torch.Tensor):
+        """The local-search score of class ``cls`` for particles centred by ``displacement`` (n, 3)
+        voxels: ``score(rotations (n, 3, 3), level)`` -> (n, m), the matched-filter correlation of
+        each particle with the reference in every pose ``rotations @ deltas[level][j]``."""
+        centred = torch.fft.irfftn(phase_shift(filtered, -displacement), s=(self.box,) * 3, dim=(1, 2, 3))
         bank, power = self.fine[cls], self.power[cls]
         half = self.wedge.expand(len(filtered), *self.wedge.shape) if ctf is None else self.wedge * ctf**2
         filter_full = _full_spectrum(half, self.box)  # W·CTF² on the fftshifted full grid (n, B, B, B)
@@ -345,7 +343,31 @@ class Matcher:
             template_power = rigid_transform(filter_full, back).reshape(len(back), -1) @ power[level].T
             return (numerator / template_power.clamp(min=1e-12).sqrt()).cpu().numpy()
 
-        rotations = refine_rotations(score, rotations, self.deltas)
+        return score
+
+    def refine_peaks(
+        self, filtered: torch.Tensor, cls: str, scores: np.ndarray, ctf: torch.Tensor | None, particle_norm: torch.Tensor,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Local rotation refinement and translation of class ``cls`` from the :meth:`peaks` of
+        its global scores (n, G): rotations (n, 3, 3), displacement (n, 3) and the full-size
+        normalised correlation (n,) at the result.
+
+        The particle is centred once, by the translation at the best peak; every peak climbs
+        the first (coarsest) local grid, and only the peak that scores best there goes on
+        through the finer grids: the first step already says which hypothesis fits, and the
+        finer ones cost as much again per peak."""
+        ref, starts = self.refs[cls], self.grid[self.peaks(cls, scores)]  # (n, K, 3, 3)
+        d, _ = self.correlate(filtered, ref, starts[:, 0], ctf, particle_norm)
+        rotations = starts[:, 0].copy()
+        if self.deltas:
+            score = self.local_score(filtered, cls, ctf, d)
+            best = np.full(len(starts), -np.inf)
+            for j in range(starts.shape[1]):
+                values = score(starts[:, j], 0)
+                better = values.max(1) > best
+                best[better] = values.max(1)[better]
+                rotations[better] = starts[better, j] @ self.deltas[0][values[better].argmax(1)]
+            rotations = refine_rotations(lambda current, level: score(current, level + 1), rotations, self.deltas[1:])
         d, fit = self.correlate(filtered, ref, rotations, ctf, particle_norm)
         return rotations, d.cpu().numpy(), fit.cpu().numpy()
 
@@ -386,20 +408,6 @@ class Matcher:
         return {"scores": scores, "scores_min": scores_min, "rotation": rotations, "displacement_voxels": displacement,
                 "refined": refined,
                 "fit": fit, **confidence}
-
-    def refine_peaks(
-        self, filtered: torch.Tensor, cls: str, scores: np.ndarray, ctf: torch.Tensor | None, particle_norm: torch.Tensor,
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """:meth:`refine` from each of the :meth:`peaks` of the global scores (n, G); the result of best fit."""
-        best = None
-        for start in self.peaks(cls, scores).T:
-            rotation, shift, fit = self.refine(filtered, cls, self.grid[start], ctf, particle_norm)
-            if best is None:
-                best = [rotation, shift, fit]
-                continue
-            better = fit > best[2]
-            best[0][better], best[1][better], best[2][better] = rotation[better], shift[better], fit[better]
-        return tuple(best)
 
 
 CONFIDENCE = ("pose_margin", "pose_spread_deg", "pose_sigma_deg")  # per particle and class; pose_determined too
