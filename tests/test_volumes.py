@@ -10,8 +10,8 @@ import torch
 from cryovae.rotations import random_rotations, relion_euler_to_matrix
 from cryovae.volumes import (
     bandpass_filter, check_rigid_transform, correlation_peak, cross_correlation, fourier_crop, fourier_resample,
-    frequency_magnitude, lowpass_filter, phase_shift, raised_cosine_lowpass, rfft_weights, rigid_transform,
-    rotate_volume,
+    ball_points, frequency_magnitude, lowpass_filter, phase_shift, raised_cosine_lowpass, rfft_weights,
+    rigid_transform, rotate_volume, sample_rigid,
 )
 
 
@@ -214,3 +214,30 @@ def test_correlation_peak_finds_integer_and_sub_voxel_shifts():
     displacement, peak = correlation_peak(cc)
     np.testing.assert_allclose(displacement.numpy(), shifts, atol=0.1)
     assert peak[0] == pytest.approx(float((ref * ref).sum()), rel=1e-6)  # a whole-voxel move: the autocorrelation
+
+
+@pytest.mark.parametrize("shape", [(12, 15, 16), (9, 14)])
+def test_sample_rigid_gives_the_rigid_transform_at_the_points_it_is_asked_for(shape):
+    """At every voxel of an odd and uneven box (3D) or image (2D), with channels and shifts,
+    sample_rigid is rigid_transform, and so it agrees with scipy about voxel N//2."""
+    rng = np.random.default_rng(3)
+    ndim = len(shape)
+    volumes = torch.tensor(rng.normal(size=(3, 2) + shape))
+    rotation = torch.linalg.qr(torch.tensor(rng.normal(size=(3, ndim, ndim))))[0]
+    shift = torch.tensor(rng.uniform(-2, 2, (3, ndim)))
+    grids = torch.meshgrid(*[torch.arange(s) for s in shape], indexing="ij")
+    every = torch.stack(grids[::-1], -1).reshape(-1, ndim)  # (x, y[, z]) per voxel, flat (z, y, x) order
+    chosen = every[torch.as_tensor(rng.choice(len(every), 50, replace=False))]
+    full = rigid_transform(volumes, rotation, shift).reshape(3, 2, -1)
+    flat_index = sum(chosen[:, a] * int(np.prod(shape[::-1][:a])) for a in range(ndim))
+    assert torch.allclose(sample_rigid(volumes, rotation, every, shift), full, atol=1e-12)
+    assert torch.allclose(sample_rigid(volumes, rotation, chosen, shift), full[..., flat_index], atol=1e-12)
+    assert check_rigid_transform(lambda v, a, d: sample_rigid(v, a, every, d).reshape(v.shape), shape=shape) < 1e-12
+
+
+def test_ball_points_are_the_voxels_within_half_the_box_of_the_centre():
+    xyz, flat = ball_points(8)
+    zz, yy, xx = np.mgrid[:8, :8, :8]
+    inside = (xx - 4) ** 2 + (yy - 4) ** 2 + (zz - 4) ** 2 <= 16
+    assert np.array_equal(flat.numpy(), np.flatnonzero(inside))
+    assert np.array_equal(xyz.numpy(), np.stack([xx, yy, zz], -1).reshape(-1, 3)[np.flatnonzero(inside)])

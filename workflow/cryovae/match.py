@@ -16,7 +16,8 @@ rotated references.  Two stages:
    cross-correlation (sub-voxel by a parabola through the peak), then local rotation grids
    of shrinking steps (``matching.refine_steps_deg``) at full size: the particle is rotated
    back into the reference frame once per step and compared with a bank of slightly rotated
-   references shared by all particles.  At the result the full-size matched-filter
+   references shared by all particles, both within the ball of radius box/2 (the corners hold
+   no reference and cost half the trilinear samples).  At the result the full-size matched-filter
    correlation (the CTF and wedge applied to the reference) is the class's ``fit``: how
    well the particle is explained by that class at its best pose, the sharpest evidence
    that a particle belongs to no known class.
@@ -72,8 +73,8 @@ from cryovae.rotations import (
 )
 from cryovae.shards import SubtomogramSet
 from cryovae.volumes import (
-    correlation_peak, cross_correlation, fourier_crop, phase_shift, rfft_frequencies, rfft_weights, rigid_transform,
-    standardise_volumes,
+    ball_points, correlation_peak, cross_correlation, fourier_crop, phase_shift, rfft_frequencies, rfft_weights, rigid_transform,
+    sample_rigid, standardise_volumes,
 )
 
 log = logging.getLogger(__name__)
@@ -177,16 +178,15 @@ class Matcher:
         self.grid = so3_grid(m.coarse_step_deg)
         self.banks = {c: self._low_rank(self._coarse_bank(ref), m.coarse_rank) for c, ref in self.refs.items()}
         self.deltas = local_deltas(list(m.refine_steps_deg), 2)
-        self.fine = {
-            c: [standardise_volumes(self._rotated(ref, delta)) for delta in self.deltas]
-            for c, ref in self.refs.items()
-        }
+        self.ball_xyz, ball = (t.to(self.device) for t in ball_points(self.box))
+        fine = {c: [standardise_volumes(self._rotated(ref, delta)) for delta in self.deltas] for c, ref in self.refs.items()}
+        self.fine = {c: [standardise_volumes(bank[:, ball]) for bank in banks] for c, banks in fine.items()}
+        self.power = {c: [_power_spectra(bank, self.box)[:, ball] for bank in banks] for c, banks in fine.items()}
         self.refine_top = min(m.refine_top, len(self.classes))
         self.keep, self.far_deg, self.margin_min = m.coarse_keep, m.pose_far_deg, m.pose_margin_min
         self.finest_deg = min(m.refine_steps_deg) if m.refine_steps_deg else m.coarse_step_deg
         self.symmetry = {c: _point_group(config, c, v) for c, v in references.items()}
         self.grid_quats = {c: matrix_to_quaternion(self.grid[None] @ g[:, None]) for c, g in self.symmetry.items()}
-        self.power = {c: [_power_spectra(bank, self.box) for bank in self.fine[c]] for c in self.classes}
         self.self_margin = np.array([self._self_margin(c) for c in self.classes])
 
     def _tensor(self, array) -> torch.Tensor:
@@ -339,8 +339,8 @@ class Matcher:
         def score(current: np.ndarray, level: int) -> np.ndarray:
             back = torch.as_tensor(np.ascontiguousarray(current.transpose(0, 2, 1)), dtype=torch.float32)
             back = back.to(self.device)
-            numerator = standardise_volumes(rigid_transform(centred, back)) @ bank[level].T
-            template_power = rigid_transform(filter_full, back).reshape(len(back), -1) @ power[level].T
+            numerator = standardise_volumes(sample_rigid(centred, back, self.ball_xyz)) @ bank[level].T
+            template_power = sample_rigid(filter_full, back, self.ball_xyz) @ power[level].T
             return (numerator / template_power.clamp(min=1e-12).sqrt()).cpu().numpy()
 
         return score
