@@ -29,7 +29,9 @@ from cryovae.errors import InputError
 from cryovae.rotations import (
     axis_angle_matrix, local_deltas, refine_rotations, so3_grid, symmetry_group, symmetry_group_in_frame,
 )
-from cryovae.volumes import correlation_peak, cross_correlation, rigid_transform, standardise_volumes
+from cryovae.volumes import (
+    correlation_peak, cross_correlation, fourier_resample, rigid_transform, standardise_volumes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -147,28 +149,33 @@ def orient_symmetry(reference: np.ndarray, group: str) -> tuple[np.ndarray, floa
 
     ``rotations.symmetry_group`` gives the group in RELION's standard orientation (main axis
     z); in the map it is ``O G O^T``.  O maximises the correlation of the map with itself
-    rotated by each non-identity element: principal-axis frames and a 20 deg grid, then
-    local grids of 5, 2.5 and 1.25 deg (:func:`cryovae.rotations.refine_rotations`).
+    rotated by each non-identity element: principal-axis frames and a 20 deg grid (on the map
+    Fourier-cropped to half its box when the box is at least 24: the grid's frames are 20 deg
+    apart, far coarser than the cropped map's detail), then local grids of 5, 2.5 and 1.25 deg
+    at full size (:func:`cryovae.rotations.refine_rotations`).
     """
     ops = torch.as_tensor(symmetry_group(group)[1:], dtype=torch.float32)
     if not len(ops):
         return np.eye(3), 1.0
     ref = torch.as_tensor(np.ascontiguousarray(reference), dtype=torch.float32)
-    target = standardise_volumes(ref[None])[0]
+    box = ref.shape[0]
+    cubic = ref.ndim == 3 and all(size == box for size in ref.shape) and box >= 24
+    coarse = fourier_resample(ref, box // 2 + (box // 2) % 2) if cubic else ref
 
-    def score(frames: np.ndarray) -> np.ndarray:
-        out = []
+    def score(volume: torch.Tensor, frames: np.ndarray) -> np.ndarray:
+        target, out = standardise_volumes(volume[None])[0], []
         for start in range(0, len(frames), 128):
             f = torch.as_tensor(frames[start : start + 128], dtype=torch.float32)
             mats = (f[:, None] @ ops[None] @ f[:, None].transpose(-1, -2)).reshape(-1, 3, 3)
-            rotated = standardise_volumes(_rotated(ref, mats.numpy()))
+            rotated = standardise_volumes(_rotated(volume, mats.numpy()))
             out.append((rotated @ target).reshape(len(f), len(ops)).mean(1))
         return torch.cat(out).numpy()
 
     frames = np.concatenate([_principal_frames(reference), so3_grid(20.0)])
     deltas = local_deltas((5.0, 2.5, 1.25), 1)
-    best = refine_rotations(lambda rots, k: score(rots[0] @ deltas[k])[None], frames[[score(frames).argmax()]], deltas)
-    return best[0], float(score(best)[0])
+    start = frames[[score(coarse, frames).argmax()]]
+    best = refine_rotations(lambda rots, k: score(ref, rots[0] @ deltas[k])[None], start, deltas)
+    return best[0], float(score(ref, best)[0])
 
 
 def symmetry_operators(frame: dict) -> np.ndarray:
