@@ -53,6 +53,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--refine-top", type=int, default=2)
     ap.add_argument("--coarse-keep", type=int, default=4, help="matching.coarse_keep")
+    ap.add_argument("--max-shift", type=float, default=1.0, help="particles off the box centre by up to this, px per axis")
+    ap.add_argument("--centre-search", type=float, default=None, help="matching.centre_search_px (default: the config's)")
     ap.add_argument("--snr", type=float, default=0.5, help="signal-to-noise ratio of the simulated particles")
     ap.add_argument("--coarse-binning", type=int, default=2, help="matching.coarse_binning")
     ap.add_argument("--coarse-step", type=float, default=15.0, help="matching.coarse_step_deg")
@@ -67,6 +69,7 @@ def main() -> None:
         "structures": {c: f"demo:{c}" for c in SEEN}, "box_size": BOX, "pixel_size_angstrom": 10.0,
         "simulation": {"snr": args.snr}, "alignment": {"symmetry": SYMMETRY}, "matching": {
             "coarse_keep": args.coarse_keep,
+            **({} if args.centre_search is None else {"centre_search_px": args.centre_search}),
             "refine_top": args.refine_top, "coarse_binning": args.coarse_binning, "coarse_step_deg": args.coarse_step,
             "coarse_rank": args.coarse_rank,
             "refine_steps_deg": [float(x) for x in args.refine_steps.split(",") if x], "device": args.device},
@@ -74,7 +77,7 @@ def main() -> None:
     maps = np.stack([centred(mrcfile.read(MAPS / f"{c}.mrc")) for c in SEEN])
     rng = np.random.default_rng(0)
     n = args.particles
-    draws = ParticleDraws(rng.integers(0, len(SEEN), n), random_rotations(n, rng), rng.uniform(-1, 1, (n, 3)),
+    draws = ParticleDraws(rng.integers(0, len(SEEN), n), random_rotations(n, rng), rng.uniform(-args.max_shift, args.max_shift, (n, 3)),
                           rng.uniform(2.0, 5.0, n))
     volumes = simulate_volumes(config, maps, draws.class_index, draws, np.random.default_rng(0))
     start = time.perf_counter()
@@ -92,6 +95,8 @@ def main() -> None:
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     fit = np.concatenate([b["fit"] for b in blocks])
     rotation = np.concatenate([b["rotation"] for b in blocks])[np.arange(n), draws.class_index]
+    shift = np.concatenate([b["displacement_voxels"] for b in blocks])[np.arange(n), draws.class_index]
+    shift_error = np.linalg.norm(shift - draws.shift_xyz_px, axis=1)
     accuracy = float((np.nan_to_num(fit, nan=-np.inf).argmax(1) == draws.class_index).mean())
     error_deg = geodesic_distance_deg(rotation, draws.rotation)
     groups = [matcher.symmetry[c] for c in SEEN]
@@ -109,6 +114,8 @@ def main() -> None:
     print(f"- class accuracy (best fit) {accuracy:.3f}; rotation error at the true class: median "
           f"{np.median(error_deg):.1f}°, within 10° {(error_deg < 10).mean():.3f}; modulo the point groups: median "
           f"{np.median(sym_deg):.2f}°, within 10° {(sym_deg < 10).mean():.3f}, beyond 15° {(sym_deg > 15).mean():.3f}")
+    print(f"- shift error at the true class (particles up to {args.max_shift:g} px off per axis, centre search "
+          f"{matcher.centre_radius:g} px): median {np.median(shift_error):.2f} px, beyond 1 px {(shift_error > 1).mean():.3f}")
     print(f"- peak RSS {peak:.0f} MiB")
 
 

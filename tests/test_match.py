@@ -182,3 +182,63 @@ def test_true_class_poses_are_determined_where_the_map_fixes_them(particles):
     assert np.median(result["pose_sigma_deg"][rows, k]) <= config.matching.pose_far_deg
     refined = result["refined"]
     assert np.all(np.isnan(result["pose_margin"][~refined])) and not result["pose_determined"][~refined].any()
+
+
+@pytest.fixture(scope="module")
+def off_centre(shrec_dir):
+    """30 particles of the three classes at SNR 0.5, 2.5 to 3.5 px off the box centre on every axis
+    (signs random), as picks with errors give them; matched without and with the centre search."""
+    config = validate_config({
+        "structures": {c: f"demo:{c}" for c in CLASSES}, "box_size": BOX, "pixel_size_angstrom": 10.0,
+        "simulation": {"snr": 0.5, "ctf": True, "tilt_range_deg": [-60, 60], "max_shift_px": 4.0},
+    })
+    maps = np.stack([centred_box(mrcfile.read(shrec_dir / "maps_10A" / f"{c}.mrc")) for c in CLASSES])
+    rng = np.random.default_rng(5)
+    n = 30
+    shifts = rng.uniform(2.5, 3.5, (n, 3)) * rng.choice([-1.0, 1.0], (n, 3))
+    draws = ParticleDraws(np.repeat(np.arange(3), n // 3), random_rotations(n, rng), shifts, rng.uniform(2.0, 5.0, n))
+    volumes = simulate_volumes(config, maps.astype(np.float32), draws.class_index, draws, np.random.default_rng(6))
+    ctf = ctf_3d(torch.as_tensor(draws.defocus_um), BOX, 10.0, 300.0, 2.7, 0.07)
+    results = {}
+    for radius in (0.0, 8.0):
+        searched = config.model_copy(update={"matching": config.matching.model_copy(update={"centre_search_px": radius})})
+        results[radius] = Matcher(searched, dict(zip(CLASSES, maps)), (-60.0, 60.0)).match(volumes, ctf)
+    return draws, results
+
+
+def test_the_centre_search_recovers_particles_picked_3_px_off_centre(off_centre):
+    draws, results = off_centre
+    rows = np.arange(len(draws.class_index))
+
+    def errors(result):
+        pose = geodesic_distance_deg(result["rotation"][rows, draws.class_index], draws.rotation)
+        shift = np.linalg.norm(result["displacement_voxels"][rows, draws.class_index] - draws.shift_xyz_px, axis=1)
+        return np.median(pose), np.median(shift), np.mean(result["scores"].argmax(1) == draws.class_index)
+
+    pose, shift, accuracy = errors(results[8.0])
+    assert pose < 6.0 and shift < 0.5 and accuracy >= 0.9
+    pose_at_centre, _, _ = errors(results[0.0])
+    assert pose_at_centre > 2 * pose  # the global search at the box centre misses these particles' poses
+
+
+def test_rotational_average_keeps_a_centred_isotropic_blob_and_makes_any_map_isotropic():
+    from cryovae.volumes import rotational_average
+
+    grid = np.indices((17, 17, 17)) - 8
+    radius = np.sqrt((grid**2).sum(0))
+    blob = np.exp(-(radius**2) / (2 * 3.0**2))
+    assert np.abs(rotational_average(blob) - blob).max() < 0.02
+    lopsided = np.exp(-(((grid[2] - 3) ** 2 + grid[1] ** 2 + grid[0] ** 2) / 4.0))
+    average = rotational_average(lopsided)
+    on_axes = [average[8, 8, 13], average[8, 13, 8], average[13, 8, 8], average[3, 8, 8]]
+    assert np.ptp(on_axes) < 1e-12 and average.sum() > 0
+
+
+def test_windowed_peak_ignores_a_higher_peak_outside_the_window():
+    from cryovae.volumes import windowed_correlation_peak
+
+    cc = torch.zeros(1, 16, 16, 16)
+    cc[0, 2, 1, 15] = 1.0  # displacement (x, y, z) = (-1, 1, 2)
+    cc[0, 8, 0, 0] = 5.0  # z = -8: outside a 4-voxel window
+    displacement, peak = windowed_correlation_peak(cc, 4.0)
+    assert torch.allclose(displacement, torch.tensor([[-1.0, 1.0, 2.0]])) and float(peak) == 1.0

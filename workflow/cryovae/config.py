@@ -403,6 +403,11 @@ class MatchingConfig(_Section):
         "pose_far_deg apart (modulo the class's point group); each climbs the coarsest local grid and the best "
         "there is refined further."
     )
+    centre_search_px: float = Field(
+        0.0, ge=0, description="Before the global search each particle is centred, per class, on the class's "
+        "rotational average (a matched filter no rotation changes) within this radius in pixels, for picks "
+        "that miss the particle's centre; 0: the global search compares at the box centre."
+    )
     pose_far_deg: float = Field(
         30.0, gt=0, le=180, description="Rotations this far from a particle's pose (modulo the point group) are "
         "other hypotheses: pose_margin compares the best score near the pose with the best beyond."

@@ -3,7 +3,11 @@
 For a particle p (CTF-modulated, missing-wedge-filtered, noisy) and a reference T seen in
 pose A, the matched filter is the correlation of p with CTF · W · (A T), W the wedge.
 Its numerator is <A T, W · CTF · p>, so the particle is filtered once and compared with
-rotated references.  Two stages:
+rotated references.  With ``matching.centre_search_px`` > 0 the global search also compares
+each particle centred, per class, on the peak of its correlation with the class's rotational
+average (the same for every orientation, so one FFT per class finds where a mis-centred pick
+put the particle), and keeps the better of the two places (:meth:`Matcher.coarse_scores`).
+Two stages:
 
 1. a global search: every rotation of a super-Fibonacci grid (``matching.coarse_step_deg``),
    on Fourier-cropped volumes (``matching.coarse_binning``), the wedge applied to each
@@ -74,7 +78,7 @@ from cryovae.rotations import (
 from cryovae.shards import SubtomogramSet
 from cryovae.volumes import (
     ball_points, correlation_peak, cross_correlation, fourier_crop, phase_shift, rfft_frequencies, rfft_weights, rigid_transform,
-    sample_rigid, standardise_volumes,
+    rotational_average, sample_rigid, standardise_volumes, windowed_correlation_peak,
 )
 
 log = logging.getLogger(__name__)
@@ -184,6 +188,9 @@ class Matcher:
         self.power = {c: [_power_spectra(bank, self.box)[:, ball] for bank in banks] for c, banks in fine.items()}
         self.refine_top = min(m.refine_top, len(self.classes))
         self.keep, self.far_deg, self.margin_min = m.coarse_keep, m.pose_far_deg, m.pose_margin_min
+        self.centre_radius = m.centre_search_px
+        self.averages = {c: torch.fft.rfftn(self._tensor(rotational_average(v))) for c, v in references.items()} \
+            if self.centre_radius > 0 else {}
         self.finest_deg = min(m.refine_steps_deg) if m.refine_steps_deg else m.coarse_step_deg
         self.symmetry = {c: _point_group(config, c, v) for c, v in references.items()}
         self.grid_quats = {c: matrix_to_quaternion(self.grid[None] @ g[:, None]) for c, g in self.symmetry.items()}
@@ -254,20 +261,45 @@ class Matcher:
         dots = np.abs(np.einsum("na,sga->nsg", matrix_to_quaternion(rotations), self.grid_quats[cls])).max(1)
         return np.degrees(2 * np.arccos(np.clip(dots, 0.0, 1.0)))
 
-    def coarse_scores(self, filtered: torch.Tensor) -> list[np.ndarray]:
-        """Normalised correlation (n, G) of each particle with every grid rotation, per class."""
+    def centring(self, filtered: torch.Tensor, cls: str) -> torch.Tensor:
+        """Displacement (n, 3) voxels (x, y, z) of each particle's content from the box centre,
+        within ``matching.centre_search_px``: the peak of its correlation with the class's
+        rotational average, the same for every orientation of the particle."""
+        cc = cross_correlation(filtered, self.averages[cls], (self.box,) * 3)
+        return windowed_correlation_peak(cc, self.centre_radius)[0]
+
+    def _projected(self, spectra: torch.Tensor) -> torch.Tensor:
+        """Particle spectra cropped to the global search's box, standardised: (n, small³)."""
         small = self.small
-        cropped = fourier_crop(filtered, small, keep_nyquist=True)
-        p = standardise_volumes(torch.fft.irfftn(cropped, s=(small,) * 3, dim=(1, 2, 3))).to(self.search_dtype)
-        out = []
+        cropped = fourier_crop(spectra, small, keep_nyquist=True)
+        return standardise_volumes(torch.fft.irfftn(cropped, s=(small,) * 3, dim=(1, 2, 3))).to(self.search_dtype)
+
+    def coarse_scores(self, filtered: torch.Tensor) -> tuple[list[np.ndarray], list[torch.Tensor] | None]:
+        """Normalised correlation (n, G) of each particle with every grid rotation, per class,
+        and where the particle was compared (per class, (n, 3) voxels; None without a centre
+        search).  With ``matching.centre_search_px`` each class compares the particle both at
+        the box centre and centred by :meth:`centring`, and keeps, per particle, the place
+        whose best rotation scores higher (centring alone moves well-centred particles by the
+        rotational average's own offset, and lets a wrong class move a particle to where it
+        fits best)."""
+        p = self._projected(filtered)
+        out, places = [], [] if self.centre_radius > 0 else None
         for c in self.classes:
             basis, rows = self.banks[c]
-            out.append(((p @ basis) @ rows.T).float().cpu().numpy())
-        return out
+            scores = ((p @ basis) @ rows.T).float().cpu().numpy()
+            if places is not None:
+                shift = self.centring(filtered, c)
+                moved = ((self._projected(phase_shift(filtered, -shift)) @ basis) @ rows.T).float().cpu().numpy()
+                better = moved.max(1) > scores.max(1)
+                scores[better] = moved[better]
+                shift[torch.as_tensor(~better, device=shift.device)] = 0.0
+                places.append(shift)
+            out.append(scores)
+        return out, places
 
     def coarse(self, filtered: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Best normalised correlation (n, C) and grid rotation (n, C, 3, 3) per class."""
-        scores = self.coarse_scores(filtered)
+        scores, _ = self.coarse_scores(filtered)
         return np.stack([s.max(1) for s in scores], 1), np.stack([self.grid[s.argmax(1)] for s in scores], 1)
 
     def peaks(self, cls: str, scores: np.ndarray) -> np.ndarray:
@@ -382,7 +414,7 @@ class Matcher:
         particle_norm = ((self.weights * spectra.abs() ** 2).sum((1, 2, 3)) / self.box**3).sqrt()
         ctf = None if ctf is None else ctf.to(self.device)
         filtered = spectra if ctf is None else spectra * ctf
-        grid_scores = self.coarse_scores(filtered)
+        grid_scores, places = self.coarse_scores(filtered)
         scores = np.stack([s.max(1) for s in grid_scores], 1)
         rotations = np.stack([self.grid[s.argmax(1)] for s in grid_scores], 1)
         scores_min = np.stack([s.min(1) for s in grid_scores], 1)
@@ -399,9 +431,12 @@ class Matcher:
             if len(rows):
                 index = torch.as_tensor(rows, device=self.device)
                 block_ctf = None if ctf is None else ctf[index]
+                block = filtered[index] if places is None else phase_shift(filtered[index], -places[k][index])
                 rotations[rows, k], displacement[rows, k], fit[rows, k] = self.refine_peaks(
-                    filtered[index], cls, grid_scores[k][rows], block_ctf, particle_norm[index]
+                    block, cls, grid_scores[k][rows], block_ctf, particle_norm[index]
                 )
+                if places is not None:
+                    displacement[rows, k] += places[k][index].cpu().numpy()
                 refined[rows, k] = True
                 for name, values in self.confidence(cls, grid_scores[k][rows], rotations[rows, k], sd[rows]).items():
                     confidence[name][rows, k] = values

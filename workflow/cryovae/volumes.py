@@ -189,6 +189,31 @@ def check_rigid_transform(transform, shape: tuple[int, ...] = (12, 15, 16), n: i
     return float(np.abs(out - expected).max() / np.abs(volumes).max())
 
 
+def rotational_average(volume: np.ndarray) -> np.ndarray:
+    """The average of a volume over every rotation about voxel N//2: its mean in each
+    one-voxel shell, placed at the shell's mean radius and interpolated linearly in the radius
+    back onto the grid; same shape."""
+    volume = np.asarray(volume, dtype=np.float64)
+    radius = np.sqrt(sum((g - s // 2) ** 2 for g, s in zip(np.indices(volume.shape), volume.shape)))
+    shell = np.rint(radius).astype(np.int64).ravel()
+    counts = np.bincount(shell)
+    filled = counts > 0
+    profile = np.bincount(shell, weights=volume.ravel())[filled] / counts[filled]
+    shell_radius = np.bincount(shell, weights=radius.ravel())[filled] / counts[filled]
+    return np.interp(radius, shell_radius, profile)
+
+
+def windowed_correlation_peak(cc: torch.Tensor, radius: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`correlation_peak` among the displacements within ``radius`` voxels of 0 (circular
+    cross-correlations (n, D, H, W), displacement 0 at index 0); the rest count as the minimum."""
+    shape = cc.shape[1:]
+    signed = [torch.fft.fftfreq(size, 1.0 / size, device=cc.device) for size in shape]
+    dz, dy, dx = torch.meshgrid(*signed, indexing="ij")
+    inside = dz**2 + dy**2 + dx**2 <= radius**2
+    floor = cc.reshape(len(cc), -1).min(1).values.view(-1, 1, 1, 1)
+    return correlation_peak(torch.where(inside, cc, floor))
+
+
 def standardise_volumes(volumes: torch.Tensor) -> torch.Tensor:
     """(n, ...) -> (n, voxels) with zero mean and unit norm per row: dot products are correlations."""
     flat = volumes.reshape(len(volumes), -1)
