@@ -147,6 +147,23 @@ def test_npy_written_in_batches_is_what_numpy_saves(tmp_path):
         sim.write_npy_batches(tmp_path / "c.npy", whole.shape, iter([whole[:3]]))
 
 
+def test_float16_storage_holds_the_float32_particles_rounded_and_reads_back_as_float32(map_files, tmp_path):
+    from cryovae.shards import SubtomogramSet
+
+    for dtype in ("float32", "float16"):
+        folder = tmp_path / dtype
+        folder.mkdir()
+        sim.simulate_shard(_config({"storage_dtype": dtype}), "train", 0, map_files, folder / "shard_000.npy",
+                           folder / "particles.star")
+    single = np.load(tmp_path / "float32" / "shard_000.npy")
+    half = np.load(tmp_path / "float16" / "shard_000.npy")
+    assert half.dtype == np.dtype("<f2") and half.nbytes * 2 == single.nbytes
+    assert np.array_equal(half, single.astype(np.float16))  # the same particles, rounded once
+    read = SubtomogramSet.open(tmp_path / "float16").volumes(np.arange(len(half)))
+    assert read.dtype == np.float32 and np.array_equal(read, half.astype(np.float32))
+    assert np.abs(read - single).max() <= 2.0**-11 * np.abs(single).max()
+
+
 def test_star_columns_and_optics(map_files, tmp_path):
     config = _config({"snr": 0.1})
     sim.simulate_shard(config, "test", 1, map_files, tmp_path / "shard_001.npy", tmp_path / "shard_001.star")

@@ -2,8 +2,9 @@
 
 A split folder (``{output_dir}/subtomograms/{split}/``) holds
 
-- ``shard_{k:03d}.npy``: float32 array of shape (n_k, D, H, W) in (z, y, x) order, opened
-  memory-mapped, never one file per particle;
+- ``shard_{k:03d}.npy``: float32 array (float16 for simulated shards with
+  ``simulation.storage_dtype: float16``; read back as float32) of shape (n_k, D, H, W) in
+  (z, y, x) order, opened memory-mapped, never one file per particle;
 - ``particles.star``: one row per particle, in shard order, with
 
   ============================  ==========================================================

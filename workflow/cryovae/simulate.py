@@ -404,14 +404,16 @@ def simulate_volumes(config, class_maps: np.ndarray, class_slot: np.ndarray, dra
     return np.concatenate(list(simulate_batches(config, class_maps, class_slot, draws, generator)))
 
 
-def write_npy_batches(path: Path, shape: tuple[int, ...], batches: Iterator[np.ndarray]) -> None:
-    """Write float32 ``batches`` (concatenated along axis 0: ``shape``) as one .npy file, one
-    batch in memory at a time; the bytes are :func:`numpy.save`'s of the whole array."""
+def write_npy_batches(path: Path, shape: tuple[int, ...], batches: Iterator[np.ndarray], dtype: str = "float32") -> None:
+    """Write ``batches`` (concatenated along axis 0: ``shape``) as one .npy file of ``dtype``
+    (float32 or float16, little-endian), one batch in memory at a time; the bytes are
+    :func:`numpy.save`'s of the whole array in that dtype."""
+    descr = np.dtype(dtype).newbyteorder("<").str
     with open(path, "wb") as fh:
-        np.lib.format.write_array_header_1_0(fh, {"descr": "<f4", "fortran_order": False, "shape": shape})
+        np.lib.format.write_array_header_1_0(fh, {"descr": descr, "fortran_order": False, "shape": shape})
         written = 0
         for batch in batches:
-            np.ascontiguousarray(batch, dtype="<f4").tofile(fh)
+            np.ascontiguousarray(batch, dtype=descr).tofile(fh)
             written += len(batch)
     if written != shape[0]:
         raise RuntimeError(f"{path}: wrote {written} of {shape[0]} volumes")
@@ -472,5 +474,6 @@ def simulate_shard(config, split: str, shard: int, maps: list[Path], output: Pat
     output, star = Path(output), Path(star)
     shape = (len(class_slot),) + (config.box_size,) * 3
     with atomic_path(output) as tmp:  # batch by batch: a shard may hold GiBs, memory holds a batch
-        write_npy_batches(tmp, shape, simulate_batches(config, class_maps, class_slot, draws, generator))
+        write_npy_batches(tmp, shape, simulate_batches(config, class_maps, class_slot, draws, generator),
+                          config.simulation.storage_dtype)
     write_particles_star(particle_table(config, split, shard, output.name, draws), optics_table(config), star)
