@@ -77,8 +77,8 @@ from cryovae.rotations import (
 )
 from cryovae.shards import SubtomogramSet
 from cryovae.volumes import (
-    ball_points, correlation_peak, cross_correlation, fourier_crop, phase_shift, rfft_frequencies, rfft_weights, rigid_transform,
-    rotational_average, sample_rigid, standardise_volumes, windowed_correlation_peak,
+    ball_points, correlation_peak, cross_correlation, fourier_crop, phase_shift, rfft_frequencies, rfft_weights,
+    rigid_transform, rotational_average, sample_rigid, standardise_volumes, windowed_correlation_peak,
 )
 
 log = logging.getLogger(__name__)
