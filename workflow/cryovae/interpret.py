@@ -241,7 +241,7 @@ def sparse_models(z_train, y_train, z_eval, y_eval, classes, max_dims: int, seed
         curve.append({"dims_per_class": k, "accuracy": accuracy})
         if k == min(max_dims, z_train.shape[1]):
             kept = {"dims_per_class": k, "accuracy": accuracy, "rules": rules,
-                    "n_parameters": int(sum(rule_features(np.zeros((1, len(r["dims"]))), terms).shape[1] + 1
+                    "n_parameters": int(sum(len(r["coefficients"]) + len(r.get("square_coefficients", ())) + 1
                                             for r in rules.values()))}
     reads = "its dimensions" if terms == "linear" else "its dimensions and their squares"
     return {"model": f"one-vs-rest logistic regression per class on {reads}, the first k of its L1 path "

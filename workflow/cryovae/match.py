@@ -396,8 +396,9 @@ class Matcher:
             best = np.full(len(starts), -np.inf)
             for j in range(starts.shape[1]):
                 values = score(starts[:, j], 0)
-                better = values.max(1) > best
-                best[better] = values.max(1)[better]
+                top = values.max(1)
+                better = top > best
+                best[better] = top[better]
                 rotations[better] = starts[better, j] @ self.deltas[0][values[better].argmax(1)]
             rotations = refine_rotations(lambda current, level: score(current, level + 1), rotations, self.deltas[1:])
         d, fit = self.correlate(filtered, ref, rotations, ctf, particle_norm)

@@ -102,11 +102,9 @@ def ball_points(box: int, radius: float | None = None) -> tuple[torch.Tensor, to
     return xyz[keep], torch.nonzero(keep).squeeze(1)
 
 
-def sample_rigid(volumes: torch.Tensor, rotation: torch.Tensor, points_xyz: torch.Tensor,
-                 shift_voxels: torch.Tensor | None = None) -> torch.Tensor:
-    """:func:`rigid_transform` evaluated at output voxels ``points_xyz`` (m, d) only (indices
-    x, y[, z], e.g. :func:`ball_points`): (n, ..., m).  The same trilinear values, for the
-    cost of m voxels instead of the whole box."""
+def _transform_inputs(volumes: torch.Tensor, rotation: torch.Tensor, shift_voxels: torch.Tensor | None):
+    """What :func:`rigid_transform` and :func:`sample_rigid` sample from: (volumes as (n, channels,
+    *spatial), rotation (n, d, d), shift (n, d), spatial), float32 (float64 for float64 input)."""
     ndim = rotation.shape[-1]
     dtype = torch.float64 if volumes.dtype == torch.float64 else torch.float32
     spatial = tuple(volumes.shape[-ndim:])
@@ -114,13 +112,24 @@ def sample_rigid(volumes: torch.Tensor, rotation: torch.Tensor, points_xyz: torc
     rot = rotation.to(dtype=dtype, device=volumes.device)
     shift = torch.zeros(n, ndim, dtype=dtype, device=volumes.device) if shift_voxels is None \
         else shift_voxels.to(dtype=dtype, device=volumes.device)
+    return volumes.to(dtype).reshape((n, -1) + spatial), rot, shift, spatial
+
+
+def _trilinear(flat: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    return F.grid_sample(flat, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def sample_rigid(volumes: torch.Tensor, rotation: torch.Tensor, points_xyz: torch.Tensor,
+                 shift_voxels: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`rigid_transform` evaluated at output voxels ``points_xyz`` (m, d) only (indices
+    x, y[, z], e.g. :func:`ball_points`): (n, ..., m).  The same trilinear values, for the
+    cost of m voxels instead of the whole box."""
+    flat, rot, shift, spatial = _transform_inputs(volumes, rotation, shift_voxels)
     centre, a_scaled, offset = _grid_affine(rot, shift, spatial)
-    points = points_xyz.to(dtype=dtype, device=volumes.device) - centre
+    points = points_xyz.to(dtype=rot.dtype, device=volumes.device) - centre
     grid = torch.matmul(points, a_scaled) + offset[:, None]  # (n, m, d)
-    flat = volumes.to(dtype).reshape((n, -1) + spatial)
-    out = F.grid_sample(flat, grid.view((n,) + (1,) * (ndim - 1) + grid.shape[1:]), mode="bilinear",
-                        padding_mode="zeros", align_corners=False)
-    return out.reshape(volumes.shape[: volumes.ndim - ndim] + (len(points_xyz),))
+    out = _trilinear(flat, grid.view((len(flat),) + (1,) * (len(spatial) - 1) + grid.shape[1:]))
+    return out.reshape(volumes.shape[: volumes.ndim - len(spatial)] + (len(points_xyz),))
 
 
 def rigid_transform(
@@ -134,17 +143,8 @@ def rigid_transform(
     Returns the volumes' shape, float32 (float64 for float64 input: never a half-precision
     grid).  Differentiable with respect to all three inputs.
     """
-    ndim = rotation.shape[-1]
-    dtype = torch.float64 if volumes.dtype == torch.float64 else torch.float32
-    spatial = tuple(volumes.shape[-ndim:])
-    n = volumes.shape[0]
-    rot = rotation.to(dtype=dtype, device=volumes.device)
-    shift = torch.zeros(n, ndim, dtype=dtype, device=volumes.device) if shift_voxels is None \
-        else shift_voxels.to(dtype=dtype, device=volumes.device)
-    flat = volumes.to(dtype).reshape((n, -1) + spatial)
-    out = F.grid_sample(flat, _sampling_grid(rot, shift, spatial), mode="bilinear", padding_mode="zeros",
-                        align_corners=False)
-    return out.reshape(volumes.shape)
+    flat, rot, shift, spatial = _transform_inputs(volumes, rotation, shift_voxels)
+    return _trilinear(flat, _sampling_grid(rot, shift, spatial)).reshape(volumes.shape)
 
 
 def _test_volume(shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
