@@ -256,6 +256,32 @@ def test_snr_is_the_target(ctf, tilt):
     np.testing.assert_allclose(snr, 0.3, rtol=1e-4)
 
 
+def test_seen_classes_snr_reference_gives_every_class_one_noise_level(map_files, tmp_path):
+    noisy_cfg = _config({**CLEAN, "snr": 0.3, "snr_reference": "seen_classes"})
+    clean_cfg = _config({**CLEAN, "snr_reference": "seen_classes"})
+    classes = splits.split_classes(noisy_cfg, "test")
+    maps = np.stack([{"a": MAP_A, "b": MAP_B, "c": MAP_C}[c] for c in classes])
+    class_snr = sim.class_snr(noisy_cfg, classes, maps)
+    power = {c: m.astype(np.float64).var() for c, m in zip(classes, maps)}
+    mean_seen = (power["a"] + power["b"]) / 2  # c is unseen: the noise level comes from the seen classes
+    np.testing.assert_allclose(class_snr, [0.3 * power[c] / mean_seen for c in classes])
+    assert sim.class_snr(clean_cfg, classes, maps) is None
+    draws, generator = sim.draw_particles(noisy_cfg, "test", 0)
+    slot = np.array([classes.index(noisy_cfg.class_names[i]) for i in draws.class_index])
+    with pytest.raises(ValueError, match="class_snr"):
+        sim.simulate_volumes(noisy_cfg, maps, slot, draws, generator)
+    noisy = sim.simulate_volumes(noisy_cfg, maps, slot, draws, generator, class_snr)
+    clean = sim.simulate_volumes(clean_cfg, maps, slot, *sim.draw_particles(clean_cfg, "test", 0))
+    noise_var = (noisy - clean).var(axis=(1, 2, 3))
+    np.testing.assert_allclose(clean.var(axis=(1, 2, 3)) / noise_var, class_snr[slot], rtol=1e-4)
+    assert noise_var.max() / noise_var.min() < 1.1  # one noise level, whatever the class
+    assert class_snr.max() / class_snr.min() > 1.3  # while the classes' SNRs differ
+    sim.simulate_shard(noisy_cfg, "test", 0, map_files, tmp_path / "s.npy", tmp_path / "s.star")
+    particles, _ = read_particles_star(tmp_path / "s.star")
+    expected = dict(zip(classes, class_snr))
+    np.testing.assert_allclose(particles["cryovaeSnr"], particles["cryovaeClassName"].map(expected), rtol=1e-5)
+
+
 def test_missing_wedge_has_no_fourier_power():
     tilt = (-50.0, 60.0)
     volumes, _ = _volumes(_config({"snr": 1.0, "tilt_range_deg": tilt, "ctf": True}))

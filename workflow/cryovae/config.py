@@ -128,6 +128,12 @@ class SimulationConfig(_Section):
     snr: float | None = Field(
         0.5, gt=0, description="Signal variance over noise variance in the box; null: noise-free."
     )
+    snr_reference: Literal["particle", "seen_classes"] = Field(
+        "particle", description="particle: every particle has SNR snr. seen_classes: one noise level for "
+        "all, as in a tomogram: a particle's SNR is snr times its class map's variance in the box over the "
+        "mean of the seen classes', so small complexes are fainter than large ones (their template fits "
+        "are then as low as they are in a tomogram)."
+    )
     tilt_range_deg: tuple[float, float] | None = Field(
         (-60.0, 60.0), description="Tilt range of the missing wedge about Y; null: no missing wedge."
     )

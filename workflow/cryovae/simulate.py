@@ -25,8 +25,12 @@ Each particle, in order:
 3. missing wedge (optional): Fourier components outside the tilt range about Y are zero.
 4. noise (optional): white Gaussian noise (drawn directly as its Fourier transform),
    through the same wedge and sphere (a tomogram has no data there), scaled so that
-   SNR = var(signal) / var(noise) over the box equals ``snr`` exactly for every particle,
-   where the signal is the particle after steps 1–3.
+   SNR = var(signal) / var(noise) over the box equals the particle's SNR exactly, where
+   the signal is the particle after steps 1–3.  With ``snr_reference: particle`` that is
+   ``snr`` for every particle; with ``seen_classes`` it is ``snr × P_c / mean P`` for a
+   particle of class c, P the variance of a class map in the box and the mean over the seen
+   classes: one noise level for all classes, as in a tomogram, where a small complex is
+   fainter than a large one (:func:`class_snr`).
 5. band-pass (optional) of signal + noise, then per-particle normalisation (optional):
    zero mean, unit variance.  ``cryovaeSnr`` is the SNR before the band-pass.
 
@@ -337,11 +341,30 @@ def _require_signal(variance: np.ndarray) -> None:
         raise InputError(f"particle {bad} of the batch has no signal in the box (is the map empty?)")
 
 
+def class_snr(config, classes: list[str], class_maps: np.ndarray) -> np.ndarray | None:
+    """The SNR of a particle of each of ``classes`` (C,), maps (C, B, B, B); None without noise.
+
+    ``simulation.snr_reference`` particle: ``snr`` for every class; seen_classes: ``snr``
+    scaled by the class map's variance in the box over the mean variance of the seen classes
+    among ``classes`` (every split holds them, so all splits share one noise level)."""
+    sim = config.simulation
+    if sim.snr is None:
+        return None
+    if sim.snr_reference == "particle":
+        return np.full(len(classes), float(sim.snr))
+    power = class_maps.astype(np.float64).var(axis=(1, 2, 3))
+    seen = [i for i, c in enumerate(classes) if c in config.seen_classes]
+    if not seen:
+        raise InputError(f"simulation.snr_reference seen_classes: none of {classes} is a seen class")
+    return float(sim.snr) * power / power[seen].mean()
+
+
 def corrupt(values: np.ndarray, defocus_um: np.ndarray, config, support: FourierSupport,
-            generator: np.random.Generator) -> np.ndarray:
+            generator: np.random.Generator, snr: np.ndarray | None = None) -> np.ndarray:
     """CTF, noise at the SNR, band-pass and normalisation of particle spectra: (n, K) -> (n, K) complex64.
 
-    The wedge and the Nyquist sphere are the support itself.
+    The wedge and the Nyquist sphere are the support itself; ``snr`` (n,) is each particle's
+    SNR (default: ``simulation.snr`` for all; no noise when that is null).
     """
     sim = config.simulation
     if sim.ctf:
@@ -349,10 +372,13 @@ def corrupt(values: np.ndarray, defocus_um: np.ndarray, config, support: Fourier
                           sim.spherical_aberration_mm, sim.amplitude_contrast)
         values = values * table[:, support.k2]
     if sim.snr is not None:
+        if snr is None and sim.snr_reference != "particle":
+            raise ValueError("simulation.snr_reference is not 'particle': pass each particle's SNR (class_snr)")
+        snr = np.full(len(values), float(sim.snr)) if snr is None else np.asarray(snr, dtype=np.float64)
         var_signal = _variance(values, support)
         _require_signal(var_signal)
         noise = hermitian_noise(values.shape[0], support, generator)
-        sigma = np.sqrt(var_signal / (sim.snr * _variance(noise, support))).astype(np.float32)
+        sigma = np.sqrt(var_signal / (snr * _variance(noise, support))).astype(np.float32)
         noise *= sigma[:, None]
         values = values + noise
     if support.band is not None:
@@ -380,8 +406,9 @@ def batch_size(box: int) -> int:
 
 
 def simulate_batches(config, class_maps: np.ndarray, class_slot: np.ndarray, draws: ParticleDraws,
-                     generator: np.random.Generator) -> Iterator[np.ndarray]:
-    """The particles of a shard in order, in batches of :func:`batch_size`: (b, B, B, B) float32 each."""
+                     generator: np.random.Generator, snr: np.ndarray | None = None) -> Iterator[np.ndarray]:
+    """The particles of a shard in order, in batches of :func:`batch_size`: (b, B, B, B) float32 each;
+    ``snr`` (C,): the SNR of each map's particles (:func:`class_snr`; default ``simulation.snr``)."""
     box = config.box_size
     factor = 2 if box <= OVERSAMPLED_MAX_BOX else 1
     spectra = padded_spectra(class_maps, factor)
@@ -391,7 +418,8 @@ def simulate_batches(config, class_maps: np.ndarray, class_slot: np.ndarray, dra
         sel = slice(start, min(n, start + step))
         values = particle_spectra(spectra, factor, class_slot[sel], draws.rotation[sel], draws.shift_xyz_px[sel],
                                   support)
-        values = corrupt(values, draws.defocus_um[sel], config, support, generator)
+        values = corrupt(values, draws.defocus_um[sel], config, support, generator,
+                         None if snr is None else snr[class_slot[sel]])
         volumes = to_volumes(values, support)
         if not np.all(np.isfinite(volumes)):
             raise InputError("simulation produced non-finite values (check the maps and simulation settings)")
@@ -399,9 +427,9 @@ def simulate_batches(config, class_maps: np.ndarray, class_slot: np.ndarray, dra
 
 
 def simulate_volumes(config, class_maps: np.ndarray, class_slot: np.ndarray, draws: ParticleDraws,
-                     generator: np.random.Generator) -> np.ndarray:
+                     generator: np.random.Generator, snr: np.ndarray | None = None) -> np.ndarray:
     """All particles of a shard in memory: (n, B, B, B) float32."""
-    return np.concatenate(list(simulate_batches(config, class_maps, class_slot, draws, generator)))
+    return np.concatenate(list(simulate_batches(config, class_maps, class_slot, draws, generator, snr)))
 
 
 def write_npy_batches(path: Path, shape: tuple[int, ...], batches: Iterator[np.ndarray], dtype: str = "float32") -> None:
@@ -434,13 +462,16 @@ def optics_table(config) -> pd.DataFrame:
     })
 
 
-def particle_table(config, split: str, shard: int, shard_name: str, draws: ParticleDraws) -> pd.DataFrame:
-    """The ground truth of a shard's particles, columns of :mod:`cryovae.shards` (+ defocus with CTF)."""
+def particle_table(config, split: str, shard: int, shard_name: str, draws: ParticleDraws,
+                   snr: np.ndarray | None = None) -> pd.DataFrame:
+    """The ground truth of a shard's particles, columns of :mod:`cryovae.shards` (+ defocus with CTF);
+    ``snr`` (n,): each particle's SNR (default ``simulation.snr``; inf without noise)."""
     n = len(draws.class_index)
     names = np.asarray(config.class_names, dtype=object)
     angles = matrix_to_relion_euler(draws.rotation)
     origin = -draws.shift_xyz_px * config.pixel_size_angstrom
-    snr = config.simulation.snr
+    if snr is None:
+        snr = np.full(n, np.inf if config.simulation.snr is None else float(config.simulation.snr))
     table = pd.DataFrame({
         "cryovaeParticleId": [f"{split}_{shard:03d}_{i:05d}" for i in range(n)],
         "cryovaeShard": [shard_name] * n,
@@ -453,7 +484,7 @@ def particle_table(config, split: str, shard: int, shard_name: str, draws: Parti
         "rlnOriginXAngst": origin[:, 0],
         "rlnOriginYAngst": origin[:, 1],
         "rlnOriginZAngst": origin[:, 2],
-        "cryovaeSnr": np.full(n, np.inf if snr is None else float(snr)),
+        "cryovaeSnr": snr,
         "rlnOpticsGroup": np.ones(n, dtype=np.int64),
     })
     if config.simulation.ctf:
@@ -473,7 +504,9 @@ def simulate_shard(config, split: str, shard: int, maps: list[Path], output: Pat
     class_slot = np.array([slot_of[c] for c in draws.class_index], dtype=np.int64)
     output, star = Path(output), Path(star)
     shape = (len(class_slot),) + (config.box_size,) * 3
+    snr = class_snr(config, classes, class_maps)
     with atomic_path(output) as tmp:  # batch by batch: a shard may hold GiBs, memory holds a batch
-        write_npy_batches(tmp, shape, simulate_batches(config, class_maps, class_slot, draws, generator),
+        write_npy_batches(tmp, shape, simulate_batches(config, class_maps, class_slot, draws, generator, snr),
                           config.simulation.storage_dtype)
-    write_particles_star(particle_table(config, split, shard, output.name, draws), optics_table(config), star)
+    table = particle_table(config, split, shard, output.name, draws, None if snr is None else snr[class_slot])
+    write_particles_star(table, optics_table(config), star)
