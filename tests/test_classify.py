@@ -8,6 +8,8 @@ import pytest
 from cryovae.classify import (
     Classifier,
     ClassModel,
+    FitMixture,
+    adapt_classifier,
     adapt_model,
     annotate,
     features,
@@ -262,3 +264,80 @@ def test_scale_free_features_ignore_a_common_factor_of_the_scores():
     assert np.allclose(x[:, :3].max(1), 1.0)
     top2 = np.sort(scores, 1)[:, -2:]
     np.testing.assert_allclose(x[:, 3], (top2[:, 1] - top2[:, 0]) / top2[:, 1])
+
+
+# --- unknowns from the fit within each nearest class -------------------------------------
+def _tomogram_fits(rng, n_seen=120, n_unknown=120):
+    """Fits as in a tomogram: a large complex (0.20), a small one (0.10) fitting almost as poorly
+    as particles of no class (0.07), which land nearest to either; (fit, nearest, is_unknown)."""
+    nearest = np.concatenate([np.zeros(n_seen, int), np.ones(n_seen, int), rng.integers(0, 2, n_unknown)])
+    fit = np.concatenate([rng.normal(0.20, 0.012, n_seen), rng.normal(0.10, 0.008, n_seen),
+                          rng.normal(0.07, 0.008, n_unknown)])
+    return fit, nearest, np.arange(len(fit)) >= 2 * n_seen
+
+
+def test_fit_mixture_keeps_the_small_class_that_a_fit_threshold_calls_unknown():
+    rng = np.random.default_rng(11)
+    fit, nearest, unknown = _tomogram_fits(rng)
+    mixture = FitMixture.fit(fit, nearest, 2, prior_counts=5.0, unknown_fraction=0.25, threshold=0.5)
+    np.testing.assert_allclose(mixture.means, [0.20, 0.10], atol=0.004)
+    np.testing.assert_allclose([mixture.unknown_mean, mixture.unknown_sd], [0.07, 0.008], atol=0.003)
+    called = mixture.posterior(fit, nearest) > mixture.threshold
+    small = (nearest == 1) & ~unknown
+    assert called[small].mean() < 0.15 and called[unknown].mean() > 0.85 and called[nearest == 0][:120].mean() < 0.01
+    # a threshold on the fit alone that keeps 95 % of the large class's particles calls the small class unknown
+    global_cut = np.quantile(fit[(nearest == 0) & ~unknown], 0.05) - 2 * 0.012
+    assert np.mean(fit[small] < global_cut) > 0.9
+
+
+def test_fit_mixture_round_trips_and_needs_the_fits(tmp_path):
+    rng = np.random.default_rng(12)
+    fit, nearest, _ = _tomogram_fits(rng, 30, 30)
+    base = _source_model(rng)
+    model = Classifier(base, base, FitMixture.fit(fit, nearest, 3, 5.0, 0.25, 0.7))  # class 2 has no particle
+    model.save(tmp_path / "clf.npz")
+    loaded = Classifier.load(tmp_path / "clf.npz")
+    assert loaded.threshold == 0.7
+    for name, value in model.mixture.arrays("").items():
+        np.testing.assert_array_equal(loaded.mixture.arrays("")[name], value)
+    x = SOURCE_MEANS[np.repeat(np.arange(3), 5)]
+    with pytest.raises(InputError, match="template fit"):
+        loaded.predict(x, x)
+    probs, score = loaded.predict(x, x, np.full(len(x), 0.2))
+    np.testing.assert_allclose(score, model.mixture.posterior(np.full(len(x), 0.2), probs.argmax(1)))
+
+
+def test_adapt_with_fit_mixture_writes_the_posterior_of_unknown(fitted):
+    rng = np.random.default_rng(13)
+    names = np.repeat(["a", "b", "c"], 60)
+    latent = np.stack([CENTRES[c] for c in names]) + rng.normal(size=(180, 4))
+    split = fitted / "tomo.npz"
+    np.savez(split, particle_id=np.array([f"t{i}" for i in range(180)]), class_name=names,
+             latent_mean=latent.astype(np.float32), latent_logvar=np.zeros_like(latent, np.float32),
+             rotation=random_rotations(180, rng), origin_angstrom=np.zeros((180, 3)), recon_error=np.zeros(180))
+    fit_by_class = {"a": 0.20, "b": 0.10, "c": 0.07}  # c: of no seen class, and fits poorly
+    fit = np.array([fit_by_class[c] for c in names]) + rng.normal(0, 0.008, 180)
+    match = fitted / "tomo_m.npz"
+    np.savez(match, particle_id=np.array([f"t{i}" for i in range(180)]), classes=np.array(["a", "b"]),
+             scores=rng.normal(0.2, 0.01, (180, 2)), fit=np.stack([fit, np.full(180, np.nan)], 1))
+    config = CFG.model_copy(update={"classification": CFG.classification.model_copy(
+        update={"unknown_model": "fit_mixture"})})
+    adapt_classifier(config, fitted / "clf.npz", split, fitted / "clf_t.npz", match)
+    model = Classifier.load(fitted / "clf_t.npz")
+    assert model.mixture is not None and model.threshold == 0.5
+    nearest = model.classes.predict(latent.astype(np.float64))[0].argmax(1)
+    np.testing.assert_allclose(model.mixture.posterior(fit, nearest),
+                               model.predict(latent.astype(np.float64), latent.astype(np.float64), fit)[1])
+    called = model.predict(latent.astype(np.float64), latent.astype(np.float64), fit)[1] > model.threshold
+    assert called[names == "c"].mean() > 0.85 and called[names != "c"].mean() < 0.1
+    with pytest.raises(InputError, match="give --match"):
+        adapt_classifier(config, fitted / "clf.npz", split, fitted / "clf_x.npz")
+
+
+def test_fit_mixture_needs_matching_and_adaptation():
+    for classification, matching in (({"unknown_model": "fit_mixture", "adapt": "none"}, {}),
+                                     ({"unknown_model": "fit_mixture", "features": ["latent"],
+                                       "unknown_features": ["latent"]}, {"enabled": False})):
+        with pytest.raises(InputError, match="fit_mixture"):
+            validate_config({"structures": {"a": "demo:x", "b": "demo:y"}, "classification": classification,
+                             "matching": matching})

@@ -17,7 +17,12 @@ unknown.  With ``classification.adapt: em`` each extracted split gets its own cl
 (:func:`adapt_classifier`): both models are refitted by EM on the split's unlabelled
 particles, anchored to the simulated fit by ``classification.adapt_prior_counts``
 pseudo-counts, with an unknown Gaussian beside the seen classes; the threshold is then
-the ``accept_fraction`` χ² quantile of the adapted classes (:func:`adapt_model`).
+the ``accept_fraction`` χ² quantile of the adapted classes (:func:`adapt_model`).  With
+``classification.unknown_model: fit_mixture`` the unknowns of such a split come instead from
+:class:`FitMixture`: the posterior that a particle is unknown given its template fit and its
+nearest class.  In a tomogram the noise is one level for all, so a small complex fits its
+template about as poorly as a particle of no class fits any; a threshold on the fit alone
+then calls the small classes unknown, while within one nearest class the two are apart.
 
 Poses written out are the template-matching poses of the nearest class when matching is
 enabled (already relative to the reference map), else the network's poses moved into
@@ -33,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy.stats import chi2
+from scipy.stats import chi2, norm
 from sklearn.covariance import LedoitWolf
 
 from cryovae.atomic import atomic_path
@@ -99,30 +104,112 @@ class ClassModel:
         return cls(**fields)
 
 
+FIT_SD_FLOOR = 1e-3  # smallest standard deviation of a fit Gaussian (fits are correlations, ~0.1)
+
+
+@dataclass
+class FitMixture:
+    """P(unknown | fit, nearest class k): per seen class a Gaussian of its particles' fits, beside
+    one Gaussian of unknown particles' fits shared by all classes, and per class the prior that a
+    particle nearest to it is unknown.  Fitted on one split's own particles (:meth:`fit`)."""
+
+    means: np.ndarray  # (K,) fit mean of each seen class
+    sds: np.ndarray  # (K,)
+    unknown_mean: np.ndarray  # () fit mean of unknown particles
+    unknown_sd: np.ndarray  # ()
+    unknown_prior: np.ndarray  # (K,) P(unknown | nearest class)
+    threshold: float  # posterior of unknown above which a particle is unknown
+
+    def posterior(self, fit: np.ndarray, nearest: np.ndarray) -> np.ndarray:
+        """P(unknown) (n,) of particles with fits ``fit`` (n,) and nearest class indices ``nearest`` (n,)."""
+        prior = self.unknown_prior[nearest]
+        seen = np.log1p(-prior) + norm.logpdf(fit, self.means[nearest], self.sds[nearest])
+        unknown = np.log(prior) + norm.logpdf(fit, self.unknown_mean, self.unknown_sd)
+        return 1.0 / (1.0 + np.exp(np.clip(seen - unknown, -700, 700)))
+
+    @classmethod
+    def fit(cls, fit: np.ndarray, nearest: np.ndarray, n_classes: int, prior_counts: float,
+            unknown_fraction: float, threshold: float) -> "FitMixture":
+        """EM on fits ``fit`` (n,) of particles nearest to classes ``nearest`` (n,) in 0..n_classes-1.
+
+        EM starts with the ``unknown_fraction`` of lowest fits unknown.  Each class's mean is
+        its particles' own (the fits of a small and a large complex differ several-fold, so no
+        shared anchor fits both); its variance carries ``prior_counts`` pseudo-observations of
+        the classes' pooled within-class variance, and its unknown prior ``prior_counts``
+        pseudo-counts of ``unknown_fraction``."""
+        if len(fit) < 2 or not np.all(np.isfinite(fit)):
+            raise InputError(f"unknown_model fit_mixture: {len(fit)} particle(s) with finite fits; EM needs two")
+        p_unknown = (fit <= np.quantile(fit, unknown_fraction)).astype(np.float64)
+        model, previous = None, None
+        for _ in range(EM_MAX_ITERATIONS):
+            model = cls._m_step(fit, nearest, n_classes, p_unknown, prior_counts, unknown_fraction, threshold)
+            p_unknown = model.posterior(fit, nearest)
+            if previous is not None and np.abs(p_unknown - previous).max() < EM_TOLERANCE:
+                break
+            previous = p_unknown
+        return model
+
+    @classmethod
+    def _m_step(cls, fit, nearest, n_classes, p_unknown, counts, unknown_fraction, threshold) -> "FitMixture":
+        seen = 1.0 - p_unknown
+        weight = np.bincount(nearest, seen, n_classes)
+        has = weight > 1e-9
+        pool_mean = (seen @ fit) / max(seen.sum(), 1e-12)
+        means = np.where(has, np.bincount(nearest, seen * fit, n_classes) / np.where(has, weight, 1.0), pool_mean)
+        scatter = np.bincount(nearest, seen * (fit - means[nearest]) ** 2, n_classes)
+        within = scatter.sum() / max(weight.sum(), 1e-12)  # the classes' pooled within-class variance
+        sds = np.sqrt((counts * within + scatter) / (counts + weight).clip(1e-12)).clip(FIT_SD_FLOOR)
+        mass = max(p_unknown.sum(), 1e-12)
+        unknown_mean = (p_unknown @ fit) / mass
+        unknown_sd = max(np.sqrt((p_unknown @ (fit - unknown_mean) ** 2) / mass), FIT_SD_FLOOR)
+        total = np.bincount(nearest, minlength=n_classes)
+        prior = (np.bincount(nearest, p_unknown, n_classes) + counts * unknown_fraction) / (total + counts)
+        return cls(means, sds, np.asarray(unknown_mean), np.asarray(unknown_sd),
+                   prior.clip(1e-6, 1 - 1e-6), threshold)
+
+    def arrays(self, prefix: str) -> dict[str, np.ndarray]:
+        return {prefix + k: np.asarray(v) for k, v in self.__dict__.items()}
+
+    @classmethod
+    def from_arrays(cls, data, prefix: str) -> "FitMixture":
+        fields = {name: data[prefix + name] for name in cls.__dataclass_fields__}
+        fields["threshold"] = float(fields["threshold"])
+        return cls(**fields)
+
+
 @dataclass
 class Classifier:
     """Two Gaussian models of the seen classes: ``classes`` over ``classification.features``
     gives the class probabilities, ``unknown`` over ``classification.unknown_features`` the
     unknown score and its threshold (features that classify well are not always those that
-    tell a known particle from an unseen one)."""
+    tell a known particle from an unseen one).  An adapted split's classifier may hold a
+    :class:`FitMixture` instead for its unknowns: the score is then P(unknown)."""
 
     classes: ClassModel
     unknown: ClassModel
+    mixture: FitMixture | None = None
 
     @property
     def threshold(self) -> float:
-        return self.unknown.threshold
+        return self.unknown.threshold if self.mixture is None else self.mixture.threshold
 
-    def predict(self, x_classes: np.ndarray, x_unknown: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(class probabilities (n, K), unknown score (n,))."""
+    def predict(self, x_classes: np.ndarray, x_unknown: np.ndarray,
+                fit: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(class probabilities (n, K), unknown score (n,)); ``fit`` (n,): each particle's template fit,
+        which a classifier with a :class:`FitMixture` needs."""
         probs, _ = self.classes.predict(x_classes)
-        _, score = self.unknown.predict(x_unknown)
-        return probs, score
+        if self.mixture is None:
+            _, score = self.unknown.predict(x_unknown)
+            return probs, score
+        if fit is None:
+            raise InputError("this classifier's unknowns come from the template fit: give the match file")
+        return probs, self.mixture.posterior(fit, probs.argmax(1))
 
     def save(self, path: Path) -> None:
+        mixture = {} if self.mixture is None else self.mixture.arrays("mixture_")
         with atomic_path(path, suffix=".npz") as tmp:
             with open(tmp, "wb") as fh:
-                np.savez(fh, **self.classes.arrays("class_"), **self.unknown.arrays("unknown_"))
+                np.savez(fh, **self.classes.arrays("class_"), **self.unknown.arrays("unknown_"), **mixture)
 
     @classmethod
     def load(cls, path: Path) -> "Classifier":
@@ -130,7 +217,8 @@ class Classifier:
             raise InputError(f"{path}: classifier file does not exist")
         with np.load(path, allow_pickle=False) as data:
             try:
-                return cls(ClassModel.from_arrays(data, "class_"), ClassModel.from_arrays(data, "unknown_"))
+                mixture = FitMixture.from_arrays(data, "mixture_") if "mixture_means" in data.files else None
+                return cls(ClassModel.from_arrays(data, "class_"), ClassModel.from_arrays(data, "unknown_"), mixture)
             except KeyError as err:
                 raise InputError(f"{path}: not a classifier file of this version (missing {err})") from None
 
@@ -353,8 +441,8 @@ def adapt_classifier(config: Config, classifier: Path, latents: Path, output: Pa
                                  cc.accept_fraction)
         unknown, p_unknown = adapt_model(model.unknown, x_unknown, cc.adapt_prior_counts,
                                          cc.adapt_unknown_fraction, cc.accept_fraction)
-        model = Classifier(classes, unknown)
-        after = model.predict(x, x_unknown)
+        model = Classifier(classes, unknown, _fit_mixture(config, classes, x, latents, match))
+        after = model.predict(x, x_unknown, _fits(model, latents, match))
         changed = float((before[0].argmax(1) != after[0].argmax(1)).mean())
         log.info("adapt %s: %d particles, EM weight of unknown %.3f, threshold %.3f, called unknown %.3f, "
                  "nearest class changed for %.3f", latents, len(x), float(p_unknown.mean()), model.threshold,
@@ -362,6 +450,31 @@ def adapt_classifier(config: Config, classifier: Path, latents: Path, output: Pa
     else:
         log.info("adapt %s: classification.adapt is none, the simulated classifier is kept", latents)
     model.save(output)
+
+
+def _fits(model: Classifier, latents: Path, match: Path | None) -> np.ndarray | None:
+    """Each particle's template fit (n,) where ``model`` reads it (a :class:`FitMixture`), else None."""
+    return None if model.mixture is None else split_fits(latents, match)
+
+
+def split_fits(latents: Path, match: Path | None) -> np.ndarray:
+    """Each particle's template fit (n,): the ``fit`` feature of the split's match file."""
+    if match is None:
+        raise InputError(f"{latents}: this classifier's unknowns come from the template fit: give --match")
+    data = load_latents(latents)
+    return features(["fit"], data, read_match_file(match, data["particle_id"]))[:, 0]
+
+
+def _fit_mixture(config: Config, classes: ClassModel, x: np.ndarray, latents: Path,
+                 match: Path | None) -> FitMixture | None:
+    """The :class:`FitMixture` of an adapted split (``classification.unknown_model: fit_mixture``), else None."""
+    cc = config.classification
+    if cc.unknown_model != "fit_mixture":
+        return None
+    fit = split_fits(latents, match)
+    nearest = classes.predict(x)[0].argmax(1)
+    return FitMixture.fit(fit, nearest, len(classes.classes), cc.adapt_prior_counts, cc.adapt_unknown_fraction,
+                          cc.unknown_posterior)
 
 
 def read_frames(path: Path) -> dict[str, dict]:
@@ -421,7 +534,7 @@ def annotate(
     """
     data, matches, x, x_unknown = _split_features(config, latents, match)
     model = Classifier.load(classifier)
-    probs, score = model.predict(x, x_unknown)
+    probs, score = model.predict(x, x_unknown, _fits(model, latents, match))
     nearest = model.classes.classes[probs.argmax(1)]
     predicted = np.where(score > model.threshold, UNKNOWN, nearest)
     network_rot, network_origin = poses_in_reference_frame(

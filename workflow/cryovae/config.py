@@ -390,6 +390,17 @@ class ClassificationConfig(_Section):
         0.25, gt=0, lt=1, description="Prior fraction of a tomogram's particles that belong to no seen "
         "class: EM starts by treating the particles with the highest unknown scores as unknown."
     )
+    unknown_model: Literal["distance", "fit_mixture"] = Field(
+        "distance", description="Unknowns of an adapted (tomogram) split: distance, the adapted Gaussian "
+        "model over unknown_features and its chi-squared threshold; fit_mixture, the posterior that a "
+        "particle is unknown given its fit and its nearest class (per class a Gaussian of the fits of that "
+        "class's particles beside one Gaussian of unknowns' fits shared by all classes, by EM on the split), "
+        "called unknown above unknown_posterior.  fit_mixture needs matching.enabled and adapt: em."
+    )
+    unknown_posterior: float = Field(
+        0.5, gt=0, lt=1, description="With unknown_model fit_mixture: the posterior of unknown above which "
+        "a particle is called unknown (0.5: the likelier answer; higher keeps more seen particles)."
+    )
 
 
 class MatchingConfig(_Section):
@@ -688,6 +699,9 @@ class Config(_Section):
             needs_matching = sorted(set(cc.features + cc.unknown_features) - {"latent", "network"})
             if needs_matching and not self.matching.enabled:
                 raise ValueError(f"classification.features lists {needs_matching} but matching.enabled is false")
+            if cc.unknown_model == "fit_mixture" and not (self.matching.enabled and cc.adapt == "em"):
+                raise ValueError("classification.unknown_model fit_mixture reads the template fit of each "
+                                 "particle: it needs matching.enabled true and classification.adapt em")
         if "tomogram_simulation" in present:
             self._tomogram_simulation_names()
         for section, names in (("alignment.symmetry", self.alignment.symmetry), ("maps.files", self.maps.files)):
