@@ -58,8 +58,21 @@ def load_latents(path: Path) -> dict[str, np.ndarray]:
         return {k: data[k] for k in data.files}
 
 
+class _SavedFields:
+    """Dataclass fields (one of them the float ``threshold``) to and from npz arrays under a prefix."""
+
+    def arrays(self, prefix: str) -> dict[str, np.ndarray]:
+        return {prefix + k: np.asarray(v) for k, v in self.__dict__.items()}
+
+    @classmethod
+    def from_arrays(cls, data, prefix: str):
+        fields = {name: data[prefix + name] for name in cls.__dataclass_fields__}
+        fields["threshold"] = float(fields["threshold"])
+        return cls(**fields)
+
+
 @dataclass
-class ClassModel:
+class ClassModel(_SavedFields):
     """Shared-covariance Gaussian classes in standardised latent space."""
 
     classes: np.ndarray  # (K,) class names
@@ -94,21 +107,12 @@ class ClassModel:
         probs = np.exp(logits)
         return probs / probs.sum(1, keepdims=True), d2.min(1)
 
-    def arrays(self, prefix: str) -> dict[str, np.ndarray]:
-        return {prefix + k: np.asarray(v) for k, v in self.__dict__.items()}
-
-    @classmethod
-    def from_arrays(cls, data, prefix: str) -> "ClassModel":
-        fields = {name: data[prefix + name] for name in cls.__dataclass_fields__}
-        fields["threshold"] = float(fields["threshold"])
-        return cls(**fields)
-
 
 FIT_SD_FLOOR = 1e-3  # smallest standard deviation of a fit Gaussian (fits are correlations, ~0.1)
 
 
 @dataclass
-class FitMixture:
+class FitMixture(_SavedFields):
     """P(unknown | fit, nearest class k): per seen class a Gaussian of its particles' fits, beside
     one Gaussian of unknown particles' fits shared by all classes, and per class the prior that a
     particle nearest to it is unknown.  Fitted on one split's own particles (:meth:`fit`)."""
@@ -166,15 +170,6 @@ class FitMixture:
         prior = (np.bincount(nearest, p_unknown, n_classes) + counts * unknown_fraction) / (total + counts)
         return cls(means, sds, np.asarray(unknown_mean), np.asarray(unknown_sd),
                    prior.clip(1e-6, 1 - 1e-6), threshold)
-
-    def arrays(self, prefix: str) -> dict[str, np.ndarray]:
-        return {prefix + k: np.asarray(v) for k, v in self.__dict__.items()}
-
-    @classmethod
-    def from_arrays(cls, data, prefix: str) -> "FitMixture":
-        fields = {name: data[prefix + name] for name in cls.__dataclass_fields__}
-        fields["threshold"] = float(fields["threshold"])
-        return cls(**fields)
 
 
 @dataclass
