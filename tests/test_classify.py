@@ -72,7 +72,7 @@ def test_annotate_flags_unseen_and_keeps_known(fitted):
     known = truth != "c"
     assert (table["predicted_class"][~known] == "unknown").mean() > 0.95
     assert (table["predicted_class"][known] == truth[known]).mean() > 0.9
-    assert np.allclose(table[["prob_a", "prob_b"]].sum(1), 1, atol=1e-5)
+    assert np.allclose(table[["prob_a", "prob_b"]].sum(axis=1), 1, atol=1e-5)
     # with identity frames the written angles are the model's rotations
     angles = table[["angle_rot", "angle_tilt", "angle_psi"]].to_numpy()
     assert geodesic_distance_deg(relion_euler_to_matrix(angles), np.load(test)["rotation"]).max() < 1e-3
