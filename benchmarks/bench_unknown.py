@@ -58,7 +58,7 @@ def bench_split(out: Path, config, split: str) -> list[str]:
     data = C.load_latents(latents)
     matches = C.load_matches(match, data["particle_id"], config.seen_classes)
     x, x_unknown = C.features(cc.features, data, matches), C.features(cc.unknown_features, data, matches)
-    fit = C.split_fits(latents, match)
+    fit = C.fit_column(matches, latents)
     true, novel = split_truth(out, split, data["particle_id"])
     base = C.Classifier.load(out / "model/classifier.npz")
     classes, _ = C.adapt_model(base.classes, x, cc.adapt_prior_counts, cc.adapt_unknown_fraction, cc.accept_fraction)

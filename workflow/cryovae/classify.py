@@ -430,14 +430,15 @@ def adapt_classifier(config: Config, classifier: Path, latents: Path, output: Pa
     cc = config.classification
     model = Classifier.load(classifier)
     if cc.adapt == "em":
-        _, _, x, x_unknown = _split_features(config, latents, match)
+        _, matches, x, x_unknown = _split_features(config, latents, match)
         before = model.predict(x, x_unknown)
         classes, _ = adapt_model(model.classes, x, cc.adapt_prior_counts, cc.adapt_unknown_fraction,
                                  cc.accept_fraction)
         unknown, p_unknown = adapt_model(model.unknown, x_unknown, cc.adapt_prior_counts,
                                          cc.adapt_unknown_fraction, cc.accept_fraction)
-        model = Classifier(classes, unknown, _fit_mixture(config, classes, x, latents, match))
-        after = model.predict(x, x_unknown, _fits(model, latents, match))
+        fit = fit_column(matches, latents) if cc.unknown_model == "fit_mixture" else None
+        model = Classifier(classes, unknown, None if fit is None else _fit_mixture(config, classes, x, fit))
+        after = model.predict(x, x_unknown, fit)
         changed = float((before[0].argmax(1) != after[0].argmax(1)).mean())
         log.info("adapt %s: %d particles, EM weight of unknown %.3f, threshold %.3f, called unknown %.3f, "
                  "nearest class changed for %.3f", latents, len(x), float(p_unknown.mean()), model.threshold,
@@ -447,26 +448,21 @@ def adapt_classifier(config: Config, classifier: Path, latents: Path, output: Pa
     model.save(output)
 
 
-def _fits(model: Classifier, latents: Path, match: Path | None) -> np.ndarray | None:
+def _fits(model: Classifier, matches: dict[str, np.ndarray] | None, latents: Path) -> np.ndarray | None:
     """Each particle's template fit (n,) where ``model`` reads it (a :class:`FitMixture`), else None."""
-    return None if model.mixture is None else split_fits(latents, match)
+    return None if model.mixture is None else fit_column(matches, latents)
 
 
-def split_fits(latents: Path, match: Path | None) -> np.ndarray:
-    """Each particle's template fit (n,): the ``fit`` feature of the split's match file."""
-    if match is None:
+def fit_column(matches: dict[str, np.ndarray] | None, latents: Path) -> np.ndarray:
+    """Each particle's template fit (n,): the ``fit`` feature of the split's match arrays."""
+    if matches is None:
         raise InputError(f"{latents}: this classifier's unknowns come from the template fit: give --match")
-    data = load_latents(latents)
-    return features(["fit"], data, read_match_file(match, data["particle_id"]))[:, 0]
+    return features(["fit"], {}, matches)[:, 0]
 
 
-def _fit_mixture(config: Config, classes: ClassModel, x: np.ndarray, latents: Path,
-                 match: Path | None) -> FitMixture | None:
-    """The :class:`FitMixture` of an adapted split (``classification.unknown_model: fit_mixture``), else None."""
+def _fit_mixture(config: Config, classes: ClassModel, x: np.ndarray, fit: np.ndarray) -> FitMixture:
+    """The :class:`FitMixture` of an adapted split from its class features ``x`` and fits ``fit``."""
     cc = config.classification
-    if cc.unknown_model != "fit_mixture":
-        return None
-    fit = split_fits(latents, match)
     nearest = classes.predict(x)[0].argmax(1)
     return FitMixture.fit(fit, nearest, len(classes.classes), cc.adapt_prior_counts, cc.adapt_unknown_fraction,
                           cc.unknown_posterior)
@@ -529,7 +525,7 @@ def annotate(
     """
     data, matches, x, x_unknown = _split_features(config, latents, match)
     model = Classifier.load(classifier)
-    probs, score = model.predict(x, x_unknown, _fits(model, latents, match))
+    probs, score = model.predict(x, x_unknown, _fits(model, matches, latents))
     nearest = model.classes.classes[probs.argmax(1)]
     predicted = np.where(score > model.threshold, UNKNOWN, nearest)
     network_rot, network_origin = poses_in_reference_frame(
