@@ -1,6 +1,6 @@
 """Template-matching throughput at 32³: particles per second against the eight seen SHREC maps.
 
-    python benchmarks/bench_match.py [--particles 1024] [--threads 2] [--refine-top 2] [--snr 0.5]
+    python benchmarks/bench_match.py [--particles 1024] [--threads 2] [--refine-top 2] [--refine-by screen] [--snr 0.5]
 
 Particles are simulated from the shared SHREC 2021 maps (SNR ``--snr``, CTF, ±60° wedge) and
 matched in blocks as the ``match`` stage does; the set-up (rotated reference banks) is
@@ -52,6 +52,7 @@ def main() -> None:
     ap.add_argument("--particles", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--refine-top", type=int, default=2)
+    ap.add_argument("--refine-by", choices=["screen", "global"], default="screen")
     ap.add_argument("--coarse-keep", type=int, default=4, help="matching.coarse_keep")
     ap.add_argument("--max-shift", type=float, default=1.0, help="particles off the box centre by up to this, px per axis")
     ap.add_argument("--centre-search", type=float, default=None, help="matching.centre_search_px (default: the config's)")
@@ -70,7 +71,7 @@ def main() -> None:
         "simulation": {"snr": args.snr}, "alignment": {"symmetry": SYMMETRY}, "matching": {
             "coarse_keep": args.coarse_keep,
             **({} if args.centre_search is None else {"centre_search_px": args.centre_search}),
-            "refine_top": args.refine_top, "coarse_binning": args.coarse_binning, "coarse_step_deg": args.coarse_step,
+            "refine_top": args.refine_top, "refine_by": args.refine_by, "coarse_binning": args.coarse_binning, "coarse_step_deg": args.coarse_step,
             "coarse_rank": args.coarse_rank,
             "refine_steps_deg": [float(x) for x in args.refine_steps.split(",") if x], "device": args.device},
     })
@@ -106,7 +107,7 @@ def main() -> None:
     print(f"\n## Template matching ({time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} cores, "
           f"{args.threads} threads, load {os.getloadavg()[0]:.1f})")
     print(f"- {n} particles at SNR {args.snr}, 32³, 8 classes, {len(matcher.grid):,}-rotation global grid at "
-          f"{matcher.small}³ (rank {args.coarse_rank}, {matcher.search_dtype}), refine_top {args.refine_top}, "
+          f"{matcher.small}³ (rank {args.coarse_rank}, {matcher.search_dtype}), refine_top {args.refine_top} by {args.refine_by}, "
           f"coarse_keep {args.coarse_keep}, "
           f"device {matcher.device}")
     print(f"- set-up (reference banks): {setup:.1f} s; matching: {seconds:.1f} s wall = {n / seconds:.0f} particles/s, "

@@ -64,7 +64,7 @@ def bench_split(out: Path, config, split: str) -> list[str]:
     classes, _ = C.adapt_model(base.classes, x, cc.adapt_prior_counts, cc.adapt_unknown_fraction, cc.accept_fraction)
     unknown, _ = C.adapt_model(base.unknown, x_unknown, cc.adapt_prior_counts, cc.adapt_unknown_fraction,
                                cc.accept_fraction)
-    k = classes.predict(x)[0].argmax(1)
+    k = C.nearest_index(config, classes, x, matches)
     nearest = classes.classes[k]
     args = (true, novel, config.seen_classes, config.unseen)
     _, distance = unknown.predict(x_unknown)

@@ -341,3 +341,43 @@ def test_fit_mixture_needs_matching_and_adaptation():
         with pytest.raises(InputError, match="fit_mixture"):
             validate_config({"structures": {"a": "demo:x", "b": "demo:y"}, "classification": classification,
                              "matching": matching})
+
+
+def test_best_fit_names_the_class_of_best_template_fit_where_the_class_model_disagrees(fitted):
+    """Latents that say a for every class-a particle, template fits that say b for half of them:
+    nearest_class best_fit follows the fits (unrefined classes, NaN, never win), model the latents."""
+    test = _latents(fitted / "test.npz", ["a", "b"], 40, 21)
+    names = np.load(test)["class_name"].astype(str)
+    rng = np.random.default_rng(22)
+    fits_say = np.where((names == "a") & (np.arange(len(names)) % 2 == 0), "b", names)
+    fit = np.where(np.array(["a", "b"]) == fits_say[:, None], 0.3, 0.1) + rng.normal(0, 0.01, (len(names), 2))
+    fit[np.arange(len(names)) % 5 == 1, :] = [np.nan, 0.05]  # only b refined: b however poor
+    fits_say[np.arange(len(names)) % 5 == 1] = "b"
+    match = fitted / "test_m.npz"
+    np.savez(match, particle_id=np.load(test)["particle_id"], classes=np.array(["a", "b"]),
+             scores=rng.normal(0.2, 0.01, (len(names), 2)), rotation=np.tile(np.eye(3), (len(names), 2, 1, 1)),
+             origin_angstrom=np.zeros((len(names), 2, 3)), refined=~np.isnan(fit), fit=fit)
+    frames = {c: {"rotation_canonical_to_reference": np.eye(3).tolist(), "translation_angstrom": [0, 0, 0],
+                  "symmetry": "C1"} for c in "ab"}
+    (fitted / "frames.json").write_text(json.dumps(frames))
+    for rule, expected in (("best_fit", fits_say), ("model", names)):
+        config = CFG.model_copy(update={"classification": CFG.classification.model_copy(
+            update={"nearest_class": rule})})
+        annotate(config, test, fitted / "clf.npz", fitted / "frames.json", fitted / f"{rule}.csv", match)
+        table = pd.read_csv(fitted / f"{rule}.csv")
+        agree = np.mean(table["nearest_class"].to_numpy(str) == expected)
+        assert agree == 1.0 if rule == "best_fit" else agree > 0.95
+
+
+def test_best_fit_and_screen_features_need_template_matching(fitted):
+    with pytest.raises(InputError, match="best_fit"):
+        validate_config({"structures": {"a": "demo:x", "b": "demo:y"}, "matching": {"enabled": False},
+                         "classification": {"features": ["latent"], "unknown_features": ["latent"],
+                                            "nearest_class": "best_fit"}})
+    data = np.load(fitted / "val.npz")
+    old_match = {"scores": np.zeros((len(data["particle_id"]), 2)), "fit": np.zeros((len(data["particle_id"]), 2))}
+    with pytest.raises(InputError, match="no class screen"):
+        features(["screen_relative"], dict(data), old_match)
+    screen = np.abs(np.random.default_rng(3).normal(size=(len(data["particle_id"]), 2))) + 0.1
+    relative = features(["screen_relative"], dict(data), {**old_match, "screen": screen})
+    np.testing.assert_allclose(relative.max(1), 1.0)

@@ -242,3 +242,34 @@ def test_windowed_peak_ignores_a_higher_peak_outside_the_window():
     cc[0, 8, 0, 0] = 5.0  # z = -8: outside a 4-voxel window
     displacement, peak = windowed_correlation_peak(cc, 4.0)
     assert torch.allclose(displacement, torch.tensor([[-1.0, 1.0, 2.0]])) and float(peak) == 1.0
+
+
+def test_screen_is_the_matched_filter_correlation_at_the_best_translation(particles):
+    """A particle that is exactly the class's reference at a grid rotation, CTF- and wedge-filtered and
+    moved 3 px: the screen of that class is ~1 (a cosine, the translation found), the other classes less."""
+    config, maps, _, _ = particles
+    matcher = Matcher(config, dict(zip(CLASSES, maps)), (-60.0, 60.0))
+    g = 1234
+    ctf = ctf_3d(torch.as_tensor([3.0]), BOX, 10.0, 300.0, 2.7, 0.07)
+    template = torch.fft.rfftn(Matcher._rotated(matcher.refs[CLASSES[1]], matcher.grid[g][None]), dim=(1, 2, 3))
+    particle = torch.fft.irfftn(template * ctf * matcher.wedge, s=(BOX,) * 3, dim=(1, 2, 3))
+    particle = torch.roll(particle, shifts=(3, -2, 3), dims=(1, 2, 3))
+    spectra = torch.fft.rfftn(particle, dim=(1, 2, 3)) * matcher.wedge
+    spectra[:, 0, 0, 0] = 0.0
+    grid_scores = [np.zeros((1, len(matcher.grid))) for _ in CLASSES]
+    for scores in grid_scores:
+        scores[0, g] = 1.0  # every class compared at the particle's own rotation
+    screen = matcher.screen(spectra, ctf, grid_scores, None)[0]
+    assert screen[1] > 0.88  # the rest: the reference rotated at the coarse box (trilinear at 16³)
+    assert screen[[0, 2]].max() < screen[1] - 0.2
+
+
+def test_the_screen_ranks_the_class_of_particles_picked_3_px_off_centre(off_centre):
+    """With the centre search the global score still compares at one place per class; the screen
+    searches the translation at each class's best rotation and ranks the right class first."""
+    draws, results = off_centre
+    centred = results[8.0]
+    screen_right = np.mean(centred["screen"].argmax(1) == draws.class_index)
+    assert screen_right >= 0.9
+    assert screen_right >= np.mean(centred["scores"].argmax(1) == draws.class_index)
+    assert np.mean(np.nanargmax(centred["fit"], 1) == draws.class_index) >= 0.9

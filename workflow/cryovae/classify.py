@@ -188,17 +188,18 @@ class Classifier:
     def threshold(self) -> float:
         return self.unknown.threshold if self.mixture is None else self.mixture.threshold
 
-    def predict(self, x_classes: np.ndarray, x_unknown: np.ndarray,
-                fit: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def predict(self, x_classes: np.ndarray, x_unknown: np.ndarray, fit: np.ndarray | None = None,
+                nearest: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(class probabilities (n, K), unknown score (n,)); ``fit`` (n,): each particle's template fit,
-        which a classifier with a :class:`FitMixture` needs."""
+        which a classifier with a :class:`FitMixture` needs; ``nearest`` (n,): the index of each
+        particle's named class where not the most probable one (:func:`nearest_index`)."""
         probs, _ = self.classes.predict(x_classes)
         if self.mixture is None:
             _, score = self.unknown.predict(x_unknown)
             return probs, score
         if fit is None:
             raise InputError("this classifier's unknowns come from the template fit: give the match file")
-        return probs, self.mixture.posterior(fit, probs.argmax(1))
+        return probs, self.mixture.posterior(fit, probs.argmax(1) if nearest is None else nearest)
 
     def save(self, path: Path) -> None:
         mixture = {} if self.mixture is None else self.mixture.arrays("mixture_")
@@ -259,9 +260,27 @@ def features(
             parts.append(match["scores"].astype(np.float64))
         elif name == "fit":  # how well the best refined class explains the particle
             parts.append(np.nanmax(match["fit"].astype(np.float64), axis=1, keepdims=True))
+        elif name.startswith("screen"):
+            if "screen" not in match:
+                raise InputError(f"classification.features lists {name!r} but the template-matching file has no "
+                                 "class screen (re-run match)")
+            screen = match["screen"].astype(np.float64)
+            parts.append(screen if name == "screen" else _scale_free("template_relative", screen))
         else:
             parts.append(_scale_free(name, match["scores"].astype(np.float64)))
     return np.concatenate(parts, axis=1)
+
+
+def nearest_index(config: Config, classes: ClassModel, x: np.ndarray,
+                  matches: dict[str, np.ndarray] | None) -> np.ndarray:
+    """Index (n,) of the class each particle is named (``classification.nearest_class``): the most
+    probable under ``classes`` over its features ``x``, or the refined class of best template fit."""
+    if config.classification.nearest_class == "model":
+        return classes.predict(x)[0].argmax(1)
+    if matches is None:
+        raise InputError("classification.nearest_class best_fit reads the template fits: give the match file")
+    fits = np.where(np.isnan(matches["fit"]), -np.inf, matches["fit"].astype(np.float64))
+    return fits.argmax(1)
 
 
 def _scale_free(name: str, scores: np.ndarray) -> np.ndarray:
@@ -437,8 +456,9 @@ def adapt_classifier(config: Config, classifier: Path, latents: Path, output: Pa
         unknown, p_unknown = adapt_model(model.unknown, x_unknown, cc.adapt_prior_counts,
                                          cc.adapt_unknown_fraction, cc.accept_fraction)
         fit = fit_column(matches, latents) if cc.unknown_model == "fit_mixture" else None
-        model = Classifier(classes, unknown, None if fit is None else _fit_mixture(config, classes, x, fit))
-        after = model.predict(x, x_unknown, fit)
+        nearest = nearest_index(config, classes, x, matches)
+        model = Classifier(classes, unknown, None if fit is None else _fit_mixture(config, classes, nearest, fit))
+        after = model.predict(x, x_unknown, fit, nearest)
         changed = float((before[0].argmax(1) != after[0].argmax(1)).mean())
         log.info("adapt %s: %d particles, EM weight of unknown %.3f, threshold %.3f, called unknown %.3f, "
                  "nearest class changed for %.3f", latents, len(x), float(p_unknown.mean()), model.threshold,
@@ -460,10 +480,9 @@ def fit_column(matches: dict[str, np.ndarray] | None, latents: Path) -> np.ndarr
     return features(["fit"], {}, matches)[:, 0]
 
 
-def _fit_mixture(config: Config, classes: ClassModel, x: np.ndarray, fit: np.ndarray) -> FitMixture:
-    """The :class:`FitMixture` of an adapted split from its class features ``x`` and fits ``fit``."""
+def _fit_mixture(config: Config, classes: ClassModel, nearest: np.ndarray, fit: np.ndarray) -> FitMixture:
+    """The :class:`FitMixture` of an adapted split from its particles' named classes ``nearest`` and fits ``fit``."""
     cc = config.classification
-    nearest = classes.predict(x)[0].argmax(1)
     return FitMixture.fit(fit, nearest, len(classes.classes), cc.adapt_prior_counts, cc.adapt_unknown_fraction,
                           cc.unknown_posterior)
 
@@ -525,8 +544,9 @@ def annotate(
     """
     data, matches, x, x_unknown = _split_features(config, latents, match)
     model = Classifier.load(classifier)
-    probs, score = model.predict(x, x_unknown, _fits(model, matches, latents))
-    nearest = model.classes.classes[probs.argmax(1)]
+    index = nearest_index(config, model.classes, x, matches)
+    probs, score = model.predict(x, x_unknown, _fits(model, matches, latents), index)
+    nearest = model.classes.classes[index]
     predicted = np.where(score > model.threshold, UNKNOWN, nearest)
     network_rot, network_origin = poses_in_reference_frame(
         data["rotation"].astype(np.float64), data["origin_angstrom"].astype(np.float64), nearest, read_frames(frames)

@@ -356,7 +356,7 @@ class TrainingConfig(_Section):
         "matched needs matching.enabled and subtomograms.")
 
 
-FeatureName = Literal["latent", "template", "fit", "template_relative", "margin", "network"]
+FeatureName = Literal["latent", "template", "fit", "template_relative", "margin", "screen", "screen_relative", "network"]
 
 
 class ClassificationConfig(_Section):
@@ -366,8 +366,9 @@ class ClassificationConfig(_Section):
         ["latent", "template", "fit"], min_length=1, description="What the classifier sees: the VAE's latent "
         "means, the best global template-matching score per seen class, the full-size correlation at the "
         "refined pose of the best class; scale-free forms: template_relative (each score over the "
-        "particle's best), margin (best minus second-best score, over the best).  All but latent need "
-        "matching.enabled."
+        "particle's best), margin (best minus second-best score, over the best); screen, screen_relative: "
+        "the class screen's correlations at each class's best translation (matching.refine_by), raw and "
+        "over the particle's best.  All but latent need matching.enabled."
     )
     unknown_features: list[FeatureName] = Field(
         ["latent", "template", "fit"], min_length=1, description="What the unknown score sees (a Gaussian "
@@ -397,6 +398,12 @@ class ClassificationConfig(_Section):
         "class's particles beside one Gaussian of unknowns' fits shared by all classes, by EM on the split), "
         "called unknown above unknown_posterior.  fit_mixture needs matching.enabled and adapt: em."
     )
+    nearest_class: Literal["model", "best_fit"] = Field(
+        "model", description="The class a particle is named (unless unknown): model, the most probable under "
+        "the class model over features; best_fit, the refined class whose matched filter fits the particle "
+        "best (template matching decides; the class model's probabilities are still written).  best_fit "
+        "needs matching.enabled."
+    )
     unknown_posterior: float = Field(
         0.5, gt=0, lt=1, description="With unknown_model fit_mixture: the posterior of unknown above which "
         "a particle is called unknown (0.5: the likelier answer; higher keeps more seen particles)."
@@ -419,7 +426,12 @@ class MatchingConfig(_Section):
     refine_steps_deg: list[float] = Field(
         [6.0, 2.5], description="Steps of the local refinement grids (5 x 5 x 5 rotations each), coarse to fine."
     )
-    refine_top: int = Field(2, ge=1, description="Classes per particle refined (the best global scores).")
+    refine_top: int = Field(2, ge=1, description="Classes per particle refined (the best by refine_by).")
+    refine_by: Literal["screen", "global"] = Field(
+        "screen", description="Which classes a particle refines: screen, the best matched-filter correlations at "
+        "each class's best global rotation and best translation (coarse box); global, the best global-search "
+        "scores, compared at one place (mis-centred picks lose their class there)."
+    )
     coarse_keep: int = Field(
         4, ge=1, description="Global-search peaks refined per refined class: the best grid rotations at least "
         "pose_far_deg apart (modulo the class's point group); each climbs the coarsest local grid and the best "
@@ -702,6 +714,9 @@ class Config(_Section):
             if cc.unknown_model == "fit_mixture" and not (self.matching.enabled and cc.adapt == "em"):
                 raise ValueError("classification.unknown_model fit_mixture reads the template fit of each "
                                  "particle: it needs matching.enabled true and classification.adapt em")
+            if cc.nearest_class == "best_fit" and not self.matching.enabled:
+                raise ValueError("classification.nearest_class best_fit names the class of best template fit: "
+                                 "it needs matching.enabled true")
         if "tomogram_simulation" in present:
             self._tomogram_simulation_names()
         for section, names in (("alignment.symmetry", self.alignment.symmetry), ("maps.files", self.maps.files)):
