@@ -256,10 +256,8 @@ def test_screen_is_the_matched_filter_correlation_at_the_best_translation(partic
     particle = torch.roll(particle, shifts=(3, -2, 3), dims=(1, 2, 3))
     spectra = torch.fft.rfftn(particle, dim=(1, 2, 3)) * matcher.wedge
     spectra[:, 0, 0, 0] = 0.0
-    grid_scores = [np.zeros((1, len(matcher.grid))) for _ in CLASSES]
-    for scores in grid_scores:
-        scores[0, g] = 1.0  # every class compared at the particle's own rotation
-    screen = matcher.screen(spectra, ctf, grid_scores, None)[0]
+    rotations = np.repeat(matcher.grid[g][None, None], len(CLASSES), 1)  # every class at the particle's rotation
+    screen = matcher.screen(spectra, ctf, rotations, None)[0]
     assert screen[1] > 0.88  # the rest: the reference rotated at the coarse box (trilinear at 16³)
     assert screen[[0, 2]].max() < screen[1] - 0.2
 

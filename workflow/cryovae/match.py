@@ -7,7 +7,7 @@ rotated references.  With ``matching.centre_search_px`` > 0 the global search al
 each particle centred, per class, on the peak of its correlation with the class's rotational
 average (the same for every orientation, so one FFT per class finds where a mis-centred pick
 put the particle), and keeps the better of the two places (:meth:`Matcher.coarse_scores`).
-Two stages:
+Three stages:
 
 1. a global search: every rotation of a super-Fibonacci grid (``matching.coarse_step_deg``),
    on Fourier-cropped volumes (``matching.coarse_binning``), the wedge applied to each
@@ -324,10 +324,10 @@ class Matcher:
             left[self.grid_distance_deg(cls, self.grid[best]) < self.far_deg] = -np.inf
         return np.stack(picks, 1)
 
-    def screen(self, spectra: torch.Tensor, ctf: torch.Tensor | None, grid_scores: list[np.ndarray],
+    def screen(self, spectra: torch.Tensor, ctf: torch.Tensor | None, rotations: np.ndarray,
                places: list[torch.Tensor] | None) -> np.ndarray:
-        """Matched-filter correlation (n, C) of each class at its best global rotation and best
-        translation, at the coarse box: corr(CTF · W · (A T), p) as in :meth:`correlate`, the
+        """Matched-filter correlation (n, C) of each class at its best global rotation (``rotations``,
+        (n, C, 3, 3)) and best translation, at the coarse box: corr(CTF · W · (A T), p) as in :meth:`correlate`, the
         particle spectra ``spectra`` (wedge applied, no CTF) cropped, at each class's
         global-search place (``places``).  The translation is searched on the full box's voxels
         (the cropped product zero-padded): on the coarse box's, a particle an odd number of
@@ -340,7 +340,7 @@ class Matcher:
             moved = spectra if places is None else phase_shift(spectra, -places[k])
             particle = fourier_crop(moved, small)
             particle_norm = (self.screen_weights * particle.abs() ** 2).sum((1, 2, 3)).sqrt()
-            rotated = self._rotated(self.screen_refs[cls], self.grid[grid_scores[k].argmax(1)])
+            rotated = self._rotated(self.screen_refs[cls], rotations[:, k])
             template = torch.fft.rfftn(rotated, dim=(1, 2, 3)) * self.screen_wedge
             template[:, 0, 0, 0] = 0.0
             filtered = particle if ctf_small is None else particle * ctf_small
@@ -457,8 +457,8 @@ class Matcher:
         filtered = spectra if ctf is None else spectra * ctf
         grid_scores, places = self.coarse_scores(filtered)
         scores = np.stack([s.max(1) for s in grid_scores], 1)
-        screen = self.screen(spectra, ctf, grid_scores, places)
         rotations = np.stack([self.grid[s.argmax(1)] for s in grid_scores], 1)
+        screen = self.screen(spectra, ctf, rotations, places)
         scores_min = np.stack([s.min(1) for s in grid_scores], 1)
         n, n_cls = scores.shape
         displacement = np.zeros((n, n_cls, 3))
