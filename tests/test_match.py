@@ -246,7 +246,8 @@ def test_windowed_peak_ignores_a_higher_peak_outside_the_window():
 
 def test_screen_is_the_matched_filter_correlation_at_the_best_translation(particles):
     """A particle that is exactly the class's reference at a grid rotation, CTF- and wedge-filtered and
-    moved 3 px: the screen of that class is ~1 (a cosine, the translation found), the other classes less."""
+    moved (3, -2, 3) px: the screen of that class is ~1 (a cosine, the translation found, and returned), the
+    other classes less."""
     config, maps, _, _ = particles
     matcher = Matcher(config, dict(zip(CLASSES, maps)), (-60.0, 60.0))
     g = 1234
@@ -257,7 +258,9 @@ def test_screen_is_the_matched_filter_correlation_at_the_best_translation(partic
     spectra = torch.fft.rfftn(particle, dim=(1, 2, 3)) * matcher.wedge
     spectra[:, 0, 0, 0] = 0.0
     rotations = np.repeat(matcher.grid[g][None, None], len(CLASSES), 1)  # every class at the particle's rotation
-    screen = matcher.screen(spectra, ctf, rotations, None)[0]
+    screens, shifts = matcher.screen(spectra, ctf, rotations, None)
+    screen = screens[0]
+    np.testing.assert_allclose(shifts[0, 1].numpy(), [3.0, -2.0, 3.0], atol=0.25)
     assert screen[1] > 0.88  # the rest: the reference rotated at the coarse box (trilinear at 16³)
     assert screen[[0, 2]].max() < screen[1] - 0.2
 

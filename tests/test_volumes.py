@@ -10,8 +10,8 @@ import torch
 from cryovae.rotations import random_rotations, relion_euler_to_matrix
 from cryovae.volumes import (
     bandpass_filter, check_rigid_transform, correlation_peak, cross_correlation, fourier_crop, fourier_resample,
-    ball_points, frequency_magnitude, lowpass_filter, phase_shift, raised_cosine_lowpass, rfft_weights,
-    rigid_transform, rotate_volume, sample_rigid,
+    ball_points, frequency_magnitude, lowpass_filter, nearby_cross_correlation, phase_shift, raised_cosine_lowpass, rfft_weights,
+    rigid_transform, rotate_volume, sample_rigid, window_peak,
 )
 
 
@@ -214,6 +214,33 @@ def test_correlation_peak_finds_integer_and_sub_voxel_shifts():
     displacement, peak = correlation_peak(cc)
     np.testing.assert_allclose(displacement.numpy(), shifts, atol=0.1)
     assert peak[0] == pytest.approx(float((ref * ref).sum()), rel=1e-6)  # a whole-voxel move: the autocorrelation
+
+
+def test_nearby_cross_correlation_is_the_padded_correlation_near_zero_displacement():
+    """On a 16³ product spectrum: the values of the correlation padded to 32³ at displacements
+    within 4 voxels, and a peak (sub-voxel too) where the padded correlation has it."""
+    rng = np.random.default_rng(5)
+    blob = _blob_volume((32, 32, 32), np.array([16.0, 15.0, 17.0]), 2.5)
+    spectrum = fourier_crop(torch.fft.rfftn(torch.tensor(blob)), 16)
+    shifts = torch.tensor([[2.0, -3.0, 1.0], [0.6, -1.3, 2.4]]) / 2  # content moved (x, y, z), in 16³ voxels
+    product = phase_shift(spectrum.expand(2, *spectrum.shape), shifts) * spectrum.conj()
+    product = product + 0.01 * torch.tensor(rng.normal(size=product.shape))  # not Hermitian-exact: still a real part
+    padded = torch.fft.irfftn(fourier_crop(product, 32), s=(32,) * 3, dim=(1, 2, 3))
+    window = torch.arange(-4, 5) % 32
+    expected = padded[:, window][:, :, window][:, :, :, window]
+    near = nearby_cross_correlation(product, 32, 4)
+    assert torch.allclose(near, expected, atol=1e-9 * float(expected.abs().max()))
+    displacement, peak = window_peak(near)
+    full_displacement, full_peak = correlation_peak(padded)
+    assert torch.allclose(displacement, full_displacement, atol=1e-9) and torch.allclose(peak, full_peak)
+    np.testing.assert_allclose(displacement.numpy(), 2 * shifts.numpy(), atol=0.15)
+
+
+def test_window_peak_gives_no_sub_voxel_offset_at_the_window_edge():
+    cc = torch.zeros(1, 5, 5, 5, dtype=torch.float64)
+    cc[0, 2, 2, 4], cc[0, 2, 2, 3] = 1.0, 0.5  # peak at x = +2 (the edge), rising towards it
+    displacement, peak = window_peak(cc)
+    assert displacement.tolist() == [[2.0, 0.0, 0.0]] and float(peak) == 1.0
 
 
 @pytest.mark.parametrize("shape", [(12, 15, 16), (9, 14)])
