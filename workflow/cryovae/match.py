@@ -472,8 +472,8 @@ class Matcher:
                 top = values.max(1)
                 better = top > best
                 best[better] = top[better]
-                rotations[better] = starts[better, j] @ self.deltas[0][values[better].argmax(1)]
-            rotations = refine_rotations(lambda current, level: score(current, level + 1), rotations, self.deltas)
+                rotations[better] = starts[better, j] @ self.local_deltas[0][values[better].argmax(1)]
+            rotations = refine_rotations(lambda current, level: score(current, level + 1), rotations, self.local_deltas[1:])
         d, fit = self.correlate(filtered, ref, rotations, ctf, particle_norm)
         return rotations, d.cpu().numpy(), fit.cpu().numpy()
 
