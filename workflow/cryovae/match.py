@@ -19,14 +19,14 @@ Three stages:
 2. a class screen (``matching.refine_by: screen``): each class's reference at its best global
    rotation, compared with the particle at the coarse box by a cross-correlation at every
    full-size voxel within a few of the centre, so at its best translation too; the
-   matched-filter correlation there is the class's ``screen`` score, and the translation
-   centres the particle for that class's refinement.  The global search compares at one place, and a pick a few pixels off its particle
+   matched-filter correlation there is the class's ``screen`` score.  The global search
+   compares at one place, and a pick a few pixels off its particle
    ranks the right class first for 0.74-0.78 of seen particles on project-made tomograms
    (picks ±3 px), the screen for 0.91-0.92 (benchmarks/RESULTS.md, "Which classes to refine");
 3. for the ``matching.refine_top`` best classes of each particle (by the screen, or by the
-   global score with ``refine_by: global``), local rotation grids of shrinking steps
-   (``matching.refine_steps_deg``) at full size, then a translation from an FFT
-   cross-correlation (sub-voxel by a parabola through the peak): the particle is rotated
+   global score with ``refine_by: global``), a translation from an FFT
+   cross-correlation (sub-voxel by a parabola through the peak), then local rotation grids
+   of shrinking steps (``matching.refine_steps_deg``) at full size: the particle is rotated
    back into the reference frame once per step and compared with a bank of slightly rotated
    references shared by all particles, both within the ball of radius box/2 (the corners hold
    no reference and cost half the trilinear samples).  At the result the full-size matched-filter
@@ -37,12 +37,9 @@ Three stages:
    Each refined class starts from its ``matching.coarse_keep`` best grid rotations at least
    ``matching.pose_far_deg`` apart (modulo its point group, ``alignment.symmetry`` with the
    axes located in the map by :func:`cryovae.align.orient_symmetry`): at low SNR the true pose
-   is often not the best grid point.  The particle is centred once (the screen's translation
-   at the best peak); every peak climbs the coarsest local grid on the coarse box (where the
-   global search ranked them: an eighth of the samples), and the peak that scores best there
-   goes on through every local grid at full size (the same poses as choosing at full size in
-   bench_match.py; refining on the coarse box without the full-size first grid lost 0.7° of
-   median error).  The local
+   is often not the best grid point.  The particle is centred once (the translation at the best
+   peak), every peak climbs the coarsest local grid, and the peak that scores best there goes
+   on through the finer grids.  The local
    score is the matched-filter correlation itself: the numerator compares the rotated-back
    particle with the bank, and the reference's norm under the particle's wedge and CTF comes
    from the filter W·CTF² rotated back into the reference frame, dotted with the bank's power
@@ -195,12 +192,10 @@ class Matcher:
         self.grid = so3_grid(m.coarse_step_deg)
         self.banks = {c: self._low_rank(self._coarse_bank(ref), m.coarse_rank) for c, ref in self.refs.items()}
         self.deltas = local_deltas(list(m.refine_steps_deg), 2)
-        # the starts are compared on the coarse box's first grid, the winner refined through all grids at full size
-        self.local_deltas = self.deltas[:1] + self.deltas
-        self.local_sizes = [self.small] + [self.box] * len(self.deltas)
-        self.balls = {size: ball_points(size)[0].to(self.device) for size in set(self.local_sizes)}
-        self.local_banks = {c: [self._local_bank(ref, delta, size) for delta, size in zip(self.local_deltas, self.local_sizes)]
-                            for c, ref in self.refs.items()}
+        self.ball_xyz, ball = (t.to(self.device) for t in ball_points(self.box))
+        fine = {c: [standardise_volumes(self._rotated(ref, delta)) for delta in self.deltas] for c, ref in self.refs.items()}
+        self.fine = {c: [standardise_volumes(bank[:, ball]) for bank in banks] for c, banks in fine.items()}
+        self.power = {c: [_power_spectra(bank, self.box)[:, ball] for bank in banks] for c, banks in fine.items()}
         self.refine_top = min(m.refine_top, len(self.classes))
         self.refine_by = m.refine_by
         self.screen_refs = {c: self._cropped(ref, self.small) for c, ref in self.refs.items()}
@@ -233,14 +228,6 @@ class Matcher:
     def _rotated(volume: torch.Tensor, rotations: np.ndarray) -> torch.Tensor:
         mats = torch.as_tensor(rotations, dtype=torch.float32).to(volume.device)
         return rigid_transform(volume.expand(len(mats), *volume.shape), mats)
-
-    def _local_bank(self, ref: torch.Tensor, deltas: np.ndarray, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """One local grid's bank: the reference (cropped to ``size``) rotated by every delta, within
-        the ball of radius size/2 and normalised (m, ball), and its power spectra there (m, ball)."""
-        volume = ref if size == self.box else self._cropped(ref, size)
-        rotated = standardise_volumes(self._rotated(volume, deltas))
-        ball = ball_points(size)[1].to(self.device)
-        return standardise_volumes(rotated[:, ball]), _power_spectra(rotated, size)[:, ball]
 
     def _coarse_bank(self, ref: torch.Tensor) -> torch.Tensor:
         """Every grid rotation of the cropped reference, wedge-filtered and normalised: (G, small^3)."""
@@ -346,12 +333,11 @@ class Matcher:
         return np.stack(picks, 1)
 
     def screen(self, spectra: torch.Tensor, ctf: torch.Tensor | None, rotations: np.ndarray,
-               places: list[torch.Tensor] | None) -> tuple[np.ndarray, torch.Tensor]:
+               places: list[torch.Tensor] | None) -> np.ndarray:
         """Matched-filter correlation (n, C) of each class at its best global rotation (``rotations``,
         (n, C, 3, 3)) and best translation, at the coarse box: corr(CTF · W · (A T), p) as in
         :meth:`correlate`, the particle spectra ``spectra`` (wedge applied, no CTF) cropped, at
-        each class's global-search place (``places``); and that translation (n, C, 3) voxels
-        (x, y, z), the content's displacement from the rotated reference there.
+        each class's global-search place (``places``).
 
         The translation is searched on the full box's voxels within :data:`SCREEN_REACH_PX` (plus
         ``matching.centre_search_px``) of the place: on the coarse box's voxels a particle an odd
@@ -362,7 +348,6 @@ class Matcher:
         ctf_small = None if ctf is None else fourier_crop(ctf.to(torch.complex64), small).real * crop
         reach = SCREEN_REACH_PX + int(np.ceil(self.centre_radius))
         out = np.zeros((len(spectra), len(self.classes)))
-        shifts = torch.zeros(len(spectra), len(self.classes), 3, device=self.device)
         particle = None if places is not None else fourier_crop(spectra, small)
         for k, cls in enumerate(self.classes):
             if places is not None:
@@ -372,11 +357,11 @@ class Matcher:
             template = torch.fft.rfftn(rotated, dim=(1, 2, 3)) * self.screen_wedge
             template[:, 0, 0, 0] = 0.0
             filtered = particle if ctf_small is None else particle * ctf_small
-            shifts[:, k], peak = window_peak(nearby_cross_correlation(filtered * template.conj(), self.box, reach))
+            _, peak = window_peak(nearby_cross_correlation(filtered * template.conj(), self.box, reach))
             modulated = template if ctf_small is None else template * ctf_small
             template_norm = (self.screen_weights * modulated.abs() ** 2).sum((1, 2, 3)).sqrt()
             out[:, k] = (peak * small**3 / (template_norm * particle_norm + 1e-12)).cpu().numpy()
-        return out, shifts
+        return out
 
     def noise_sd(self, ctf: torch.Tensor | None, n: int) -> np.ndarray:
         """Noise standard deviation (n,) of a global-search correlation: 1/sqrt(N_eff), N_eff the
@@ -427,53 +412,45 @@ class Matcher:
     def local_score(self, filtered: torch.Tensor, cls: str, ctf: torch.Tensor | None, displacement: torch.Tensor):
         """The local-search score of class ``cls`` for particles centred by ``displacement`` (n, 3)
         voxels: ``score(rotations (n, 3, 3), level)`` -> (n, m), the matched-filter correlation of
-        each particle with the reference in every pose ``rotations @ deltas[level][j]``.  The first
-        of several levels compares on the coarse box (its steps are the coarsest, and the global
-        search ranked its starts there), the others at full size."""
-        shifted = phase_shift(filtered, -displacement)
+        each particle with the reference in every pose ``rotations @ deltas[level][j]``."""
+        centred = torch.fft.irfftn(phase_shift(filtered, -displacement), s=(self.box,) * 3, dim=(1, 2, 3))
+        bank, power = self.fine[cls], self.power[cls]
         half = self.wedge.expand(len(filtered), *self.wedge.shape) if ctf is None else self.wedge * ctf**2
-        # per box size, two channels sampled together: the centred particle, and W·CTF² on the fftshifted full grid
-        channels = {}
-        for size in set(self.local_sizes):
-            spectrum = shifted if size == self.box else fourier_crop(shifted, size, keep_nyquist=True)
-            particle = torch.fft.irfftn(spectrum, s=(size,) * 3, dim=(1, 2, 3))
-            filt = _full_spectrum(half if size == self.box else fourier_crop(half, size, keep_nyquist=True), size)
-            channels[size] = torch.stack([particle, filt], 1)
+        filter_full = _full_spectrum(half, self.box)  # W·CTF² on the fftshifted full grid (n, B, B, B)
 
         def score(current: np.ndarray, level: int) -> np.ndarray:
-            size, (bank, power) = self.local_sizes[level], self.local_banks[cls][level]
             back = torch.as_tensor(np.ascontiguousarray(current.transpose(0, 2, 1)), dtype=torch.float32)
-            particle, filt = sample_rigid(channels[size], back.to(self.device), self.balls[size]).unbind(1)
-            numerator = standardise_volumes(particle) @ bank.T
-            template_power = filt @ power.T
+            back = back.to(self.device)
+            numerator = standardise_volumes(sample_rigid(centred, back, self.ball_xyz)) @ bank[level].T
+            template_power = sample_rigid(filter_full, back, self.ball_xyz) @ power[level].T
             return (numerator / template_power.clamp(min=1e-12).sqrt()).cpu().numpy()
 
         return score
 
     def refine_peaks(
         self, filtered: torch.Tensor, cls: str, scores: np.ndarray, ctf: torch.Tensor | None, particle_norm: torch.Tensor,
-        centre: torch.Tensor,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Local rotation refinement and translation of class ``cls`` from the :meth:`peaks` of
         its global scores (n, G): rotations (n, 3, 3), displacement (n, 3) and the full-size
         normalised correlation (n,) at the result.
 
-        The particle is centred once, by ``centre`` (n, 3) voxels (the :meth:`screen`'s
-        translation at the best peak); every peak climbs the first (coarsest) local grid, and
-        only the peak that scores best there goes on through the finer grids: the first step
-        already says which hypothesis fits, and the finer ones cost as much again per peak."""
+        The particle is centred once, by the translation at the best peak; every peak climbs
+        the first (coarsest) local grid, and only the peak that scores best there goes on
+        through the finer grids: the first step already says which hypothesis fits, and the
+        finer ones cost as much again per peak."""
         ref, starts = self.refs[cls], self.grid[self.peaks(cls, scores)]  # (n, K, 3, 3)
+        d, _ = self.correlate(filtered, ref, starts[:, 0], ctf, particle_norm)
         rotations = starts[:, 0].copy()
         if self.deltas:
-            score = self.local_score(filtered, cls, ctf, centre)
+            score = self.local_score(filtered, cls, ctf, d)
             best = np.full(len(starts), -np.inf)
             for j in range(starts.shape[1]):
                 values = score(starts[:, j], 0)
                 top = values.max(1)
                 better = top > best
                 best[better] = top[better]
-                rotations[better] = starts[better, j] @ self.local_deltas[0][values[better].argmax(1)]
-            rotations = refine_rotations(lambda current, level: score(current, level + 1), rotations, self.local_deltas[1:])
+                rotations[better] = starts[better, j] @ self.deltas[0][values[better].argmax(1)]
+            rotations = refine_rotations(lambda current, level: score(current, level + 1), rotations, self.deltas[1:])
         d, fit = self.correlate(filtered, ref, rotations, ctf, particle_norm)
         return rotations, d.cpu().numpy(), fit.cpu().numpy()
 
@@ -492,7 +469,7 @@ class Matcher:
         grid_scores, places = self.coarse_scores(filtered)
         scores = np.stack([s.max(1) for s in grid_scores], 1)
         rotations = np.stack([self.grid[s.argmax(1)] for s in grid_scores], 1)
-        screen, centres = self.screen(spectra, ctf, rotations, places)
+        screen = self.screen(spectra, ctf, rotations, places)
         scores_min = np.stack([s.min(1) for s in grid_scores], 1)
         n, n_cls = scores.shape
         displacement = np.zeros((n, n_cls, 3))
@@ -509,7 +486,7 @@ class Matcher:
                 block_ctf = None if ctf is None else ctf[index]
                 block = filtered[index] if places is None else phase_shift(filtered[index], -places[k][index])
                 rotations[rows, k], displacement[rows, k], fit[rows, k] = self.refine_peaks(
-                    block, cls, grid_scores[k][rows], block_ctf, particle_norm[index], centres[index, k]
+                    block, cls, grid_scores[k][rows], block_ctf, particle_norm[index]
                 )
                 if places is not None:
                     displacement[rows, k] += places[k][index].cpu().numpy()
