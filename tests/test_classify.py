@@ -381,3 +381,43 @@ def test_best_fit_and_screen_features_need_template_matching(fitted):
     screen = np.abs(np.random.default_rng(3).normal(size=(len(data["particle_id"]), 2))) + 0.1
     relative = features(["screen_relative"], dict(data), {**old_match, "screen": screen})
     np.testing.assert_allclose(relative.max(1), 1.0)
+
+
+def _subset_of(path, source, rows, per_class):
+    """The rows ``rows`` of match file ``source``, written as ``cryovae match --per-class`` writes them."""
+    with np.load(source) as m:
+        arrays = {k: m[k] if k == "classes" else m[k][rows] for k in m.files}
+    np.savez(path, subset_per_class=np.int64(per_class), **arrays)
+    return path
+
+
+def test_a_match_file_of_a_per_class_subset_fits_the_class_model_on_those_particles(fitted):
+    tmp = fitted
+    full = _matches(tmp / "train_m.npz", tmp / "train.npz", 5)
+    val_m = _matches(tmp / "val_m.npz", tmp / "val.npz", 6)
+    rows = np.sort(np.random.default_rng(3).choice(400, 120, replace=False))
+    subset = _subset_of(tmp / "train_sub.npz", full, rows, 60)
+    fit_classifier(CFG_BOTH, tmp / "train.npz", tmp / "val.npz", tmp / "clf_sub.npz", subset, val_m)
+    # the same as a latent file that holds only those particles, with their full match file
+    with np.load(tmp / "train.npz") as data:
+        np.savez(tmp / "train_rows.npz", **{k: data[k][rows] for k in data.files})
+    _subset_of(tmp / "rows_m.npz", full, rows, 0)  # marked "not a subset": must match the latents exactly
+    fit_classifier(CFG_BOTH, tmp / "train_rows.npz", tmp / "val.npz", tmp / "clf_rows.npz", tmp / "rows_m.npz", val_m)
+    a, b = Classifier.load(tmp / "clf_sub.npz"), Classifier.load(tmp / "clf_rows.npz")
+    np.testing.assert_array_equal(a.classes.means, b.classes.means)
+    assert a.threshold == b.threshold
+    # annotate writes the matched particles only, with their own scores
+    frames = {c: {"rotation_canonical_to_reference": np.eye(3).tolist(), "translation_angstrom": [0, 0, 0],
+                  "symmetry": "C1"} for c in "ab"}
+    (tmp / "frames.json").write_text(json.dumps(frames))
+    annotate(CFG_BOTH, tmp / "train.npz", tmp / "clf_sub.npz", tmp / "frames.json", tmp / "train.csv", subset)
+    table = pd.read_csv(tmp / "train.csv")
+    assert table["particle_id"].tolist() == [f"p{i}" for i in rows]
+    np.testing.assert_allclose(table["template_score_a"], np.load(subset)["scores"][:, 0], atol=1e-6)
+
+
+def test_a_subset_match_file_of_other_particles_is_refused(fitted):
+    other = _latents(fitted / "other.npz", ["a", "b"], 300, 9)  # ids p0..p599: p400.. are not in train
+    m = _subset_of(fitted / "other_sub.npz", _matches(fitted / "other_m.npz", other, 10), np.arange(350, 450), 50)
+    with pytest.raises(InputError, match="'p400' is not in the latent file"):
+        fit_classifier(CFG_BOTH, fitted / "train.npz", fitted / "val.npz", fitted / "clf4.npz", m, m)

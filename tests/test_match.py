@@ -10,7 +10,7 @@ from cryovae.align import orient_symmetry, symmetry_operators
 from cryovae.config import validate_config
 from cryovae.ctf import ctf_3d
 from cryovae.errors import InputError
-from cryovae.match import Matcher
+from cryovae.match import Matcher, class_subset
 from cryovae.rotations import (
     geodesic_distance_deg, random_rotations, relion_euler_to_matrix, symmetric_geodesic_distance_deg, symmetry_group,
 )
@@ -292,3 +292,12 @@ def test_the_start_that_fits_at_full_size_wins_over_a_flip_the_coarse_box_cannot
     result = matcher.match(particle, None)
     error = geodesic_distance_deg(result["rotation"][:, 0], truth[None])[0]
     assert error < 4.0, f"pose {error:.1f}° from the truth"
+
+
+def test_class_subset_takes_at_most_so_many_of_every_class_the_same_for_one_seed():
+    names = np.array(["a"] * 50 + ["b"] * 8 + ["c"] * 30)[np.random.default_rng(0).permutation(88)]
+    rows = class_subset(names, 20, seed=4)
+    assert np.all(np.diff(rows) > 0)
+    assert {c: int((names[rows] == c).sum()) for c in "abc"} == {"a": 20, "b": 8, "c": 20}
+    np.testing.assert_array_equal(rows, class_subset(names, 20, seed=4))
+    assert not np.array_equal(rows, class_subset(names, 20, seed=5))

@@ -132,7 +132,7 @@ def test_outputs(tiny, tmp_path):
     assert not (tmp_path / "checkpoint.pt").exists()
     model, meta = load_model(tmp_path / "model.pt")
     assert meta["class_names"] == NAMES and meta["spatial_shape"] == [8, 8, 8]
-    assert meta["pixel_size_angstrom"] == 10.0 and meta["latent_dims"] == 4 and meta["decoder"] == "cnn"
+    assert meta["pixel_size_angstrom"] == 10.0 and meta["latent_dims"] == 4 and meta["decoder"] == "splat"
     assert meta["config"]["training"]["epochs"] == 2 and meta["epochs_trained"] == 2
 
 

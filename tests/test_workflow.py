@@ -196,15 +196,21 @@ def test_changed_parameter_reruns_exactly_what_it_affects(run):
         assert f"{rule} " in text or f"{rule}\n" in text, rule
     for rule in ("train", "embed", "align", "simulate"):
         assert f"\n{rule} " not in text and f"\n{rule}\n" not in text, rule
+    proc = snakemake("--configfile", str(matching), "-n", "-p")  # the training split: a per-class subset
+    text = proc.stdout + proc.stderr
+    assert f"--per-class 500 --output {out}/embeddings/match/train.npz" in text
+    assert text.count("--per-class") == 1
     matched = write_config(base / "matched.yaml", out, training__shape_frame="matched")
     proc = snakemake("--configfile", str(matched), "-n", "--quiet", "rules")
     text = proc.stdout + proc.stderr
-    for rule in ("train", "embed", "classifier", "align", "priors", "evaluate"):
+    # training reads every training particle's pose: the training split is matched whole now
+    for rule in ("train", "embed", "classifier", "align", "priors", "evaluate", "match"):
         assert f"{rule} " in text or f"{rule}\n" in text, rule
-    for rule in ("simulate", "match"):
-        assert f"\n{rule} " not in text and f"\n{rule}\n" not in text, rule
+    assert "\nsimulate " not in text and "\nsimulate\n" not in text
     proc = snakemake("--configfile", str(matched), "-n", "-p")
     text = proc.stdout + proc.stderr
+    assert f"--output {out}/embeddings/match/train.npz" in text  # matched whole: no --per-class before it
+    assert f"--per-class 500 --output {out}/embeddings/match/train.npz" not in text
     assert f"--train-match {out}/embeddings/match/train.npz --val-match {out}/embeddings/match/val.npz" in text
     assert f"--match {out}/embeddings/match/test.npz --output {out}/embeddings/latent/test.npz" in text
     interpretation = write_config(base / "interpretation.yaml", out, interpretation__max_dims=2)

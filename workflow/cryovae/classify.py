@@ -50,6 +50,9 @@ log = logging.getLogger(__name__)
 UNKNOWN = "unknown"
 
 
+MODEL_KEYS = ("classifier_class_names",)  # arrays of an embed output that are the model's, not per particle
+
+
 def load_latents(path: Path) -> dict[str, np.ndarray]:
     """An ``embed`` output: particle_id, class_name, latent_mean (n, L), rotation (n, 3, 3), ..."""
     if not Path(path).is_file():
@@ -231,6 +234,25 @@ def read_match_file(path: Path, particle_id: np.ndarray, whose: str = "the laten
     return match
 
 
+def matched_rows(data: dict[str, np.ndarray], path: Path) -> dict[str, np.ndarray]:
+    """The latents ``data`` of the particles that the match file ``path`` holds: all of them, or,
+    for a file that matched a per-class subset (``cryovae match --per-class``), those, in its order."""
+    if not Path(path).is_file():
+        raise InputError(f"{path}: template-matching file does not exist")
+    with np.load(path, allow_pickle=False) as match:
+        if "subset_per_class" not in match.files or int(match["subset_per_class"]) == 0:
+            return data
+        ids = match["particle_id"].astype(str)
+    n = len(data["particle_id"])
+    rows = pd.Index(data["particle_id"].astype(str)).get_indexer(ids)
+    if (rows < 0).any():
+        raise InputError(f"{path}: particle {str(ids[np.argmax(rows < 0)])!r} is not in the latent file "
+                         "(re-run match and embed on one split)")
+    log.info("%s: the class model reads the %d of %d particles that were matched (matching.train_per_class)",
+             path, len(rows), n)
+    return {k: v if k in MODEL_KEYS else v[rows] for k, v in data.items()}
+
+
 def load_matches(path: Path, particle_id: np.ndarray, classes: list[str]) -> dict[str, np.ndarray]:
     """A ``match`` output checked against the latents' particle order and the seen classes."""
     match = read_match_file(path, particle_id)
@@ -310,6 +332,8 @@ def _split_features(
 ) -> tuple[dict, dict | None, np.ndarray, np.ndarray]:
     """(latents, matches, class features, unknown features) of one split."""
     data = load_latents(latents)
+    if match is not None:
+        data = matched_rows(data, match)
     matches = None if match is None else load_matches(match, data["particle_id"], config.seen_classes)
     cc = config.classification
     return data, matches, features(cc.features, data, matches), features(cc.unknown_features, data, matches)

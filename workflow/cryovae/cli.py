@@ -219,6 +219,9 @@ VERBS: dict[str, tuple[str, str, str, list[tuple[tuple[str, ...], dict]]]] = {
             (("--maps",), {"type": _P, "nargs": "+", "required": True,
                            "help": "reference maps of the seen classes (MRC, named {class}.mrc)"}),
             (("--output",), {"type": _P, "required": True, "help": "scores and poses to write (.npz)"}),
+            (("--per-class",), {"type": int, "default": None,
+                                "help": "match a seeded subset of at most this many particles of every class "
+                                        "(the workflow's training split: matching.train_per_class)"}),
         ],
     ),
     "align": (

@@ -543,16 +543,37 @@ def read_references(config: Config, maps: list[Path]) -> dict[str, np.ndarray]:
     return refs
 
 
-def match_split(config: Config, split_dir: Path, maps: list[Path], output: Path) -> None:
-    """Template-match every particle of a split against every seen class; write an npz."""
+def class_subset(class_names: np.ndarray, per_class: int, seed: int) -> np.ndarray:
+    """Rows (sorted) of a seeded random subset of at most ``per_class`` particles of every class."""
+    rng = np.random.default_rng(seed)
+    picked = []
+    for cls in sorted(set(class_names.tolist())):
+        rows = np.flatnonzero(class_names == cls)
+        picked.append(rows if len(rows) <= per_class else rng.choice(rows, per_class, replace=False))
+    return np.sort(np.concatenate(picked))
+
+
+def match_split(config: Config, split_dir: Path, maps: list[Path], output: Path,
+                per_class: int | None = None) -> None:
+    """Template-match the particles of a split against every seen class; write an npz.
+
+    Every particle, or with ``per_class`` a seeded subset of at most that many of each class
+    (:func:`class_subset`; the file records ``subset_per_class`` so that readers know)."""
+    if per_class is not None and per_class < 1:
+        raise InputError(f"--per-class must be at least 1, got {per_class}")
     torch.set_num_threads(config.matching.threads)
     data = SubtomogramSet.open(split_dir)
     tilt, defocus, optics = split_wedge_and_ctf(config, data)
     per_tilt = split_particle_ctfs(data)
     matcher = Matcher(config, read_references(config, maps), tilt)
+    chosen = np.arange(len(data)) if per_class is None else class_subset(
+        data.particles["cryovaeClassName"].astype(str).to_numpy(), per_class, config.seed)
+    if per_class is not None:
+        log.info("match %s: %d of %d particles, at most %d per class (matching.train_per_class)",
+                 split_dir.name, len(chosen), len(data), per_class)
     blocks = []
-    for start in tqdm(range(0, len(data), CHUNK), desc=f"match {split_dir.name}", unit="block", mininterval=1.0):
-        rows = np.arange(start, min(start + CHUNK, len(data)))
+    for start in tqdm(range(0, len(chosen), CHUNK), desc=f"match {split_dir.name}", unit="block", mininterval=1.0):
+        rows = chosen[start:start + CHUNK]
         ctf = None
         if per_tilt is not None:
             source, names, centred = per_tilt
@@ -561,22 +582,23 @@ def match_split(config: Config, split_dir: Path, maps: list[Path], output: Path)
             ctf = ctf_3d(torch.as_tensor(defocus[rows]), config.box_size, data.pixel_size_angstrom, *optics)
         blocks.append(matcher.match(data.volumes(rows), ctf))
     result = {k: np.concatenate([b[k] for b in blocks]) for k in blocks[0]}
-    if "rlnTomoName" in data.particles.columns:
-        contrast_warnings(result["scores"], result["scores_min"], data.particles["rlnTomoName"].astype(str).to_numpy())
+    table = data.particles.iloc[chosen]
+    if "rlnTomoName" in table.columns:
+        contrast_warnings(result["scores"], result["scores_min"], table["rlnTomoName"].astype(str).to_numpy())
     origin = -result.pop("displacement_voxels") * data.pixel_size_angstrom
     with atomic_path(output, suffix=".npz") as tmp:
         with open(tmp, "wb") as fh:
             np.savez(
-                fh, particle_id=data.particles["cryovaeParticleId"].astype(str).to_numpy().astype(str),
+                fh, particle_id=table["cryovaeParticleId"].astype(str).to_numpy().astype(str),
                 classes=np.array(matcher.classes), origin_angstrom=origin, class_self_margin=matcher.self_margin,
-                **result,
+                subset_per_class=np.int64(per_class or 0), **result,
             )
     for cls, margin in zip(matcher.classes, matcher.self_margin):
         if not margin > matcher.noise_sd(None, 1)[0] * matcher.margin_min:
             log.warning("match: the map of %s barely fixes an orientation at this pixel size (self-margin %.3f): "
                         "its poses will mostly be undetermined", cls, margin)
     log.info(
-        "match %s: %d particles, %d classes, wedge %s, CTF %s", split_dir.name, len(data), len(matcher.classes),
+        "match %s: %d particles, %d classes, wedge %s, CTF %s", split_dir.name, len(chosen), len(matcher.classes),
         tilt, "per tilt, per particle" if per_tilt is not None else ("per particle" if defocus is not None else "none"),
     )
 

@@ -12,6 +12,7 @@ rule match:
     params:
         config=stage_config("matching", "simulation", "alignment"),
         split_dir=lambda wildcards: split_dir(wildcards.split),
+        subset=lambda wildcards: match_subset_option(wildcards.split),
     conda:
         CONDA_ENV
     log:
@@ -24,7 +25,7 @@ rule match:
         "Template matching of the {wildcards.split} split: a long step; progress in {log}"
     shell:
         "cryovae match --config {params.config:q} --split-dir {params.split_dir} --maps {input.maps} "
-        "--output {output} 2> {log} || (tail -n 1 {log} >&2; exit 1)"
+        "{params.subset}--output {output} 2> {log} || (tail -n 1 {log} >&2; exit 1)"
 
 
 rule classifier:

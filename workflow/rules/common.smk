@@ -147,6 +147,15 @@ def matched(split):
     return {"match": f"{OUT}/embeddings/match/{split}.npz"} if CFG.matching.enabled else {}
 
 
+def match_subset_option(split):
+    """The match verb's --per-class for the training split (matching.train_per_class), unless
+    training reads every training particle in its matched pose (training.shape_frame: matched)."""
+    per_class = CFG.matching.train_per_class
+    if split != "train" or per_class is None or CFG.training.shape_frame == "matched":
+        return ""
+    return f"--per-class {per_class} "
+
+
 def match_option(flag, path):
     """A verb's option naming a match output, or nothing when matching is off."""
     return f"{flag} {path}" if CFG.matching.enabled else ""
