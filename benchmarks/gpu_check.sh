@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU node check, in one command of at most ~12 minutes:
-#   1. training samples/s at 32³ for the default model (bench_train.py, batch 64 and 512),
+#   1. training samples/s at 32³ for the default model, splat, and the cnn decoder (bench_train.py, batch 64 and 512),
 #   2. template matching particles/s (bench_match.py),
 #   3. the embedded default workflow with training.device: cuda, timed with `time`,
 # each under its own timeout, then one summary. Logs go to the work folder.
@@ -95,7 +95,7 @@ if [[ " ${steps[*]} " == *" train "* ]]; then
     for size in "${sizes[@]}"; do
         read -r batch count limit <<< "$size"
         name="train_batch$batch"
-        if run_step "$name" "$limit" python benchmarks/bench_train.py --device "$device" --what train --decoders cnn \
+        if run_step "$name" "$limit" python benchmarks/bench_train.py --device "$device" --what train --decoders splat cnn \
             --batch "$batch" --steps "$count" --warmup "$warmup" --max-particles 4096; then
             summary+=("train: $(train_rate "$name")")
         fi
