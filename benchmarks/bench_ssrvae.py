@@ -88,7 +88,7 @@ def variant_config(args, class_names: list[str], unlabelled: bool, augment: bool
     return validate_config({
         "structures": {n: f"demo:{n}" for n in class_names}, "box_size": args.size, "seed": args.seed,
         "training": {"epochs": epochs, "batch_size": args.batch_size, "latent_dims": args.latent_dims,
-                     "channels": [16, 32, 64], "pose_weight": 0.0, "beta": 0.01, "gamma": args.gamma,
+                     "channels": [16, 32, 64], "decoder": args.decoder, "pose_weight": 0.0, "beta": 0.01, "gamma": args.gamma,
                      "learning_rate": args.learning_rate, "threads": args.threads, "device": "cpu",
                      "semi_supervised": semi},
     })
@@ -156,6 +156,8 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--latent-dims", type=int, default=4)
+    ap.add_argument("--decoder", default="cnn", choices=["cnn", "splat"],
+                    help="the model's decoder (cnn: the one the recorded results were measured with)")
     ap.add_argument("--gamma", type=float, default=1.0, help="affinity loss weight (shape affinity of the suits)")
     ap.add_argument("--alpha", type=float, default=30.0,
                     help="classifier_weight (the ss-rVAE notebook's aux_loss_multiplier is 30)")
