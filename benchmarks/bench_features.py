@@ -27,10 +27,9 @@ def load_run(run_dir: Path, config) -> dict[str, tuple[dict, dict]]:
     """(latents, match) of the train, val and test splits of a finished run."""
     splits = {}
     for split in ("train", "val", "test"):
-        data = load_latents(run_dir / "embeddings/latent" / f"{split}.npz")
-        match = load_matches(run_dir / "embeddings/match" / f"{split}.npz", data["particle_id"],
-                             config.seen_classes)
-        splits[split] = (data, match)
+        # the training split's latents cut to the particles its match file holds (matching.train_per_class)
+        splits[split] = load_matches(run_dir / "embeddings/match" / f"{split}.npz",
+                                     load_latents(run_dir / "embeddings/latent" / f"{split}.npz"), config.seen_classes)
     return splits
 
 

@@ -55,8 +55,7 @@ def row(name: str, nearest, score, threshold, true, novel, seen_classes, unseen)
 def bench_split(out: Path, config, split: str) -> list[str]:
     cc = config.classification
     latents, match = out / "embeddings/latent" / f"{split}.npz", out / "embeddings/match" / f"{split}.npz"
-    data = C.load_latents(latents)
-    matches = C.load_matches(match, data["particle_id"], config.seen_classes)
+    data, matches = C.load_matches(match, C.load_latents(latents), config.seen_classes)
     x, x_unknown = C.features(cc.features, data, matches), C.features(cc.unknown_features, data, matches)
     fit = C.fit_column(matches, latents)
     true, novel = split_truth(out, split, data["particle_id"])

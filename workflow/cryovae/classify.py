@@ -222,27 +222,34 @@ class Classifier:
                 raise InputError(f"{path}: not a classifier file of this version (missing {err})") from None
 
 
-def read_match_file(path: Path, particle_id: np.ndarray, whose: str = "the latent file's") -> dict[str, np.ndarray]:
-    """A ``match`` output's arrays, checked to hold the particles ``particle_id`` in that order
-    (``whose``: where that order comes from, for the error)."""
+def _match_arrays(path: Path) -> dict[str, np.ndarray]:
+    """Every array of a ``match`` output."""
     if not Path(path).is_file():
         raise InputError(f"{path}: template-matching file does not exist")
     with np.load(path, allow_pickle=False) as data:
-        match = {k: data[k] for k in data.files}
+        return {k: data[k] for k in data.files}
+
+
+def _check_particles(match: dict[str, np.ndarray], particle_id: np.ndarray, path: Path, whose: str) -> None:
     if not np.array_equal(match["particle_id"].astype(str), np.asarray(particle_id).astype(str)):
         raise InputError(f"{path}: particles differ from {whose} (re-run match and embed on one split)")
+
+
+def read_match_file(path: Path, particle_id: np.ndarray, whose: str = "the latent file's") -> dict[str, np.ndarray]:
+    """A ``match`` output's arrays, checked to hold the particles ``particle_id`` in that order
+    (``whose``: where that order comes from, for the error)."""
+    match = _match_arrays(path)
+    _check_particles(match, particle_id, path, whose)
     return match
 
 
-def matched_rows(data: dict[str, np.ndarray], path: Path) -> dict[str, np.ndarray]:
-    """The latents ``data`` of the particles that the match file ``path`` holds: all of them, or,
-    for a file that matched a per-class subset (``cryovae match --per-class``), those, in its order."""
-    if not Path(path).is_file():
-        raise InputError(f"{path}: template-matching file does not exist")
-    with np.load(path, allow_pickle=False) as match:
-        if "subset_per_class" not in match.files or int(match["subset_per_class"]) == 0:
-            return data
-        ids = match["particle_id"].astype(str)
+def matched_rows(data: dict[str, np.ndarray], match: dict[str, np.ndarray], path: Path) -> dict[str, np.ndarray]:
+    """The latents ``data`` of the particles that the match arrays ``match`` (read from ``path``) hold:
+    all of them, or, for a file that matched a per-class subset (``cryovae match --per-class``),
+    those, in its order."""
+    if int(match.get("subset_per_class", 0)) == 0:
+        return data
+    ids = match["particle_id"].astype(str)
     n = len(data["particle_id"])
     rows = pd.Index(data["particle_id"].astype(str)).get_indexer(ids)
     if (rows < 0).any():
@@ -253,12 +260,16 @@ def matched_rows(data: dict[str, np.ndarray], path: Path) -> dict[str, np.ndarra
     return {k: v if k in MODEL_KEYS else v[rows] for k, v in data.items()}
 
 
-def load_matches(path: Path, particle_id: np.ndarray, classes: list[str]) -> dict[str, np.ndarray]:
-    """A ``match`` output checked against the latents' particle order and the seen classes."""
-    match = read_match_file(path, particle_id)
+def load_matches(path: Path, data: dict[str, np.ndarray], classes: list[str]
+                 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(the latents ``data`` of the particles a ``match`` output holds (:func:`matched_rows`), that
+    output), checked against the latents' particle order and the seen classes."""
+    match = _match_arrays(path)
+    data = matched_rows(data, match, path)
+    _check_particles(match, data["particle_id"], path, "the latent file's")
     if list(match["classes"].astype(str)) != list(classes):
         raise InputError(f"{path}: matched classes {list(match['classes'])}, expected {list(classes)}")
-    return match
+    return data, match
 
 
 def features(
@@ -331,10 +342,9 @@ def _split_features(
     config: Config, latents: Path, match: Path | None
 ) -> tuple[dict, dict | None, np.ndarray, np.ndarray]:
     """(latents, matches, class features, unknown features) of one split."""
-    data = load_latents(latents)
+    data, matches = load_latents(latents), None
     if match is not None:
-        data = matched_rows(data, match)
-    matches = None if match is None else load_matches(match, data["particle_id"], config.seen_classes)
+        data, matches = load_matches(match, data, config.seen_classes)
     cc = config.classification
     return data, matches, features(cc.features, data, matches), features(cc.unknown_features, data, matches)
 

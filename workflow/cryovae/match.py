@@ -566,9 +566,9 @@ def match_split(config: Config, split_dir: Path, maps: list[Path], output: Path,
     tilt, defocus, optics = split_wedge_and_ctf(config, data)
     per_tilt = split_particle_ctfs(data)
     matcher = Matcher(config, read_references(config, maps), tilt)
-    chosen = np.arange(len(data)) if per_class is None else class_subset(
-        data.particles["cryovaeClassName"].astype(str).to_numpy(), per_class, config.seed)
+    chosen = np.arange(len(data))
     if per_class is not None:
+        chosen = class_subset(data.particles["cryovaeClassName"].astype(str).to_numpy(), per_class, config.seed)
         log.info("match %s: %d of %d particles, at most %d per class (matching.train_per_class)",
                  split_dir.name, len(chosen), len(data), per_class)
     blocks = []
