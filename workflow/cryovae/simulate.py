@@ -99,12 +99,17 @@ def draw_particles(config, split: str, shard: int) -> tuple[ParticleDraws, np.ra
     start = shard_start(config, split, shard)
     classes = class_sequence(config, split)[start : start + plan[shard]]
     pose_seed, noise_seed = shard_seed(config, split, shard).spawn(2)
-    rng = np.random.default_rng(pose_seed)
-    n, sim = len(classes), config.simulation
+    return random_draws(config, classes, np.random.default_rng(pose_seed)), np.random.default_rng(noise_seed)
+
+
+def random_draws(config, class_index: np.ndarray, rng: np.random.Generator) -> ParticleDraws:
+    """Uniform random rotations, shifts within ``simulation.max_shift_px`` and defoci within
+    ``simulation.defocus_range_um`` (NaN without CTF) for particles of ``class_index`` (n,)."""
+    n, sim = len(class_index), config.simulation
     rotation = random_rotations(n, rng)
     shift = rng.uniform(-sim.max_shift_px, sim.max_shift_px, size=(n, 3))
     defocus = rng.uniform(*sim.defocus_range_um, size=n) if sim.ctf else np.full(n, np.nan)
-    return ParticleDraws(classes, rotation, shift, defocus), np.random.default_rng(noise_seed)
+    return ParticleDraws(class_index, rotation, shift, defocus)
 
 
 # ----------------------------------------------------------------------------- maps
@@ -405,25 +410,40 @@ def batch_size(box: int) -> int:
     return max(1, MAX_BATCH_VOXELS // box**3)
 
 
+class ParticleSimulator:
+    """Particles of given maps, any number of batches: the maps' oversampled spectra and the
+    Fourier support are made once (:func:`simulate_batches` for a shard, :mod:`cryovae.pose_training`
+    for particles made on the fly).  ``snr`` (C,): each map's particles' SNR (:func:`class_snr`;
+    default ``simulation.snr``)."""
+
+    def __init__(self, config, class_maps: np.ndarray, snr: np.ndarray | None = None):
+        self.config, self.snr = config, snr
+        self.factor = 2 if config.box_size <= OVERSAMPLED_MAX_BOX else 1
+        self.spectra = padded_spectra(class_maps, self.factor)
+        self.support = FourierSupport.from_config(config)
+
+    def volumes(self, class_slot: np.ndarray, draws: ParticleDraws, generator: np.random.Generator) -> np.ndarray:
+        """Particles (n, B, B, B) float32 of maps ``class_slot`` (n,) in the poses and defoci of ``draws``."""
+        values = particle_spectra(self.spectra, self.factor, class_slot, draws.rotation, draws.shift_xyz_px,
+                                  self.support)
+        values = corrupt(values, draws.defocus_um, self.config, self.support, generator,
+                         None if self.snr is None else self.snr[class_slot])
+        volumes = to_volumes(values, self.support)
+        if not np.all(np.isfinite(volumes)):
+            raise InputError("simulation produced non-finite values (check the maps and simulation settings)")
+        return volumes
+
+
 def simulate_batches(config, class_maps: np.ndarray, class_slot: np.ndarray, draws: ParticleDraws,
                      generator: np.random.Generator, snr: np.ndarray | None = None) -> Iterator[np.ndarray]:
     """The particles of a shard in order, in batches of :func:`batch_size`: (b, B, B, B) float32 each;
     ``snr`` (C,): the SNR of each map's particles (:func:`class_snr`; default ``simulation.snr``)."""
-    box = config.box_size
-    factor = 2 if box <= OVERSAMPLED_MAX_BOX else 1
-    spectra = padded_spectra(class_maps, factor)
-    support = FourierSupport.from_config(config)
-    n, step = len(class_slot), batch_size(box)
+    simulator = ParticleSimulator(config, class_maps, snr)
+    n, step = len(class_slot), batch_size(config.box_size)
     for start in range(0, n, step):
         sel = slice(start, min(n, start + step))
-        values = particle_spectra(spectra, factor, class_slot[sel], draws.rotation[sel], draws.shift_xyz_px[sel],
-                                  support)
-        values = corrupt(values, draws.defocus_um[sel], config, support, generator,
-                         None if snr is None else snr[class_slot[sel]])
-        volumes = to_volumes(values, support)
-        if not np.all(np.isfinite(volumes)):
-            raise InputError("simulation produced non-finite values (check the maps and simulation settings)")
-        yield volumes
+        part = ParticleDraws(draws.class_index[sel], draws.rotation[sel], draws.shift_xyz_px[sel], draws.defocus_um[sel])
+        yield simulator.volumes(class_slot[sel], part, generator)
 
 
 def simulate_volumes(config, class_maps: np.ndarray, class_slot: np.ndarray, draws: ParticleDraws,
