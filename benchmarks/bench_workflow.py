@@ -31,7 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 RELION_CC = REPO.parent / "shared" / "tools" / "relion-check" / "relion_cc.py"
 METRICS = ("accuracy", "macro_f1", "per_class_accuracy", "unseen_auroc", "seen_unknown_rate", "novel_flagged_fraction",
            "pose_error_median_deg", "pose_error_median_deg_frame_free", "pose_error_mean_deg",
-           "network_pose_error_median_deg", "shift_error_median_angstrom", "shift_error_median_px",
+           "network_pose_error_median_deg", "pose_network_error_median_deg", "pose_network_within_15deg",
+           "shift_error_median_angstrom", "shift_error_median_px",
            "per_class_pose_error_median_deg", "pose_determined_fraction", "pose_margin_auroc",
            "pose_undetermined_classes", "affinity_spearman", "n_particles")
 

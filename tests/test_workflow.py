@@ -213,6 +213,20 @@ def test_changed_parameter_reruns_exactly_what_it_affects(run):
     assert f"--per-class 500 --output {out}/embeddings/match/train.npz" not in text
     assert f"--train-match {out}/embeddings/match/train.npz --val-match {out}/embeddings/match/val.npz" in text
     assert f"--match {out}/embeddings/match/test.npz --output {out}/embeddings/latent/test.npz" in text
+    network = write_config(base / "network.yaml", out, matching__starts="network")
+    proc = snakemake("--configfile", str(network), "-n", "--quiet", "rules")
+    text = proc.stdout + proc.stderr
+    for rule in ("pose_network", "match", "classifier", "priors"):   # the network starts every split's searches
+        assert f"{rule} " in text or f"{rule}\n" in text, rule
+    for rule in ("train", "embed", "simulate"):
+        assert f"\n{rule} " not in text and f"\n{rule}\n" not in text, rule
+    proc = snakemake("--configfile", str(network), "-n", "-p")
+    text = proc.stdout + proc.stderr
+    assert f"--pose-network {out}/model/pose_network.pt --output {out}/embeddings/match/test.npz" in text
+    assert "cryovae train-pose --config" in text
+    grid = write_config(base / "grid.yaml", out, pose_network__samples=10)   # grid starts: no pose network
+    proc = snakemake("--configfile", str(grid), "-n", "--quiet", "rules")
+    assert "pose_network" not in proc.stdout + proc.stderr
     interpretation = write_config(base / "interpretation.yaml", out, interpretation__max_dims=2)
     proc = snakemake("--configfile", str(interpretation), "-n", "--quiet", "rules")
     text = proc.stdout + proc.stderr

@@ -277,3 +277,13 @@ def align_frames(config: Config, model: Path, latents: Path, maps: list[Path], o
             log.warning("align %s: the map correlates only %.3f with itself under %s; is the symmetry right?",
                         name, self_cc, group)
     write_text_atomic(output, json.dumps(frames, indent=2, sort_keys=True) + "\n")
+
+
+def point_group_in_map(config: Config, cls: str, reference: np.ndarray) -> np.ndarray:
+    """The class's point group (``alignment.symmetry``) in its map's frame, the axes located in
+    ``reference`` by :func:`orient_symmetry`: (G, 3, 3), the identity alone for C1."""
+    name = config.alignment.symmetry.get(cls, "C1")
+    if name.upper() == "C1":
+        return np.eye(3)[None]
+    axes, _ = orient_symmetry(reference, name)
+    return symmetry_group_in_frame(name, axes)

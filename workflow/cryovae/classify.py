@@ -572,7 +572,8 @@ def annotate(
     """Write the per-particle CSV: latent, pose in the reference frame, class, probabilities, unknown score.
 
     With a ``match`` file the pose columns are the template-matching pose of the nearest
-    class and ``network_angle_*``/``network_origin_*`` hold the network's pose in the same frame;
+    class and ``network_angle_*``/``network_origin_*`` hold the network's pose in the same frame
+    (``posenet_angle_*``: the pose network's best-ranked rotation, when matching started from it);
     ``pose_margin``, ``pose_spread_deg``, ``pose_sigma_deg`` and ``pose_determined`` are the
     matcher's confidence in that pose (:mod:`cryovae.match`).
     """
@@ -598,6 +599,8 @@ def annotate(
         table |= _pose_columns("network_", network_rot, network_origin)
         table |= {f"template_score_{c}": matches["scores"][:, j] for j, c in enumerate(config.seen_classes)}
         table |= _confidence_columns(matches, rows, k)
+        if "proposal_rotation" in matches:   # the pose network's own pose (matching.starts: network), no shift
+            table |= _pose_columns("posenet_", matches["proposal_rotation"][rows, k], np.zeros((len(rows), 3)))
     table |= {"predicted_class": predicted, "nearest_class": nearest}
     table |= {f"prob_{c}": probs[:, k] for k, c in enumerate(model.classes.classes)}
     table |= {"unknown_score": score, "confidence": probs.max(1), "recon_error": data["recon_error"]}

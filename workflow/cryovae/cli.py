@@ -208,6 +208,20 @@ VERBS: dict[str, tuple[str, str, str, list[tuple[tuple[str, ...], dict]]]] = {
             (("--output",), {"type": _P, "required": True, "help": "class model to write (.npz)"}),
         ],
     ),
+    "train-pose": (
+        "cryovae.pose_training:train_pose_network",
+        "Train the pose network (matching.starts: network) on particles simulated on the fly from the seen "
+        "classes' maps.",
+        "cryovae train-pose --config config.yaml --maps results/maps/*.mrc --output results/model/pose_network.pt "
+        "--history results/model/pose_network_history.csv",
+        [
+            (("--maps",), {"type": _P, "nargs": "+", "required": True,
+                           "help": "reference maps of the seen classes (MRC, named {class}.mrc)"}),
+            (("--output",), {"type": _P, "required": True, "help": "pose network to write (.pt)"}),
+            (("--history",), {"type": _P, "required": True,
+                              "help": "validation figures during training to write (.csv)"}),
+        ],
+    ),
     "match": (
         "cryovae.match:match_split",
         "Template-match every particle of a split against the seen classes' maps: scores and poses.",
@@ -222,6 +236,9 @@ VERBS: dict[str, tuple[str, str, str, list[tuple[tuple[str, ...], dict]]]] = {
             (("--per-class",), {"type": int, "default": None,
                                 "help": "match a seeded subset of at most this many particles of every class "
                                         "(the workflow's training split: matching.train_per_class)"}),
+            (("--pose-network",), {"type": _P, "default": None,
+                                   "help": "pose network whose proposals start the local searches "
+                                           "(matching.starts: network; the train-pose verb's output)"}),
         ],
     ),
     "align": (

@@ -439,6 +439,12 @@ class MatchingConfig(_Section):
         "pose_far_deg apart (modulo the class's point group); each climbs the coarsest local grid and the best "
         "there is refined further."
     )
+    starts: Literal["grid", "network"] = Field(
+        "grid", description="Where each refined class's coarse_keep local searches start: grid, the global "
+        "search's best rotations; network, the pose network's best-ranked rotations (pose_network), at least "
+        "pose_far_deg apart. The global search runs either way (its scores are features, its score landscape "
+        "the pose confidence)."
+    )
     centre_search_px: float = Field(
         0.0, ge=0, description="Before the global search each particle is centred, per class, on the class's "
         "rotational average (a matched filter no rotation changes) within this radius in pixels, for picks "
@@ -474,6 +480,28 @@ class MatchingConfig(_Section):
         if any(not step > 0 for step in v):
             raise ValueError(f"refinement steps must be positive degrees, got {v}")
         return v
+
+
+class PoseNetworkConfig(_Section):
+    """A network that proposes each particle's orientation in one forward pass (matching.starts: network):
+    a CNN classifying the orientation over an SO(3) grid per seen class, trained on particles
+    simulated on the fly from the seen classes' maps with the simulation section's settings (SNR,
+    wedge, CTF, shifts), each particle seen once."""
+
+    samples: int = Field(200_000, ge=1, description="Training particles, each simulated once (about 120 per "
+                         "second on 2 CPU cores at 32³).")
+    batch_size: int = Field(64, ge=2, description="Particles per step.")
+    step_deg: float = Field(20.0, gt=0, description="Step of the SO(3) grid the network classifies over "
+                            "(20: 1,857 rotations).")
+    sigma_deg: float = Field(10.0, gt=0, description="Width of the target: a Gaussian of the angle to the true "
+                             "rotation (modulo the point group).")
+    channels: list[int] = Field([32, 64, 128, 256], description="Convolution channels per stage.")
+    hidden: int = Field(512, ge=1, description="Units of the hidden layer.")
+    learning_rate: float = Field(1e-3, gt=0, description="AdamW learning rate, cosine-decayed to a tenth.")
+    validation_particles: int = Field(512, ge=8, description="Particles of a fixed validation set (their own "
+                                      "seed), scored every tenth of training.")
+    threads: int = Field(2, ge=1, description="CPU threads of the pose_network rule.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present (bfloat16 there).")
 
 
 class AlignmentConfig(_Section):
@@ -681,6 +709,8 @@ class Config(_Section):
     training: TrainingConfig = Field(default_factory=TrainingConfig, description="Training.")
     classification: ClassificationConfig = Field(default_factory=ClassificationConfig, description="Classes.")
     matching: MatchingConfig = Field(default_factory=MatchingConfig, description="Template matching.")
+    pose_network: PoseNetworkConfig = Field(
+        default_factory=PoseNetworkConfig, description="Pose proposals from a network (matching.starts: network).")
     alignment: AlignmentConfig = Field(default_factory=AlignmentConfig, description="Frame alignment.")
     priors: PriorsConfig = Field(default_factory=PriorsConfig, description="Pose priors.")
     interpretation: InterpretationConfig = Field(

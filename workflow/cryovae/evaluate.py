@@ -18,7 +18,10 @@ Metrics that need ground truth are ``null`` in metrics.json when the split has n
   ``rotation_matrix_particle_from_reference``, minimised over the class's point group
   (``config.alignment.symmetry``, default C1, its axes located in the map by ``align``),
   over seen-class particles with true poses.  ``network_pose_error_median_deg``: the same
-  for the network's own poses, when template matching gave the written ones.
+  for the network's own poses, when template matching gave the written ones;
+  ``pose_network_error_median_deg`` and ``pose_network_within_15deg``: the pose network's
+  best-ranked rotation of the predicted class alone, when matching started from it
+  (``matching.starts: network``).
 - ``pose_error_median_deg_frame_free``: the error of orientations relative to the other
   particles of the class, independent of the reference frame: for each particle the frame
   offset G (pred_j G = true_j, modulo the point group) is estimated from the OTHER
@@ -691,6 +694,10 @@ def evaluate(config, embeddings: Path, split_dir: Path, affinity: Path, model: P
     if len(network):  # matching gave the poses: how far the network's own poses were from the truth
         metrics["network_pose_error_median_deg"] = float(np.median(network["rotation_error_deg"]))
         metrics["network_shift_error_median_angstrom"] = float(np.median(network["shift_error_angstrom"]))
+    proposals = pose_errors(merged, config, frame_table, prefix="posenet_")
+    if len(proposals):  # matching started from the pose network: its best-ranked rotation alone
+        metrics["pose_network_error_median_deg"] = float(np.median(proposals["rotation_error_deg"]))
+        metrics["pose_network_within_15deg"] = float(np.mean(proposals["rotation_error_deg"] < 15.0))
     write_plots(config, merged, latents, affinity_frame, errors, metrics, trained, history_frame, output_dir,
                 network)
     write_metrics(metrics, output_dir / "metrics.json")

@@ -39,7 +39,9 @@ Three stages:
    axes located in the map by :func:`cryovae.align.orient_symmetry`): at low SNR the true pose
    is often not the best grid point.  The particle is centred once (the translation at the best
    peak), every peak climbs the coarsest local grid, and the peak that scores best there goes
-   on through the finer grids.  The local
+   on through the finer grids.  With ``matching.starts: network`` the starts are instead the
+   best-ranked rotations of the pose network (:mod:`cryovae.model.posenet`), at least
+   ``pose_far_deg`` apart, for the same class.  The local
    score is the matched-filter correlation itself: the numerator compares the rotated-back
    particle with the bank, and the reference's norm under the particle's wedge and CTF comes
    from the filter W·CTF² rotated back into the reference frame, dotted with the bank's power
@@ -73,6 +75,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from cryovae.align import point_group_in_map
 from cryovae.atomic import atomic_path
 from cryovae.classify import read_match_file
 from cryovae.config import Config
@@ -80,8 +83,9 @@ from cryovae.acquisition import read_split_acquisitions, split_tilt_range_deg
 from cryovae.ctf import ParticleCtfs, ctf_3d, missing_wedge_mask
 from cryovae.devices import choose_device
 from cryovae.errors import InputError
+from cryovae.model.posenet import PoseNetwork, load_pose_network
 from cryovae.rotations import (
-    local_deltas, matrix_to_quaternion, refine_rotations, so3_grid, symmetry_group_in_frame,
+    local_deltas, matrix_to_quaternion, refine_rotations, so3_grid,
 )
 from cryovae.shards import SubtomogramSet
 from cryovae.volumes import (
@@ -176,7 +180,8 @@ class Matcher:
     """
 
     def __init__(self, config: Config, references: dict[str, np.ndarray], tilt_range_deg,
-                 device: torch.device | None = None, search_dtype: torch.dtype | None = None):
+                 device: torch.device | None = None, search_dtype: torch.dtype | None = None,
+                 proposer: PoseNetwork | None = None):
         m = config.matching
         self.device = choose_device(m.device, "matching.device") if device is None else torch.device(device)
         self.search_dtype = search_dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
@@ -206,9 +211,25 @@ class Matcher:
         self.averages = {c: torch.fft.rfftn(self._tensor(rotational_average(v))) for c, v in references.items()} \
             if self.centre_radius > 0 else {}
         self.finest_deg = min(m.refine_steps_deg) if m.refine_steps_deg else m.coarse_step_deg
-        self.symmetry = {c: _point_group(config, c, v) for c, v in references.items()}
+        self.symmetry = {c: point_group_in_map(config, c, v) for c, v in references.items()}
         self.grid_quats = {c: matrix_to_quaternion(self.grid[None] @ g[:, None]) for c, g in self.symmetry.items()}
         self.self_margin = np.array([self._self_margin(c) for c in self.classes])
+        self.proposer = self._proposer(proposer) if m.starts == "network" else None
+
+    def _proposer(self, net: PoseNetwork | None) -> PoseNetwork:
+        """The pose network of ``matching.starts: network``, on this device, with the rotations it
+        ranks turned by each class's point group (for :meth:`peaks`)."""
+        if net is None:
+            raise InputError("matching.starts is 'network': give the pose network (the pose_network rule's output)")
+        if net.classes != self.classes:
+            raise InputError(f"the pose network was trained on classes {net.classes}, the references are "
+                             f"{self.classes}: retrain it (delete pose_network.pt)")
+        if net.config["box_size"] != self.box:
+            raise InputError(f"the pose network reads a {net.config['box_size']}³ box, the particles are {self.box}³")
+        self.proposal_grid = net.grid.cpu().double().numpy()
+        self.proposal_quats = {c: matrix_to_quaternion(self.proposal_grid[None] @ g[:, None])
+                               for c, g in self.symmetry.items()}
+        return net.to(self.device).eval()
 
     def _tensor(self, array) -> torch.Tensor:
         return torch.as_tensor(array, dtype=torch.float32).to(self.device)
@@ -270,9 +291,11 @@ class Matcher:
         far = self.grid_distance_deg(cls, np.eye(3)[None])[0] > self.far_deg
         return float(1.0 - scores[far].max()) if far.any() else float("nan")
 
-    def _grid_dots(self, cls: str, rotations: np.ndarray) -> np.ndarray:
-        """|cos(θ/2)| (n, G) of the angle θ from each rotation (n, 3, 3) to every grid rotation, modulo the point group."""
-        grid = self.grid_quats[cls]  # (S, G, 4): the grid turned by each element of the point group
+    def _grid_dots(self, cls: str, rotations: np.ndarray, quats: np.ndarray | None = None) -> np.ndarray:
+        """|cos(θ/2)| (n, G) of the angle θ from each rotation (n, 3, 3) to every grid rotation, modulo
+        the point group; ``quats`` (S, G, 4): a grid turned by each element of the group (default the
+        global search's)."""
+        grid = self.grid_quats[cls] if quats is None else quats
         dots = np.abs(matrix_to_quaternion(rotations) @ grid.reshape(-1, 4).T)
         return dots.reshape(len(rotations), *grid.shape[:2]).max(1)
 
@@ -321,15 +344,17 @@ class Matcher:
         scores, _ = self.coarse_scores(filtered)
         return np.stack([s.max(1) for s in scores], 1), np.stack([self.grid[s.argmax(1)] for s in scores], 1)
 
-    def peaks(self, cls: str, scores: np.ndarray) -> np.ndarray:
+    def peaks(self, cls: str, scores: np.ndarray, network: bool = False) -> np.ndarray:
         """Grid indices (n, K) of the ``coarse_keep`` best rotations at least ``pose_far_deg``
-        apart (modulo the point group), best first; scores (n, G)."""
+        apart (modulo the point group), best first; scores (n, G) over the global search's grid,
+        or with ``network`` the pose network's logits over its grid."""
+        grid, quats = (self.proposal_grid, self.proposal_quats[cls]) if network else (self.grid, None)
         left = scores.astype(np.float64, copy=True)
         picks = []
         for _ in range(self.keep):
             best = left.argmax(1)
             picks.append(best)
-            left[self._grid_dots(cls, self.grid[best]) > np.cos(np.radians(self.far_deg) / 2)] = -np.inf
+            left[self._grid_dots(cls, grid[best], quats) > np.cos(np.radians(self.far_deg) / 2)] = -np.inf
         return np.stack(picks, 1)
 
     def screen(self, spectra: torch.Tensor, ctf: torch.Tensor | None, rotations: np.ndarray,
@@ -429,16 +454,19 @@ class Matcher:
 
     def refine_peaks(
         self, filtered: torch.Tensor, cls: str, scores: np.ndarray, ctf: torch.Tensor | None, particle_norm: torch.Tensor,
+        logits: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Local rotation refinement and translation of class ``cls`` from the :meth:`peaks` of
-        its global scores (n, G): rotations (n, 3, 3), displacement (n, 3) and the full-size
-        normalised correlation (n,) at the result.
+        its global scores (n, G), or of the pose network's ``logits`` (n, G') for the class:
+        rotations (n, 3, 3), displacement (n, 3) and the full-size normalised correlation (n,) at the result.
 
         The particle is centred once, by the translation at the best peak; every peak climbs
         the first (coarsest) local grid, and only the peak that scores best there goes on
         through the finer grids: the first step already says which hypothesis fits, and the
         finer ones cost as much again per peak."""
-        ref, starts = self.refs[cls], self.grid[self.peaks(cls, scores)]  # (n, K, 3, 3)
+        ref = self.refs[cls]
+        starts = self.grid[self.peaks(cls, scores)] if logits is None else \
+            self.proposal_grid[self.peaks(cls, logits, network=True)]  # (n, K, 3, 3)
         d, _ = self.correlate(filtered, ref, starts[:, 0], ctf, particle_norm)
         rotations = starts[:, 0].copy()
         if self.deltas:
@@ -460,7 +488,8 @@ class Matcher:
         :meth:`screen`, rotation (n, C, 3, 3),
         displacement_voxels (n, C, 3), refined (n, C) bool, fit (n, C): the full-size
         normalised correlation at the refined pose (NaN for classes not refined), and the
-        pose confidence (n, C) of :meth:`confidence` (NaN, or False, where not refined)."""
+        pose confidence (n, C) of :meth:`confidence` (NaN, or False, where not refined); with a pose
+        network, proposal_rotation (n, C, 3, 3): its best-ranked rotation of every class."""
         spectra = torch.fft.rfftn(self._tensor(volumes), dim=(1, 2, 3)) * self.wedge
         spectra[:, 0, 0, 0] = 0.0
         particle_norm = ((self.weights * spectra.abs() ** 2).sum((1, 2, 3)) / self.box**3).sqrt()
@@ -479,6 +508,7 @@ class Matcher:
         confidence = {name: np.full((n, n_cls), np.nan) for name in CONFIDENCE}
         confidence["pose_determined"] = np.zeros((n, n_cls), dtype=bool)
         top = np.argsort(-(screen if self.refine_by == "screen" else scores), axis=1)[:, : self.refine_top]
+        logits = None if self.proposer is None else self.proposer.predict(volumes)[0].numpy()
         for k, cls in enumerate(self.classes):
             rows = np.nonzero((top == k).any(1))[0]
             if len(rows):
@@ -486,31 +516,22 @@ class Matcher:
                 block_ctf = None if ctf is None else ctf[index]
                 block = filtered[index] if places is None else phase_shift(filtered[index], -places[k][index])
                 rotations[rows, k], displacement[rows, k], fit[rows, k] = self.refine_peaks(
-                    block, cls, grid_scores[k][rows], block_ctf, particle_norm[index]
+                    block, cls, grid_scores[k][rows], block_ctf, particle_norm[index],
+                    None if logits is None else logits[rows, k],
                 )
                 if places is not None:
                     displacement[rows, k] += places[k][index].cpu().numpy()
                 refined[rows, k] = True
                 for name, values in self.confidence(cls, grid_scores[k][rows], rotations[rows, k], sd[rows]).items():
                     confidence[name][rows, k] = values
+        proposal = {} if logits is None else {"proposal_rotation": self.proposal_grid[logits.argmax(2)]}
         return {"scores": scores, "scores_min": scores_min, "screen": screen, "rotation": rotations,
                 "displacement_voxels": displacement,
                 "refined": refined,
-                "fit": fit, **confidence}
+                "fit": fit, **confidence, **proposal}
 
 
 CONFIDENCE = ("pose_margin", "pose_spread_deg", "pose_sigma_deg")  # per particle and class; pose_determined too
-
-
-def _point_group(config: Config, cls: str, reference: np.ndarray) -> np.ndarray:
-    """The class's point group (``alignment.symmetry``) in its map's frame: (G, 3, 3)."""
-    from cryovae.align import orient_symmetry
-
-    name = config.alignment.symmetry.get(cls, "C1")
-    if name.upper() == "C1":
-        return np.eye(3)[None]
-    axes, _ = orient_symmetry(reference, name)
-    return symmetry_group_in_frame(name, axes)
 
 
 def _full_spectrum(half: torch.Tensor, box: int) -> torch.Tensor:
@@ -554,7 +575,7 @@ def class_subset(class_names: np.ndarray, per_class: int, seed: int) -> np.ndarr
 
 
 def match_split(config: Config, split_dir: Path, maps: list[Path], output: Path,
-                per_class: int | None = None) -> None:
+                per_class: int | None = None, pose_network: Path | None = None) -> None:
     """Template-match the particles of a split against every seen class; write an npz.
 
     Every particle, or with ``per_class`` a seeded subset of at most that many of each class
@@ -565,7 +586,12 @@ def match_split(config: Config, split_dir: Path, maps: list[Path], output: Path,
     data = SubtomogramSet.open(split_dir)
     tilt, defocus, optics = split_wedge_and_ctf(config, data)
     per_tilt = split_particle_ctfs(data)
-    matcher = Matcher(config, read_references(config, maps), tilt)
+    proposer = None
+    if config.matching.starts == "network":
+        if pose_network is None:
+            raise InputError("matching.starts is 'network': give --pose-network (the pose_network rule's output)")
+        proposer = load_pose_network(pose_network)
+    matcher = Matcher(config, read_references(config, maps), tilt, proposer=proposer)
     chosen = np.arange(len(data))
     if per_class is not None:
         chosen = class_subset(data.particles["cryovaeClassName"].astype(str).to_numpy(), per_class, config.seed)

@@ -7,12 +7,14 @@ rule match:
     input:
         split=split_input,
         maps=expand(f"{OUT}/maps/{{cls}}.mrc", cls=SEEN),
+        pose_network=pose_network_input(),
     output:
         f"{OUT}/embeddings/match/{{split}}.npz",
     params:
         config=stage_config("matching", "simulation", "alignment"),
         split_dir=lambda wildcards: split_dir(wildcards.split),
         subset=lambda wildcards: match_subset_option(wildcards.split),
+        pose_network=lambda wildcards, input: "".join(f"--pose-network {p} " for p in input.pose_network),
     conda:
         CONDA_ENV
     log:
@@ -25,7 +27,7 @@ rule match:
         "Template matching of the {wildcards.split} split: a long step; progress in {log}"
     shell:
         "cryovae match --config {params.config:q} --split-dir {params.split_dir} --maps {input.maps} "
-        "{params.subset}--output {output} 2> {log} || (tail -n 1 {log} >&2; exit 1)"
+        "{params.subset}{params.pose_network}--output {output} 2> {log} || (tail -n 1 {log} >&2; exit 1)"
 
 
 rule classifier:

@@ -156,6 +156,14 @@ def match_subset_option(split):
     return f"--per-class {per_class} "
 
 
+def pose_network_input():
+    """The pose network, when matching starts its local searches from its proposals
+    (matching.starts: network)."""
+    if CFG.matching.enabled and CFG.matching.starts == "network":
+        return [f"{OUT}/model/pose_network.pt"]
+    return []
+
+
 def match_option(flag, path):
     """A verb's option naming a match output, or nothing when matching is off."""
     return f"{flag} {path}" if CFG.matching.enabled else ""

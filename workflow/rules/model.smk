@@ -69,3 +69,28 @@ rule embed:
     shell:
         "cryovae embed --config {params.config:q} --model {input.model} --split-dir {params.split_dir} "
         "{params.frames} --output {output} 2> {log} || (tail -n 1 {log} >&2; exit 1)"
+
+
+rule pose_network:
+    input:
+        maps=expand(f"{OUT}/maps/{{cls}}.mrc", cls=SEEN),
+    output:
+        model=f"{OUT}/model/pose_network.pt",
+        history=f"{OUT}/model/pose_network_history.csv",
+    params:
+        config=stage_config("pose_network", "simulation", "alignment"),
+    conda:
+        CONDA_ENV
+    log:
+        f"{OUT}/logs/pose_network.log",
+    threads: CFG.pose_network.threads
+    resources:
+        mem_mb=mem_mb(4000),
+        runtime=240,
+        gpu=1 if CFG.pose_network.device != "cpu" else 0,
+    message:
+        "Training the pose network on particles simulated on the fly: a long step; progress in {log}"
+    shell:
+        "(echo CUDA_VISIBLE_DEVICES=${{CUDA_VISIBLE_DEVICES:-unset}}; "
+        "cryovae train-pose --config {params.config:q} --maps {input.maps} --output {output.model} "
+        "--history {output.history}) > {log} 2>&1 || (tail -n 1 {log} >&2; exit 1)"

@@ -1,0 +1,135 @@
+"""The pose network: targets modulo the point group, its file, its training, and matching from its proposals."""
+
+import mrcfile
+import numpy as np
+import pytest
+import torch
+
+from cryovae.config import validate_config
+from cryovae.ctf import ctf_3d
+from cryovae.errors import InputError
+from cryovae.match import Matcher
+from cryovae.model.io import save_record
+from cryovae.model.posenet import (
+    PoseNetwork, grid_angles_deg, load_pose_network, pose_network_record, soft_targets,
+)
+from cryovae.pose_training import train_pose_network
+from cryovae.rotations import axis_angle_matrix, geodesic_distance_deg, random_rotations, so3_grid, symmetry_group
+from cryovae.simulate import ParticleDraws, simulate_volumes
+from test_match import BOX, centred_box
+
+CLASSES = ["1qvr", "1u6g", "3d2f"]
+
+
+def test_a_symmetric_particle_is_as_near_every_mate_of_its_rotation():
+    grid = so3_grid(30.0)
+    group = symmetry_group("C2")
+    rotation = grid[7] @ group[1].T   # a mate of grid point 7: the same C2 particle
+    angles = grid_angles_deg(grid, rotation[None], [np.eye(3)[None], group], np.array([1]))
+    assert angles[0, 7] == pytest.approx(0.0, abs=1e-4)
+    plain = grid_angles_deg(grid, rotation[None], [np.eye(3)[None]], np.array([0]))
+    assert plain[0, 7] == pytest.approx(180.0, abs=1e-3)
+
+
+def test_soft_targets_are_distributions_peaked_at_the_nearest_grid_rotation():
+    grid = so3_grid(20.0)
+    rotations = random_rotations(5, np.random.default_rng(0))
+    angles = grid_angles_deg(grid, rotations, [np.eye(3)[None]], np.zeros(5, dtype=int))
+    targets = soft_targets(angles, 10.0)
+    assert torch.allclose(targets.sum(1), torch.ones(5))
+    assert np.array_equal(targets.argmax(1).numpy(), angles.argmin(1))
+
+
+def small_network(classes=CLASSES) -> PoseNetwork:
+    torch.manual_seed(0)
+    return PoseNetwork(BOX, classes, 30.0, [4, 8], 16)
+
+
+def test_the_file_round_trip_predicts_the_same(tmp_path):
+    net = small_network()
+    path = tmp_path / "pose_network.pt"
+    save_record(pose_network_record(net, [np.eye(3)[None]] * 3, {}, []), path)
+    volumes = np.random.default_rng(0).standard_normal((3, BOX, BOX, BOX)).astype(np.float32)
+    loaded = load_pose_network(path)
+    assert loaded.classes == CLASSES
+    assert torch.equal(net.predict(volumes)[0], loaded.predict(volumes)[0])
+    torch.save({"format": "something else"}, tmp_path / "other.pt")
+    with pytest.raises(InputError, match="not a cryovae pose network"):
+        load_pose_network(tmp_path / "other.pt")
+
+
+class Pointing(PoseNetwork):
+    """A pose network whose logits rank one given rotation of every class first, per particle."""
+
+    def point_at(self, rotations: np.ndarray) -> None:
+        angles = grid_angles_deg(self.grid.double().numpy(), rotations, [np.eye(3)[None]], np.zeros(len(rotations), int))
+        self.logits = torch.as_tensor(-angles, dtype=torch.float32)
+
+    def forward(self, x):
+        pose = self.logits[: len(x), None].expand(len(x), len(self.classes), self.n_grid)
+        return pose + 0.0 * self.head.bias.sum(), torch.zeros(len(x), len(self.classes))
+
+
+@pytest.fixture(scope="module")
+def noise_free(shrec_dir):
+    config = validate_config({
+        "structures": {c: f"demo:{c}" for c in CLASSES}, "box_size": BOX, "pixel_size_angstrom": 10.0,
+        "simulation": {"snr": None, "ctf": True, "tilt_range_deg": [-60, 60], "max_shift_px": 0.0},
+        "matching": {"coarse_keep": 1, "refine_top": 1, "starts": "network"},
+    })
+    maps = np.stack([centred_box(mrcfile.read(shrec_dir / "maps_10A" / f"{c}.mrc")) for c in CLASSES]).astype(np.float32)
+    rng = np.random.default_rng(3)
+    draws = ParticleDraws(np.zeros(6, dtype=int), random_rotations(6, rng), np.zeros((6, 3)), np.full(6, 3.0))
+    volumes = simulate_volumes(config, maps, draws.class_index, draws, np.random.default_rng(1))
+    ctf = ctf_3d(torch.as_tensor(draws.defocus_um), BOX, 10.0, 300.0, 2.7, 0.07)
+    return config, maps, draws, volumes, ctf
+
+
+def matched_rotation(config, maps, volumes, ctf, proposer):
+    matcher = Matcher(config, dict(zip(CLASSES, maps)), (-60.0, 60.0), proposer=proposer)
+    return matcher.match(volumes, ctf)["rotation"][:, 0]
+
+
+def test_the_local_searches_start_where_the_network_points(noise_free):
+    config, maps, draws, volumes, ctf = noise_free
+    proposer = Pointing(BOX, CLASSES, 20.0, [4], 8)
+    proposer.point_at(draws.rotation @ axis_angle_matrix(np.array([0.0, 0.0, 1.0]), np.radians(8.0)))
+    near = geodesic_distance_deg(matched_rotation(config, maps, volumes, ctf, proposer), draws.rotation)
+    assert near.max() < 4.0   # 8° off plus the grid's spacing: one local search from there finds the truth
+    pointed = draws.rotation @ axis_angle_matrix(np.array([1.0, 0.0, 0.0]), np.radians(90.0))
+    proposer.point_at(pointed)
+    far = geodesic_distance_deg(matched_rotation(config, maps, volumes, ctf, proposer), draws.rotation)
+    assert far.min() > 60.0   # a start 90° off stays there: the starts are the network's, not the grid's
+    matcher = Matcher(config, dict(zip(CLASSES, maps)), (-60.0, 60.0), proposer=proposer)
+    proposal = matcher.match(volumes, ctf)["proposal_rotation"][:, 0]   # the network's own best, written out
+    assert geodesic_distance_deg(proposal, pointed).max() < 20.0
+
+
+def test_matching_from_the_network_needs_one_trained_on_its_classes(noise_free):
+    config, maps, *_ = noise_free
+    with pytest.raises(InputError, match="give the pose network"):
+        Matcher(config, dict(zip(CLASSES, maps)), (-60.0, 60.0))
+    with pytest.raises(InputError, match="trained on classes"):
+        Matcher(config, dict(zip(CLASSES, maps)), (-60.0, 60.0), proposer=small_network(["1qvr", "3d2f", "1u6g"]))
+
+
+def test_training_writes_a_network_its_history_and_is_reproducible(noise_free, tmp_path):
+    config, maps, *_ = noise_free
+    paths = []
+    for name in CLASSES:
+        path = tmp_path / f"{name}.mrc"
+        with mrcfile.new(path) as mrc:
+            mrc.set_data(maps[CLASSES.index(name)])
+            mrc.voxel_size = 10.0
+        paths.append(path)
+    small = config.model_copy(update={"pose_network": config.pose_network.model_copy(update={
+        "samples": 48, "batch_size": 16, "validation_particles": 8, "channels": [4, 8], "hidden": 16,
+        "step_deg": 30.0, "threads": 1, "device": "cpu"})})
+    weights = []
+    for run in ("a", "b"):
+        train_pose_network(small, paths, tmp_path / f"{run}.pt", tmp_path / f"{run}.csv")
+        weights.append(load_pose_network(tmp_path / f"{run}.pt").state_dict())
+    history = (tmp_path / "a.csv").read_text().splitlines()
+    assert history[0].split(",")[:4] == ["samples", "seconds", "loss", "val_median_deg"]
+    assert [int(line.split(",")[0]) for line in history[1:]][-1] == 48
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

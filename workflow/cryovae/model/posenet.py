@@ -1,0 +1,131 @@
+"""Pose proposals in one forward pass: a CNN that classifies a particle's orientation over an
+SO(3) grid, one distribution per seen class.
+
+The affinity-VAE's regressed 6D pose memorised its small training set (median error ~100° on
+new particles, benchmarks/RESULTS.md); classifying over a grid gives a distribution, whose
+best-ranked rotations are starting points for template matching's local search.  The network
+reads a particle (standardised: zero mean, unit variance) and returns, for every seen class,
+logits over the rotations of :func:`cryovae.rotations.so3_grid` (``step_deg``) and one class
+logit.  It is trained (:mod:`cryovae.pose_training`) on particles simulated on the fly, so it
+never sees the same particle twice, against a soft target: a Gaussian of the angle from each
+grid rotation to the particle's true rotation, modulo the class's point group (every mate of
+a symmetric particle is equally right).
+
+Rotations are particle-from-reference in RELION's convention, as everywhere in cryovae, and
+relative to the reference maps the network was trained from.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from cryovae import __version__
+from cryovae.errors import InputError
+from cryovae.model.encoder import reduced_size
+from cryovae.rotations import matrix_to_quaternion, so3_grid
+
+FORMAT = "cryovae-pose-network"
+FORMAT_VERSION = 1
+
+
+class PoseNetwork(nn.Module):
+    """(n, 1, B, B, B) -> pose logits (n, C, G) over ``so3_grid(step_deg)`` and class logits (n, C).
+
+    Stride-2 3x3x3 convolutions with batch normalisation and SiLU (one per entry of
+    ``channels``), a hidden layer, and one linear head for the C x G pose logits and the C
+    class logits.
+    """
+
+    def __init__(self, box_size: int, classes: list[str], step_deg: float, channels: list[int], hidden: int):
+        super().__init__()
+        self.config = {"box_size": int(box_size), "classes": list(classes), "step_deg": float(step_deg),
+                       "channels": [int(c) for c in channels], "hidden": int(hidden)}
+        self.classes = list(classes)
+        self.register_buffer("grid", torch.as_tensor(so3_grid(step_deg), dtype=torch.float32), persistent=False)
+        layers: list[nn.Module] = []
+        c_in = 1
+        for c_out in channels:
+            layers += [nn.Conv3d(c_in, c_out, 3, stride=2, padding=1), nn.BatchNorm3d(c_out), nn.SiLU()]
+            c_in = c_out
+        edge = reduced_size(int(box_size), len(channels))
+        self.features = nn.Sequential(*layers, nn.Flatten(), nn.Linear(c_in * edge**3, hidden), nn.SiLU())
+        self.n_grid = len(self.grid)
+        self.head = nn.Linear(hidden, len(classes) * (self.n_grid + 1))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.head(self.features(x)).float().view(len(x), len(self.classes), self.n_grid + 1)
+        return out[..., :-1], out[..., -1]
+
+    @torch.no_grad()
+    def predict(self, volumes: np.ndarray | torch.Tensor, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pose logits (n, C, G) and class probabilities (n, C), float32 on the CPU, of particles
+        (n, B, B, B), each standardised first; in eval mode."""
+        was_training = self.training
+        self.eval()
+        device = next(self.parameters()).device
+        poses, classes = [], []
+        for start in range(0, len(volumes), batch):
+            x = standardise(torch.as_tensor(volumes[start : start + batch], dtype=torch.float32)).to(device)
+            pose, cls = self(x[:, None])
+            poses.append(pose.float().cpu())
+            classes.append(torch.softmax(cls.float(), dim=1).cpu())
+        self.train(was_training)
+        return torch.cat(poses), torch.cat(classes)
+
+
+def standardise(volumes: torch.Tensor) -> torch.Tensor:
+    """Each volume (n, *spatial) to zero mean and unit variance (a constant volume to zeros)."""
+    flat = volumes.flatten(1)
+    mean, sd = flat.mean(1, keepdim=True), flat.std(1, keepdim=True)
+    return ((flat - mean) / sd.clamp(min=1e-8)).view_as(volumes)
+
+
+def grid_angles_deg(grid: np.ndarray, rotations: np.ndarray, groups: list[np.ndarray], class_index: np.ndarray) -> np.ndarray:
+    """Angle (n, G) from each particle's rotation (n, 3, 3) to every grid rotation (G, 3, 3),
+    modulo the particle's point group (``groups[class_index[i]]``, (S, 3, 3) in its map's frame)."""
+    grid_quats = matrix_to_quaternion(grid)
+    out = np.empty((len(rotations), len(grid)))
+    for i, (rotation, k) in enumerate(zip(rotations, class_index)):
+        mates = matrix_to_quaternion(rotation[None] @ groups[k])
+        dots = np.abs(mates @ grid_quats.T).max(0)
+        out[i] = np.degrees(2 * np.arccos(np.clip(dots, 0.0, 1.0)))
+    return out
+
+
+def soft_targets(angles_deg: np.ndarray, sigma_deg: float) -> torch.Tensor:
+    """Target distributions (n, G) over the grid: exp(-angle² / 2σ²), normalised per particle."""
+    weights = np.exp(-0.5 * (angles_deg / sigma_deg) ** 2)
+    return torch.as_tensor(weights / weights.sum(1, keepdims=True), dtype=torch.float32)
+
+
+def pose_network_record(net: PoseNetwork, groups: list[np.ndarray], config: dict, history: list[dict]) -> dict[str, Any]:
+    """The dict written to ``pose_network.pt`` (plain types and CPU tensors)."""
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "package_version": __version__,
+        "hyperparameters": dict(net.config), "point_groups": [torch.as_tensor(g) for g in groups],
+        "config": config, "history": history,
+        "state_dict": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()},
+    }
+
+
+def load_pose_network(path: str | Path, device: torch.device | str = "cpu") -> PoseNetwork:
+    """A :class:`PoseNetwork` from ``pose_network.pt`` (:mod:`cryovae.pose_training`), in eval mode."""
+    from cryovae.model.io import read_record
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: pose network file does not exist")
+    record = read_record(path, "pose network file", "delete it and rerun the workflow, which trains it again")
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        raise InputError(f"{path}: not a cryovae pose network file (format {FORMAT!r})")
+    if record.get("format_version") != FORMAT_VERSION:
+        raise InputError(f"{path}: pose network format version {record.get('format_version')}, "
+                         f"this cryovae reads {FORMAT_VERSION}")
+    net = PoseNetwork(**record["hyperparameters"])
+    net.load_state_dict(record["state_dict"])
+    return net.to(device).eval()
