@@ -30,6 +30,9 @@ RESOURCE_LINE = re.compile(
 # verb -> (module:function, help, example, [(flags, kwargs), ...])
 # The function is called with the parsed config first, then the named arguments.
 _P = Path
+# the --maps of the verbs that read every seen class's reference map
+SEEN_MAPS = (("--maps",), {"type": _P, "nargs": "+", "required": True,
+                           "help": "reference maps of the seen classes (MRC, named {class}.mrc)"})
 VERBS: dict[str, tuple[str, str, str, list[tuple[tuple[str, ...], dict]]]] = {
     "structure": (
         "cryovae.structures:prepare_structure",
@@ -215,8 +218,7 @@ VERBS: dict[str, tuple[str, str, str, list[tuple[tuple[str, ...], dict]]]] = {
         "cryovae train-pose --config config.yaml --maps results/maps/*.mrc --output results/model/pose_network.pt "
         "--history results/model/pose_network_history.csv",
         [
-            (("--maps",), {"type": _P, "nargs": "+", "required": True,
-                           "help": "reference maps of the seen classes (MRC, named {class}.mrc)"}),
+            SEEN_MAPS,
             (("--output",), {"type": _P, "required": True, "help": "pose network to write (.pt)"}),
             (("--history",), {"type": _P, "required": True,
                               "help": "validation figures during training to write (.csv)"}),
@@ -230,8 +232,7 @@ VERBS: dict[str, tuple[str, str, str, list[tuple[tuple[str, ...], dict]]]] = {
         [
             (("--split-dir",), {"type": _P, "required": True,
                                 "help": "split folder to match (shards + particles.star)"}),
-            (("--maps",), {"type": _P, "nargs": "+", "required": True,
-                           "help": "reference maps of the seen classes (MRC, named {class}.mrc)"}),
+            SEEN_MAPS,
             (("--output",), {"type": _P, "required": True, "help": "scores and poses to write (.npz)"}),
             (("--per-class",), {"type": int, "default": None,
                                 "help": "match a seeded subset of at most this many particles of every class "

@@ -212,7 +212,7 @@ class Matcher:
             if self.centre_radius > 0 else {}
         self.finest_deg = min(m.refine_steps_deg) if m.refine_steps_deg else m.coarse_step_deg
         self.symmetry = {c: point_group_in_map(config, c, v) for c, v in references.items()}
-        self.grid_quats = {c: matrix_to_quaternion(self.grid[None] @ g[:, None]) for c, g in self.symmetry.items()}
+        self.grid_quats = self._turned_quats(self.grid)
         self.self_margin = np.array([self._self_margin(c) for c in self.classes])
         self.proposer = self._proposer(proposer) if m.starts == "network" else None
 
@@ -220,16 +220,20 @@ class Matcher:
         """The pose network of ``matching.starts: network``, on this device, with the rotations it
         ranks turned by each class's point group (for :meth:`peaks`)."""
         if net is None:
-            raise InputError("matching.starts is 'network': give the pose network (the pose_network rule's output)")
+            raise InputError("matching.starts is 'network': give the pose network (--pose-network, the "
+                             "pose_network rule's output)")
         if net.classes != self.classes:
             raise InputError(f"the pose network was trained on classes {net.classes}, the references are "
                              f"{self.classes}: retrain it (delete pose_network.pt)")
         if net.config["box_size"] != self.box:
             raise InputError(f"the pose network reads a {net.config['box_size']}³ box, the particles are {self.box}³")
         self.proposal_grid = net.grid.cpu().double().numpy()
-        self.proposal_quats = {c: matrix_to_quaternion(self.proposal_grid[None] @ g[:, None])
-                               for c, g in self.symmetry.items()}
+        self.proposal_quats = self._turned_quats(self.proposal_grid)
         return net.to(self.device).eval()
+
+    def _turned_quats(self, grid: np.ndarray) -> dict[str, np.ndarray]:
+        """Per class, the quaternions (S, G, 4) of ``grid`` (G, 3, 3) turned by each element of its point group."""
+        return {c: matrix_to_quaternion(grid[None] @ g[:, None]) for c, g in self.symmetry.items()}
 
     def _tensor(self, array) -> torch.Tensor:
         return torch.as_tensor(array, dtype=torch.float32).to(self.device)
@@ -586,11 +590,7 @@ def match_split(config: Config, split_dir: Path, maps: list[Path], output: Path,
     data = SubtomogramSet.open(split_dir)
     tilt, defocus, optics = split_wedge_and_ctf(config, data)
     per_tilt = split_particle_ctfs(data)
-    proposer = None
-    if config.matching.starts == "network":
-        if pose_network is None:
-            raise InputError("matching.starts is 'network': give --pose-network (the pose_network rule's output)")
-        proposer = load_pose_network(pose_network)
+    proposer = None if pose_network is None or config.matching.starts != "network" else load_pose_network(pose_network)
     matcher = Matcher(config, read_references(config, maps), tilt, proposer=proposer)
     chosen = np.arange(len(data))
     if per_class is not None:
