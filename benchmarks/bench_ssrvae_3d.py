@@ -18,6 +18,9 @@ the splits carry:
 - on a tomogram that was not in training (``sim_01`` when only ``sim_00`` is unlabelled), the same,
   so the gain is not only transductive.
 
+With the run's ``training.shape_frame: matched`` every split is read in its template-matched pose
+(``embeddings/match/{split}.npz`` of the run), as the workflow's train and embed rules read them.
+
     python benchmarks/bench_ssrvae_3d.py --run-dir /work/bench-out/shrec_tomo --unlabelled sim_00 \
         --evaluate sim_00 sim_01 test --epochs 10 --output /tmp/ssrvae3d
 """
@@ -42,6 +45,11 @@ from cryovae.train import train
 def split_folder(run: Path, split: str) -> Path:
     simulated = run / "subtomograms" / split
     return simulated if simulated.is_dir() else run / "extracted" / split
+
+
+def match(run: Path, config, split: str) -> Path | None:
+    """The split's template-matching output where the model reads matched frames, else None."""
+    return run / "embeddings" / "match" / f"{split}.npz" if config.training.shape_frame == "matched" else None
 
 
 def head_metrics(arrays: dict, seen: list[str]) -> dict:
@@ -80,13 +88,17 @@ def main(argv=None) -> int:
     for variant in args.variants:
         out = args.output / variant
         unlabelled = [split_folder(args.run_dir, s) for s in args.unlabelled] if variant == "semi" else None
+        frames = {"train_match": match(args.run_dir, config, "train"), "val_match": match(args.run_dir, config, "val"),
+                  "unlabelled_matches": [match(args.run_dir, config, s) for s in args.unlabelled]
+                  if variant == "semi" and config.training.shape_frame == "matched" else None}
         started = time.perf_counter()
         train(config, split_folder(args.run_dir, "train"), split_folder(args.run_dir, "val"),
               args.run_dir / "affinity" / "affinity.csv", out, maps=sorted((args.run_dir / "maps").glob("*.mrc")),
-              unlabelled_dirs=unlabelled)
+              unlabelled_dirs=unlabelled, **frames)
         results[variant] = {"training_seconds": time.perf_counter() - started}
         for split in args.evaluate:
-            arrays = encode_split(config, out / "model.pt", split_folder(args.run_dir, split))
+            arrays = encode_split(config, out / "model.pt", split_folder(args.run_dir, split),
+                                  match(args.run_dir, config, split))
             results[variant][split] = head_metrics(arrays, seen)
             print(f"{variant} {split}: {results[variant][split]}", file=sys.stderr)
     args.output.mkdir(parents=True, exist_ok=True)

@@ -11,10 +11,13 @@ from cryovae.errors import InputError
 from cryovae.match import Matcher
 from cryovae.model.io import save_record
 from cryovae.model.posenet import (
-    PoseNetwork, grid_angles_deg, load_pose_network, pose_network_record, soft_targets,
+    PoseNetwork, grid_angles_deg, load_pose_network, pose_network_record, soft_argmax, soft_targets,
 )
 from cryovae.pose_training import train_pose_network
-from cryovae.rotations import axis_angle_matrix, geodesic_distance_deg, random_rotations, so3_grid, symmetry_group
+from cryovae.rotations import (
+    axis_angle_matrix, geodesic_distance_deg, matrix_to_quaternion, random_rotations, so3_grid,
+    symmetric_geodesic_distance_deg, symmetry_group,
+)
 from cryovae.simulate import ParticleDraws, simulate_volumes
 from test_match import BOX, centred_box
 
@@ -38,6 +41,17 @@ def test_soft_targets_are_distributions_peaked_at_the_nearest_grid_rotation():
     targets = soft_targets(angles, 10.0)
     assert torch.allclose(targets.sum(1), torch.ones(5))
     assert np.array_equal(targets.argmax(1).numpy(), angles.argmin(1))
+
+
+@pytest.mark.parametrize("group_name", ["C1", "C2", "C4"])
+def test_soft_argmax_finds_the_rotation_between_the_grid_points(group_name):
+    grid, group = so3_grid(20.0), symmetry_group(group_name)
+    rotations = random_rotations(40, np.random.default_rng(0))
+    angles = grid_angles_deg(grid, rotations, [group], np.zeros(40, dtype=int))
+    estimate = soft_argmax(-0.5 * (angles / 10.0) ** 2, matrix_to_quaternion(grid[None] @ group[:, None]), 40.0)
+    error = np.array([symmetric_geodesic_distance_deg(e, r, group) for e, r in zip(estimate, rotations)])
+    assert np.median(angles.min(1)) > 7.0   # the best grid rotation alone
+    assert error.max() < 3.0
 
 
 def small_network(classes=CLASSES) -> PoseNetwork:

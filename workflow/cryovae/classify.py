@@ -573,7 +573,7 @@ def annotate(
 
     With a ``match`` file the pose columns are the template-matching pose of the nearest
     class and ``network_angle_*``/``network_origin_*`` hold the network's pose in the same frame
-    (``posenet_angle_*``: the pose network's best-ranked rotation, when matching started from it);
+    (``posenet_angle_*``: the pose network's own pose, when matching started from it);
     ``pose_margin``, ``pose_spread_deg``, ``pose_sigma_deg`` and ``pose_determined`` are the
     matcher's confidence in that pose (:mod:`cryovae.match`).
     """

@@ -20,7 +20,7 @@ Metrics that need ground truth are ``null`` in metrics.json when the split has n
   over seen-class particles with true poses.  ``network_pose_error_median_deg``: the same
   for the network's own poses, when template matching gave the written ones;
   ``pose_network_error_median_deg`` and ``pose_network_within_15deg``: the pose network's
-  best-ranked rotation of the predicted class alone, when matching started from it
+  own pose (its probability-weighted best rotation) of the predicted class alone, when matching started from it
   (``matching.starts: network``).
 - ``pose_error_median_deg_frame_free``: the error of orientations relative to the other
   particles of the class, independent of the reference frame: for each particle the frame
@@ -695,7 +695,7 @@ def evaluate(config, embeddings: Path, split_dir: Path, affinity: Path, model: P
         metrics["network_pose_error_median_deg"] = float(np.median(network["rotation_error_deg"]))
         metrics["network_shift_error_median_angstrom"] = float(np.median(network["shift_error_angstrom"]))
     proposals = pose_errors(merged, config, frame_table, prefix="posenet_")
-    if len(proposals):  # matching started from the pose network: its best-ranked rotation alone
+    if len(proposals):  # matching started from the pose network: its own pose alone
         metrics["pose_network_error_median_deg"] = float(np.median(proposals["rotation_error_deg"]))
         metrics["pose_network_within_15deg"] = float(np.mean(proposals["rotation_error_deg"] < 15.0))
     write_plots(config, merged, latents, affinity_frame, errors, metrics, trained, history_frame, output_dir,

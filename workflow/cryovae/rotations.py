@@ -76,6 +76,13 @@ def matrix_to_quaternion(matrices: np.ndarray) -> np.ndarray:
     return Rotation.from_matrix(matrices.reshape(-1, 3, 3)).as_quat().reshape(matrices.shape[:-2] + (4,))
 
 
+def quaternion_to_matrix(quaternions: np.ndarray) -> np.ndarray:
+    """Rotation matrices (..., 3, 3) of quaternions (..., 4) as :func:`matrix_to_quaternion` writes
+    them (any norm, any sign)."""
+    quaternions = np.asarray(quaternions, dtype=np.float64)
+    return Rotation.from_quat(quaternions.reshape(-1, 4)).as_matrix().reshape(quaternions.shape[:-1] + (3, 3))
+
+
 def matrix_to_6d(matrices: np.ndarray) -> np.ndarray:
     """Rotation matrices (..., 3, 3) -> continuous 6D representation (..., 6) (Zhou et al. 2019).
 
