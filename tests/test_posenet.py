@@ -13,12 +13,12 @@ from cryovae.model.io import save_record
 from cryovae.model.posenet import (
     PoseNetwork, grid_angles_deg, load_pose_network, pose_network_record, soft_argmax, soft_targets,
 )
-from cryovae.pose_training import train_pose_network
+from cryovae.pose_training import particle_snr, train_pose_network
 from cryovae.rotations import (
     axis_angle_matrix, geodesic_distance_deg, matrix_to_quaternion, random_rotations, so3_grid,
     symmetric_geodesic_distance_deg, symmetry_group,
 )
-from cryovae.simulate import ParticleDraws, simulate_volumes
+from cryovae.simulate import ParticleDraws, ParticleSimulator, class_snr, simulate_volumes
 from test_match import BOX, centred_box
 
 CLASSES = ["1qvr", "1u6g", "3d2f"]
@@ -147,3 +147,33 @@ def test_training_writes_a_network_its_history_and_is_reproducible(noise_free, t
     assert history[0].split(",")[:4] == ["samples", "seconds", "loss", "val_median_deg"]
     assert [int(line.split(",")[0]) for line in history[1:]][-1] == 48
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_training_particles_draw_their_snr_from_the_range(noise_free):
+    _, maps, draws, *_ = noise_free
+    settings = {"structures": {c: f"demo:{c}" for c in CLASSES}, "box_size": BOX, "pixel_size_angstrom": 10.0,
+                "simulation": {"snr": 0.5, "ctf": True, "max_shift_px": 0.0}}
+
+    def simulator_for(snr_range, snr=0.5):
+        config = validate_config(settings | {"simulation": settings["simulation"] | {"snr": snr},
+                                             "pose_network": {"snr_range": snr_range}})
+        return ParticleSimulator(config, maps, class_snr(config, CLASSES, maps)), config
+
+    simulator, config = simulator_for([0.05, 5.0])
+    snr = particle_snr(simulator, config, np.zeros(4000, dtype=int), np.random.default_rng(0))
+    assert snr.min() >= 0.05 and snr.max() <= 5.0
+    assert abs(np.mean(snr < 0.5) - 0.5) < 0.03   # log-uniform: half below the geometric mean
+    assert particle_snr(*simulator_for(None), np.zeros(3, dtype=int), np.random.default_rng(0)) is None
+    clean = simulate_volumes(noise_free[0], maps, draws.class_index, draws, np.random.default_rng(1))
+
+    def agreement(level):
+        simulator, config = simulator_for([level, level])
+        snr = particle_snr(simulator, config, draws.class_index, np.random.default_rng(2))
+        noisy = simulator.volumes(draws.class_index, draws, np.random.default_rng(2), snr)
+        return np.mean([np.corrcoef(a.ravel(), b.ravel())[0, 1] for a, b in zip(noisy, clean)])
+
+    assert agreement(5.0) > 0.85 > 0.35 > agreement(0.05)   # the drawn SNR is the one the noise has
+    with pytest.raises(InputError, match="needs noise"):
+        particle_snr(*simulator_for([0.1, 1.0], snr=None), np.zeros(3, dtype=int), np.random.default_rng(0))
+    with pytest.raises(InputError, match="low <= high"):
+        simulator_for([1.0, 0.1])

@@ -486,7 +486,7 @@ class PoseNetworkConfig(_Section):
     """A network that proposes each particle's orientation in one forward pass (matching.starts: network):
     a CNN classifying the orientation over an SO(3) grid per seen class, trained on particles
     simulated on the fly from the seen classes' maps with the simulation section's settings (SNR,
-    wedge, CTF, shifts), each particle seen once."""
+    or snr_range; wedge, CTF, shifts), each particle seen once."""
 
     samples: int = Field(200_000, ge=1, description="Training particles, each simulated once (about 120 per "
                          "second on 2 CPU cores at 32³).")
@@ -498,10 +498,22 @@ class PoseNetworkConfig(_Section):
     channels: list[int] = Field([32, 64, 128, 256], description="Convolution channels per stage.")
     hidden: int = Field(512, ge=1, description="Units of the hidden layer.")
     learning_rate: float = Field(1e-3, gt=0, description="AdamW learning rate, cosine-decayed to a tenth.")
+    snr_range: tuple[float, float] | None = Field(
+        None, description="Each training particle's SNR drawn log-uniformly from [low, high] (scaled per class "
+        "as simulation.snr_reference says) instead of simulation.snr, so that the network also reads particles "
+        "noisier or cleaner than the simulated splits, as a tomogram's are; null: simulation.snr."
+    )
     validation_particles: int = Field(512, ge=8, description="Particles of a fixed validation set (their own "
                                       "seed), scored every tenth of training.")
     threads: int = Field(2, ge=1, description="CPU threads of the pose_network rule.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present (bfloat16 there).")
+
+    @field_validator("snr_range")
+    @classmethod
+    def _snr_order(cls, v):
+        if v is not None and not 0 < v[0] <= v[1]:
+            raise ValueError("expected 0 < low <= high")
+        return v
 
 
 class AlignmentConfig(_Section):

@@ -3,6 +3,8 @@
 Each step simulates a fresh batch from the seen classes' reference maps with the simulation
 section's settings (:class:`cryovae.simulate.ParticleSimulator`: SNR, missing wedge, CTF and
 defocus range, shifts), so no particle is seen twice and the network cannot memorise poses.
+With ``pose_network.snr_range`` each particle's SNR is drawn from that range instead (the
+validation set's too), so the network also meets particles as noisy as a tomogram's.
 The loss is the cross entropy of the true class's pose logits against a Gaussian of the angle
 to the true rotation modulo the point group (:func:`cryovae.model.posenet.soft_targets`), plus
 the cross entropy of the class logits.  A fixed validation set (its own seed) is scored every
@@ -27,6 +29,7 @@ from cryovae.align import point_group_in_map
 from cryovae.atomic import atomic_path
 from cryovae.config import Config
 from cryovae.devices import choose_device
+from cryovae.errors import InputError
 from cryovae.match import read_references
 from cryovae.model.io import save_record
 from cryovae.model.posenet import PoseNetwork, grid_angles_deg, pose_network_record, soft_targets, standardise
@@ -44,8 +47,23 @@ def simulated_batch(simulator: ParticleSimulator, config: Config, n_classes: int
     rotation (n, 3, 3) particle-from-reference."""
     class_index = rng.integers(0, n_classes, n)
     draws = random_draws(config, class_index, rng)
-    volumes = standardise(torch.as_tensor(simulator.volumes(class_index, draws, rng)))[:, None]
+    snr = particle_snr(simulator, config, class_index, rng)
+    volumes = standardise(torch.as_tensor(simulator.volumes(class_index, draws, rng, snr)))[:, None]
     return volumes, class_index, draws.rotation
+
+
+def particle_snr(simulator: ParticleSimulator, config: Config, class_index: np.ndarray,
+                 rng: np.random.Generator) -> np.ndarray | None:
+    """With ``pose_network.snr_range`` [low, high], each particle's SNR (n,): log-uniform in the
+    range, times its class's share of ``simulation.snr`` (:func:`cryovae.simulate.class_snr`);
+    None otherwise (the simulator's own SNR)."""
+    bounds = config.pose_network.snr_range
+    if bounds is None:
+        return None
+    if simulator.snr is None:
+        raise InputError("pose_network.snr_range needs noise: set simulation.snr")
+    relative = simulator.snr[class_index] / float(config.simulation.snr)
+    return relative * np.exp(rng.uniform(np.log(bounds[0]), np.log(bounds[1]), len(class_index)))
 
 
 def validation_metrics(net: PoseNetwork, volumes: torch.Tensor, class_index: np.ndarray,

@@ -422,12 +422,15 @@ class ParticleSimulator:
         self.spectra = padded_spectra(class_maps, self.factor)
         self.support = FourierSupport.from_config(config)
 
-    def volumes(self, class_slot: np.ndarray, draws: ParticleDraws, generator: np.random.Generator) -> np.ndarray:
-        """Particles (n, B, B, B) float32 of maps ``class_slot`` (n,) in the poses and defoci of ``draws``."""
+    def volumes(self, class_slot: np.ndarray, draws: ParticleDraws, generator: np.random.Generator,
+                snr: np.ndarray | None = None) -> np.ndarray:
+        """Particles (n, B, B, B) float32 of maps ``class_slot`` (n,) in the poses and defoci of ``draws``;
+        ``snr`` (n,): each particle's SNR instead of its map's."""
         values = particle_spectra(self.spectra, self.factor, class_slot, draws.rotation, draws.shift_xyz_px,
                                   self.support)
-        values = corrupt(values, draws.defocus_um, self.config, self.support, generator,
-                         None if self.snr is None else self.snr[class_slot])
+        if snr is None and self.snr is not None:
+            snr = self.snr[class_slot]
+        values = corrupt(values, draws.defocus_um, self.config, self.support, generator, snr)
         volumes = to_volumes(values, self.support)
         if not np.all(np.isfinite(volumes)):
             raise InputError("simulation produced non-finite values (check the maps and simulation settings)")
