@@ -401,11 +401,13 @@ def test_images_mode_runs_the_2d_path_end_to_end(tmp_path):
     probs, names = latents["class_probabilities"], list(latents["classifier_class_names"])
     np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
     seen = np.isin(latents["class_name"], names)
-    # the head learnt on images within ±5 deg names the test split's turned ones (1.00 measured)
+    # the head learnt on images within ±5 deg names the test split's turned ones (0.97 measured)
     assert np.mean(np.array(names)[probs[seen].argmax(1)] == latents["class_name"][seen]) >= 0.9
     metrics = json.loads((out / "evaluation" / "test" / "metrics.json").read_text())
-    assert metrics["nearest_class_accuracy"] >= 0.7       # 0.82 measured
-    assert metrics["unseen_auroc"] >= 0.6                 # 0.71
-    # the frame found from class averages puts the in-plane poses near the true ones (23 deg measured)
+    # 90 test images per class: with 30, one unseen image moved the AUROC by 0.01 (0.60 at 30, 0.64 at 90;
+    # the tiny model itself varies by seed: 0.95 and nearest class 0.71 at seed 3)
+    assert metrics["nearest_class_accuracy"] >= 0.7       # 0.88 measured
+    assert metrics["unseen_auroc"] >= 0.6                 # 0.64
+    # the frame found from class averages puts the in-plane poses near the true ones (21 deg measured)
     assert metrics["pose_error_median_deg"] <= 35.0
     assert metrics["shift_error_median_px"] <= 1.0
