@@ -442,8 +442,8 @@ class MatchingConfig(_Section):
     starts: Literal["grid", "network"] = Field(
         "grid", description="Where each refined class's coarse_keep local searches start: grid, the global "
         "search's best rotations; network, the pose network's best-ranked rotations (pose_network), at least "
-        "pose_far_deg apart, the best refined to the network's probability-weighted mean around it. The global search runs either way (its scores are features, its score landscape "
-        "the pose confidence)."
+        "pose_far_deg apart, the best refined to the network's probability-weighted mean around it. The global "
+        "search runs either way (its scores are features, its score landscape the pose confidence)."
     )
     centre_search_px: float = Field(
         0.0, ge=0, description="Before the global search each particle is centred, per class, on the class's "

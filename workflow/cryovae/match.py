@@ -41,9 +41,10 @@ Three stages:
    peak, every peak climbs the coarsest local grid, and from the peak that scores best there
    the particle is centred again and the search climbs every local grid, coarsest first: a
    centre found at a start 10-15° off is off too, and on SHREC particles at SNR 0.1 the second
-   centring takes the median error from 2.9° to 2.3° (benchmarks/RESULTS.md).  With ``matching.starts: network`` the starts are instead the
-   best-ranked rotations of the pose network (:mod:`cryovae.model.posenet`), at least
-   ``pose_far_deg`` apart, for the same class, the best of them replaced by the network's
+   centring takes the median error from 2.9° to 2.3° (benchmarks/RESULTS.md).  With
+   ``matching.starts: network`` the starts are instead the best-ranked rotations of the pose
+   network (:mod:`cryovae.model.posenet`), at least ``pose_far_deg`` apart, for the same
+   class, the best of them replaced by the network's
    probability-weighted mean of the grid rotations around it (:func:`soft_argmax`).  The local
    score is the matched-filter correlation itself: the numerator compares the rotated-back
    particle with the bank, and the reference's norm under the particle's wedge and CTF comes
@@ -442,14 +443,19 @@ class Matcher:
         template_norm = ((self.weights * modulated.abs() ** 2).sum((1, 2, 3)) / box**3).sqrt()
         return displacement, peak / (template_norm * particle_norm + 1e-12)
 
-    def local_score(self, filtered: torch.Tensor, cls: str, ctf: torch.Tensor | None, displacement: torch.Tensor):
+    def local_filter(self, ctf: torch.Tensor | None, n: int) -> torch.Tensor:
+        """W·CTF² of n particles on the fftshifted full grid (n, B, B, B): what :meth:`local_score`
+        rotates back for the reference's norm; it does not depend on where the particle is centred."""
+        half = self.wedge.expand(n, *self.wedge.shape) if ctf is None else self.wedge * ctf**2
+        return _full_spectrum(half, self.box)
+
+    def local_score(self, filtered: torch.Tensor, cls: str, filter_full: torch.Tensor, displacement: torch.Tensor):
         """The local-search score of class ``cls`` for particles centred by ``displacement`` (n, 3)
-        voxels: ``score(rotations (n, 3, 3), level)`` -> (n, m), the matched-filter correlation of
-        each particle with the reference in every pose ``rotations @ deltas[level][j]``."""
+        voxels, ``filter_full`` their :meth:`local_filter`: ``score(rotations (n, 3, 3), level)`` ->
+        (n, m), the matched-filter correlation of each particle with the reference in every pose
+        ``rotations @ deltas[level][j]``."""
         centred = torch.fft.irfftn(phase_shift(filtered, -displacement), s=(self.box,) * 3, dim=(1, 2, 3))
         bank, power = self.fine[cls], self.power[cls]
-        half = self.wedge.expand(len(filtered), *self.wedge.shape) if ctf is None else self.wedge * ctf**2
-        filter_full = _full_spectrum(half, self.box)  # W·CTF² on the fftshifted full grid (n, B, B, B)
 
         def score(current: np.ndarray, level: int) -> np.ndarray:
             back = torch.as_tensor(np.ascontiguousarray(current.transpose(0, 2, 1)), dtype=torch.float32)
@@ -483,7 +489,8 @@ class Matcher:
         d, _ = self.correlate(filtered, ref, starts[:, 0], ctf, particle_norm)
         rotations = starts[:, 0].copy()
         if self.deltas:
-            score = self.local_score(filtered, cls, ctf, d)
+            filter_full = self.local_filter(ctf, len(filtered))
+            score = self.local_score(filtered, cls, filter_full, d)
             best = np.full(len(starts), -np.inf)
             for j in range(starts.shape[1]):
                 values = score(starts[:, j], 0)
@@ -492,7 +499,7 @@ class Matcher:
                 best[better] = top[better]
                 rotations[better] = starts[better, j] @ self.deltas[0][values[better].argmax(1)]
             d, _ = self.correlate(filtered, ref, rotations, ctf, particle_norm)
-            rotations = refine_rotations(self.local_score(filtered, cls, ctf, d), rotations, self.deltas)
+            rotations = refine_rotations(self.local_score(filtered, cls, filter_full, d), rotations, self.deltas)
         d, fit = self.correlate(filtered, ref, rotations, ctf, particle_norm)
         return rotations, d.cpu().numpy(), fit.cpu().numpy()
 
