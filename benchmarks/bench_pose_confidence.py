@@ -70,7 +70,7 @@ def true_pose_fit(matcher: Matcher, volumes: np.ndarray, ctf: torch.Tensor, cls:
     spectra = torch.fft.rfftn(matcher._tensor(volumes), dim=(1, 2, 3)) * matcher.wedge
     spectra[:, 0, 0, 0] = 0.0
     norm = ((matcher.weights * spectra.abs() ** 2).sum((1, 2, 3)) / BOX**3).sqrt()
-    _, fit = matcher.correlate(spectra * ctf, matcher.refs[cls], rotations, ctf, norm)
+    _, fit = matcher.correlate(spectra * ctf, cls, rotations, ctf, norm)
     return fit.cpu().numpy()
 
 

@@ -301,3 +301,40 @@ def test_class_subset_takes_at_most_so_many_of_every_class_the_same_for_one_seed
     assert {c: int((names[rows] == c).sum()) for c in "abc"} == {"a": 20, "b": 8, "c": 20}
     np.testing.assert_array_equal(rows, class_subset(names, 20, seed=4))
     assert not np.array_equal(rows, class_subset(names, 20, seed=5))
+
+
+def test_the_local_score_over_the_support_is_the_score_over_the_whole_ball(particles):
+    """The local search compares only the voxels that hold the reference and norms over the
+    frequencies that hold its power (``Matcher._local_bank``): its scores are those over the
+    whole ball and every frequency, the particle less its mean over its norm, each reference
+    over its norm about its mean.  (The particle's mean and norm are those of its own voxels
+    in the ball, which no rotation changes, not of its interpolated copy.)"""
+    from cryovae.match import _power_spectra
+    from cryovae.volumes import sample_rigid, standardise_volumes
+
+    config, maps, draws, _ = particles
+    matcher = Matcher(config, dict(zip(CLASSES, maps)), (-60.0, 60.0))
+    rows = np.r_[0:4, 20:24]
+    sub = ParticleDraws(draws.class_index[rows], draws.rotation[rows], draws.shift_xyz_px[rows], draws.defocus_um[rows])
+    volumes = torch.as_tensor(simulate_volumes(config, maps, sub.class_index, sub, np.random.default_rng(3)))
+    ctf = ctf_3d(torch.as_tensor(sub.defocus_um), BOX, 10.0, 300.0, 2.7, 0.07)
+    filtered = torch.fft.rfftn(volumes, dim=(1, 2, 3)) * matcher.wedge * ctf
+    filtered[:, 0, 0, 0] = 0.0
+    filter_full = matcher.local_filter(ctf, len(rows))
+    start = sub.rotation @ matcher.deltas[0][7]  # off the truth, so the scores vary across the grid
+    for cls in CLASSES[:2]:
+        assert len(matcher.local[cls].real_xyz) < 0.3 * len(matcher.ball)  # the point of it, on these maps
+        got = matcher.local_score(filtered, cls, filter_full, torch.zeros(len(rows), 3))(start, 0)
+        turned = Matcher._rotated(matcher.refs[cls], matcher.deltas[0]).reshape(len(matcher.deltas[0]), -1)
+        back = torch.as_tensor(start.transpose(0, 2, 1), dtype=torch.float32)
+        centred = torch.fft.irfftn(filtered, s=(BOX,) * 3, dim=(1, 2, 3))
+        ball = centred.reshape(len(rows), -1)[:, matcher.ball]  # the particle's own voxels: any rotation's mean and norm
+        mean, norm = ball.mean(1, keepdim=True), (ball - ball.mean(1, keepdim=True)).norm(dim=1, keepdim=True)
+        references = turned[:, matcher.ball]  # each over its norm about its mean, zero where the map is
+        references = references / (references - references.mean(1, keepdim=True)).norm(dim=1, keepdim=True)
+        numerator = ((sample_rigid(centred, back, matcher.ball_xyz) - mean) / norm) @ references.T
+        power = _power_spectra(standardise_volumes(turned), BOX)[:, matcher.ball]
+        want = (numerator / (sample_rigid(filter_full, back, matcher.ball_xyz) @ power.T).sqrt()).numpy()
+        spread = want.max(1) - want.min(1)
+        assert np.abs(got - want).max(1).max() < 0.02 * spread.min()
+        assert (got.argmax(1) == want.argmax(1)).all()

@@ -72,6 +72,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import NamedTuple
 
 import mrcfile
 import numpy as np
@@ -94,13 +95,26 @@ from cryovae.rotations import (
 from cryovae.shards import SubtomogramSet
 from cryovae.volumes import (
     ball_points, correlation_peak, cross_correlation, fourier_crop, nearby_cross_correlation, phase_shift,
-    rfft_frequencies, rfft_weights, rigid_transform, rotational_average, sample_rigid, standardise_volumes,
-    window_peak, windowed_correlation_peak,
+    energy_support, rfft_frequencies, rfft_weights, rigid_transform, rigid_transform_within, rotational_average,
+    sample_rigid, standardise_volumes, support_radius, window_peak, windowed_correlation_peak,
 )
 
 log = logging.getLogger(__name__)
 CHUNK = 256  # particles per block: bounds memory at (CHUNK, box^3) complex volumes
 SCREEN_REACH_PX = 4  # the class screen's translations: within this many voxels per axis of the place compared
+SUPPORT_TOLERANCE = 1e-6  # energy of a reference left outside the voxels where its rotations are evaluated
+SPECTRUM_TOLERANCE = 1e-3  # power of the local banks left outside the frequencies their norm is taken over
+
+
+class LocalBank(NamedTuple):
+    """One class's local-search bank (:meth:`Matcher._local_bank`): the voxels compared (m, 3) and
+    per local grid the standardised references there (deltas, m); the frequencies (f, 3) of the
+    fftshifted grid its norm sums over and per local grid the power spectra there (deltas, f)."""
+
+    real_xyz: torch.Tensor
+    rows: list[torch.Tensor]
+    spectral_xyz: torch.Tensor
+    power: list[torch.Tensor]
 
 
 def split_wedge_and_ctf(config: Config, data: SubtomogramSet):
@@ -199,15 +213,15 @@ class Matcher:
         self.weights = rfft_weights(self.box).to(torch.float32).to(self.device)  # Parseval multiplicities
         self.refs = {c: self._tensor(np.ascontiguousarray(v)) for c, v in references.items()}
         self.grid = so3_grid(m.coarse_step_deg)
+        self.screen_refs = {c: self._cropped(ref, self.small) for c, ref in self.refs.items()}
+        self.screen_support = {c: self._support(ref) for c, ref in self.screen_refs.items()}
         self.banks = {c: self._low_rank(self._coarse_bank(ref), m.coarse_rank) for c, ref in self.refs.items()}
         self.deltas = local_deltas(list(m.refine_steps_deg), 2)
-        self.ball_xyz, ball = (t.to(self.device) for t in ball_points(self.box))
-        fine = {c: [standardise_volumes(self._rotated(ref, delta)) for delta in self.deltas] for c, ref in self.refs.items()}
-        self.fine = {c: [standardise_volumes(bank[:, ball]) for bank in banks] for c, banks in fine.items()}
-        self.power = {c: [_power_spectra(bank, self.box)[:, ball] for bank in banks] for c, banks in fine.items()}
+        self.ball_xyz, self.ball = (t.to(self.device) for t in ball_points(self.box))
+        self.support = {c: self._support(ref) for c, ref in self.refs.items()}
+        self.local = {c: self._local_bank(c) for c in self.refs}
         self.refine_top = min(m.refine_top, len(self.classes))
         self.refine_by = m.refine_by
-        self.screen_refs = {c: self._cropped(ref, self.small) for c, ref in self.refs.items()}
         self.screen_wedge = self._wedge(self.small)
         self.screen_weights = rfft_weights(self.small).to(torch.float32).to(self.device)
         self.keep, self.far_deg, self.margin_min = m.coarse_keep, m.pose_far_deg, m.pose_margin_min
@@ -255,9 +269,43 @@ class Matcher:
         return torch.fft.irfftn(spectrum, s=(size,) * 3, dim=(-3, -2, -1))
 
     @staticmethod
-    def _rotated(volume: torch.Tensor, rotations: np.ndarray) -> torch.Tensor:
+    def _rotated(volume: torch.Tensor, rotations: np.ndarray, support=None) -> torch.Tensor:
+        """``volume`` turned by each of ``rotations`` (n, 3, 3); with ``support`` (:meth:`_support`)
+        evaluated only there, zeros elsewhere."""
         mats = torch.as_tensor(rotations, dtype=torch.float32).to(volume.device)
-        return rigid_transform(volume.expand(len(mats), *volume.shape), mats)
+        stack = volume.expand(len(mats), *volume.shape)
+        return rigid_transform(stack, mats) if support is None else rigid_transform_within(stack, mats, support)
+
+    def _support(self, volume: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The voxels (x, y, z indices and flat offsets) within which any rotation of a reference
+        ``volume`` lies, to :data:`SUPPORT_TOLERANCE` of its energy (:func:`support_radius`)."""
+        radius = support_radius(volume, SUPPORT_TOLERANCE)
+        return tuple(t.to(self.device) for t in ball_points(volume.shape[-1], radius))
+
+    def _local_bank(self, cls: str) -> LocalBank:
+        """The local search's bank of class ``cls``: its reference turned by each local grid's
+        deltas, compared only where any of them holds density and normed only over the
+        frequencies that hold their power (each to its tolerance).
+
+        The local score's numerator is the particle standardised over the ball (radius box/2)
+        dotted with each delta's reference standardised there; outside the reference's support
+        that reference is one constant c per delta, and the standardised particle sums to zero
+        over the ball, so the sum is the one over the support with c subtracted: exact for a
+        reference that is constant outside its support, for a tenth or less of the voxels on
+        SHREC's maps at 32³ (benchmarks/RESULTS.md)."""
+        turned = [self._rotated(self.refs[cls], delta, self.support[cls]).reshape(len(delta), -1) for delta in self.deltas]
+        inside = [bank[:, self.ball] for bank in turned]
+        real = energy_support(torch.cat(inside), SUPPORT_TOLERANCE)
+        outside = torch.ones(len(self.ball), dtype=torch.bool, device=self.device)
+        outside[real] = False
+        rows = []
+        for bank in inside:
+            standard = standardise_volumes(bank)
+            level = standard[:, outside].mean(1, keepdim=True) if outside.any() else 0.0
+            rows.append(standard[:, real] - level)
+        power = [_power_spectra(standardise_volumes(bank), self.box)[:, self.ball] for bank in turned]
+        spectral = energy_support(torch.cat(power).sqrt(), SPECTRUM_TOLERANCE)
+        return LocalBank(self.ball_xyz[real], rows, self.ball_xyz[spectral], [p[:, spectral] for p in power])
 
     def _coarse_bank(self, ref: torch.Tensor) -> torch.Tensor:
         """Every grid rotation of the cropped reference, wedge-filtered and normalised: (G, small^3)."""
@@ -266,7 +314,7 @@ class Matcher:
         wedge = self._wedge(small)
         blocks = []
         for start in range(0, len(self.grid), 1024):
-            rot = self._rotated(ref_small, self.grid[start : start + 1024])
+            rot = self._rotated(ref_small, self.grid[start : start + 1024], self._support(ref_small))
             rot = torch.fft.irfftn(torch.fft.rfftn(rot, dim=(1, 2, 3)) * wedge, s=(small,) * 3, dim=(1, 2, 3))
             blocks.append(standardise_volumes(rot).to(self.search_dtype))
         return torch.cat(blocks)
@@ -387,7 +435,7 @@ class Matcher:
             if places is not None:
                 particle = fourier_crop(phase_shift(spectra, -places[k]), small)
             particle_norm = (self.screen_weights * particle.abs() ** 2).sum((1, 2, 3)).sqrt()
-            rotated = self._rotated(self.screen_refs[cls], rotations[:, k])
+            rotated = self._rotated(self.screen_refs[cls], rotations[:, k], self.screen_support[cls])
             template = torch.fft.rfftn(rotated, dim=(1, 2, 3)) * self.screen_wedge
             template[:, 0, 0, 0] = 0.0
             filtered = particle if ctf_small is None else particle * ctf_small
@@ -423,21 +471,22 @@ class Matcher:
         return {"pose_margin": margin, "pose_spread_deg": spread, "pose_sigma_deg": np.maximum(spread, self.finest_deg),
                 "pose_determined": margin >= self.margin_min}
 
-    def _template(self, ref: torch.Tensor, rotations: np.ndarray) -> torch.Tensor:
-        """Spectra of the reference rotated by ``rotations`` (n, 3, 3), wedge-filtered, without DC."""
-        template = torch.fft.rfftn(self._rotated(ref, rotations), dim=(1, 2, 3)) * self.wedge
+    def _template(self, cls: str, rotations: np.ndarray) -> torch.Tensor:
+        """Spectra of the class's reference rotated by ``rotations`` (n, 3, 3), wedge-filtered, without DC."""
+        turned = self._rotated(self.refs[cls], rotations, self.support[cls])
+        template = torch.fft.rfftn(turned, dim=(1, 2, 3)) * self.wedge
         template[:, 0, 0, 0] = 0.0
         return template
 
     def correlate(
-        self, filtered: torch.Tensor, ref: torch.Tensor, rotations: np.ndarray, ctf: torch.Tensor | None,
+        self, filtered: torch.Tensor, cls: str, rotations: np.ndarray, ctf: torch.Tensor | None,
         particle_norm: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Displacement (n, 3) voxels (x, y, z) of each particle's content from the rotated
         reference, and the normalised correlation there (n,): the full-size matched filter,
-        corr(CTF · W · (A T), p), the CTF and wedge applied to the reference."""
+        corr(CTF · W · (A T), p), the CTF and wedge applied to the reference of class ``cls``."""
         box = self.box
-        template = self._template(ref, rotations)
+        template = self._template(cls, rotations)
         displacement, peak = correlation_peak(cross_correlation(filtered, template, (box,) * 3))
         modulated = template if ctf is None else template * ctf
         template_norm = ((self.weights * modulated.abs() ** 2).sum((1, 2, 3)) / box**3).sqrt()
@@ -455,13 +504,16 @@ class Matcher:
         (n, m), the matched-filter correlation of each particle with the reference in every pose
         ``rotations @ deltas[level][j]``."""
         centred = torch.fft.irfftn(phase_shift(filtered, -displacement), s=(self.box,) * 3, dim=(1, 2, 3))
-        bank, power = self.fine[cls], self.power[cls]
+        ball = centred.reshape(len(centred), -1)[:, self.ball]  # its mean and norm over the ball: any rotation's
+        mean = ball.mean(1, keepdim=True)
+        norm = (ball - mean).norm(dim=1, keepdim=True) + 1e-12
+        bank = self.local[cls]
 
         def score(current: np.ndarray, level: int) -> np.ndarray:
             back = torch.as_tensor(np.ascontiguousarray(current.transpose(0, 2, 1)), dtype=torch.float32)
             back = back.to(self.device)
-            numerator = standardise_volumes(sample_rigid(centred, back, self.ball_xyz)) @ bank[level].T
-            template_power = sample_rigid(filter_full, back, self.ball_xyz) @ power[level].T
+            numerator = ((sample_rigid(centred, back, bank.real_xyz) - mean) / norm) @ bank.rows[level].T
+            template_power = sample_rigid(filter_full, back, bank.spectral_xyz) @ bank.power[level].T
             return (numerator / template_power.clamp(min=1e-12).sqrt()).cpu().numpy()
 
         return score
@@ -480,13 +532,12 @@ class Matcher:
         step already says which hypothesis fits, and the finer ones cost as much again per
         peak.  There the particle is centred again, at the better pose, and the search climbs
         all the local grids from it."""
-        ref = self.refs[cls]
         if logits is None:
             starts = self.grid[self.peaks(cls, scores)]  # (n, K, 3, 3)
         else:
             starts = self.proposal_grid[self.peaks(cls, logits, network=True)]
             starts[:, 0] = proposal
-        d, _ = self.correlate(filtered, ref, starts[:, 0], ctf, particle_norm)
+        d, _ = self.correlate(filtered, cls, starts[:, 0], ctf, particle_norm)
         rotations = starts[:, 0].copy()
         if self.deltas:
             filter_full = self.local_filter(ctf, len(filtered))
@@ -498,9 +549,9 @@ class Matcher:
                 better = top > best
                 best[better] = top[better]
                 rotations[better] = starts[better, j] @ self.deltas[0][values[better].argmax(1)]
-            d, _ = self.correlate(filtered, ref, rotations, ctf, particle_norm)
+            d, _ = self.correlate(filtered, cls, rotations, ctf, particle_norm)
             rotations = refine_rotations(self.local_score(filtered, cls, filter_full, d), rotations, self.deltas)
-        d, fit = self.correlate(filtered, ref, rotations, ctf, particle_norm)
+        d, fit = self.correlate(filtered, cls, rotations, ctf, particle_norm)
         return rotations, d.cpu().numpy(), fit.cpu().numpy()
 
     def match(self, volumes: np.ndarray, ctf: torch.Tensor | None) -> dict[str, np.ndarray]:

@@ -147,6 +147,41 @@ def rigid_transform(
     return _trilinear(flat, _sampling_grid(rot, shift, spatial)).reshape(volumes.shape)
 
 
+def rigid_transform_within(volumes: torch.Tensor, rotation: torch.Tensor, points: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """:func:`rigid_transform` of (n, B, B, B) volumes evaluated only at ``points`` (their (x, y, z)
+    indices and flat offsets, e.g. :func:`ball_points` of the content's :func:`support_radius`),
+    zeros elsewhere: the same volumes when the content lies within those voxels, for their cost."""
+    xyz, offsets = points
+    out = torch.zeros(volumes.shape[0], volumes[0].numel(), dtype=torch.float32, device=volumes.device)
+    out[:, offsets.to(volumes.device)] = sample_rigid(volumes, rotation, xyz).to(out.dtype)
+    return out.reshape(volumes.shape)
+
+
+def support_radius(volume: torch.Tensor, tolerance: float) -> float:
+    """The smallest radius about voxel box//2 of a (B, B, B) volume outside which lies at most
+    ``tolerance`` of its energy (sum of squares), plus 2 voxels for trilinear interpolation:
+    a rotated copy is zero (to that tolerance) beyond it.  Content that fills the box (a noisy
+    or offset background) gives the box's half-diagonal, all of it."""
+    box = volume.shape[-1]
+    z, y, x = torch.meshgrid(*[torch.arange(box, dtype=torch.float64)] * 3, indexing="ij")
+    radius = (((torch.stack([x, y, z], -1) - box // 2) ** 2).sum(-1)).sqrt().reshape(-1)
+    energy = volume.double().reshape(-1).cpu() ** 2
+    order = torch.argsort(radius, descending=True)
+    outside = torch.cumsum(energy[order], 0) <= tolerance * energy.sum()  # outermost voxels, energy within tolerance
+    beyond = int(outside.sum())
+    inner = radius[order][beyond:] if beyond < len(order) else radius[:1] * 0
+    return float(inner.max()) + 2.0
+
+
+def energy_support(rows: torch.Tensor, tolerance: float) -> torch.Tensor:
+    """Indices (sorted) of the fewest columns of ``rows`` (m, D) holding all but ``tolerance``
+    of its energy (sum of squares over the rows)."""
+    energy = (rows.double() ** 2).sum(0)
+    order = torch.argsort(energy, descending=True)
+    keep = int((torch.cumsum(energy[order], 0) < (1.0 - tolerance) * energy.sum()).sum()) + 1
+    return torch.sort(order[: min(keep, len(order))]).values
+
+
 def _test_volume(shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
     """Three Gaussian blobs of different widths and heights, off the centre: no symmetry to hide an error."""
     grids = np.meshgrid(*[np.arange(s) - s // 2 for s in shape], indexing="ij")
