@@ -9,9 +9,9 @@ import torch
 
 from cryovae.rotations import random_rotations, relion_euler_to_matrix
 from cryovae.volumes import (
-    bandpass_filter, check_rigid_transform, correlation_peak, cross_correlation, fourier_crop, fourier_resample,
-    ball_points, frequency_magnitude, lowpass_filter, nearby_cross_correlation, phase_shift, raised_cosine_lowpass, rfft_weights,
-    rigid_transform, rotate_volume, sample_rigid, window_peak,
+    bandpass_filter, check_rigid_transform, correlation_peak, cross_correlation, energy_support, fourier_crop,
+    fourier_resample, friedel_half, ball_points, frequency_magnitude, lowpass_filter, nearby_cross_correlation, phase_shift, raised_cosine_lowpass, rfft_weights,
+    rigid_transform, rigid_transform_within, rotate_volume, sample_rigid, support_radius, window_peak,
 )
 
 
@@ -268,3 +268,41 @@ def test_ball_points_are_the_voxels_within_half_the_box_of_the_centre():
     inside = (xx - 4) ** 2 + (yy - 4) ** 2 + (zz - 4) ** 2 <= 16
     assert np.array_equal(flat.numpy(), np.flatnonzero(inside))
     assert np.array_equal(xyz.numpy(), np.stack([xx, yy, zz], -1).reshape(-1, 3)[np.flatnonzero(inside)])
+
+
+def test_support_radius_holds_a_blob_and_gives_the_whole_box_to_a_background():
+    blob = torch.as_tensor(_blob_volume((32, 32, 32), (16, 16, 16), sigma=2.0))
+    radius = support_radius(blob, 1e-6)
+    # a Gaussian's energy beyond r falls as exp(-r²/σ²): 1e-6 of it lies beyond about 3.7 σ, plus 2 voxels
+    assert 8.5 < radius < 11.5
+    assert support_radius(blob + 0.1, 1e-6) >= np.sqrt(3) * 16
+
+
+def test_rigid_transform_within_the_support_is_the_rigid_transform():
+    blob = torch.as_tensor(_blob_volume((32, 32, 32), (18, 15, 17), sigma=2.0), dtype=torch.float32)
+    rotations = torch.as_tensor(random_rotations(3, np.random.default_rng(0)), dtype=torch.float32)
+    stack = blob.expand(3, *blob.shape)
+    within = rigid_transform_within(stack, rotations, ball_points(32, support_radius(blob, 1e-8)))
+    full = rigid_transform(stack, rotations)
+    assert ((within - full) ** 2).sum() <= 1e-8 * (full**2).sum()  # the tolerance asked for, in energy
+    small = rigid_transform_within(stack, rotations, ball_points(32, 3.0))  # too small a ball: content lost
+    assert (full - small).abs().max() > 0.1 * full.max()
+
+
+def test_energy_support_keeps_the_fewest_columns_holding_the_energy():
+    rows = torch.tensor([[3.0, 0.0, 1.0, 0.1], [4.0, 0.0, 0.0, 0.1]])  # column energies 25, 0, 1, 0.02
+    assert energy_support(rows, 0.05).tolist() == [0]
+    assert energy_support(rows, 0.01).tolist() == [0, 2]
+    assert energy_support(rows, 0.0).tolist() == [0, 2, 3]
+
+
+def test_friedel_half_sums_an_even_quantity_over_half_the_frequencies():
+    box = 16
+    xyz, _ = ball_points(box)
+    k = (xyz - box // 2).double()
+    even = torch.exp(-(k**2).sum(1) / 20.0) * (1 + k[:, 0] ** 2 * k[:, 1] ** 2)  # f(k) = f(-k)
+    half, weight = friedel_half(xyz, box)
+    assert len(half) < 0.52 * len(xyz)
+    assert torch.isclose((even[half] * weight.double()).sum(), even.sum())
+    odd = even * k[:, 2]  # an odd quantity does not fold: the test can tell
+    assert not torch.isclose((odd[half] * weight.double()).sum(), odd.sum(), atol=1e-3)

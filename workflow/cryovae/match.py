@@ -94,9 +94,9 @@ from cryovae.rotations import (
 )
 from cryovae.shards import SubtomogramSet
 from cryovae.volumes import (
-    ball_points, correlation_peak, cross_correlation, fourier_crop, nearby_cross_correlation, phase_shift,
-    energy_support, rfft_frequencies, rfft_weights, rigid_transform, rigid_transform_within, rotational_average,
-    sample_rigid, standardise_volumes, support_radius, window_peak, windowed_correlation_peak,
+    ball_points, correlation_peak, cross_correlation, energy_support, fourier_crop, friedel_half,
+    nearby_cross_correlation, phase_shift, rfft_frequencies, rfft_weights, rigid_transform, rigid_transform_within,
+    rotational_average, sample_rigid, standardise_volumes, support_radius, window_peak, windowed_correlation_peak,
 )
 
 log = logging.getLogger(__name__)
@@ -276,16 +276,18 @@ class Matcher:
         stack = volume.expand(len(mats), *volume.shape)
         return rigid_transform(stack, mats) if support is None else rigid_transform_within(stack, mats, support)
 
-    def _support(self, volume: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _support(self, volume: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The voxels (x, y, z indices and flat offsets) within which any rotation of a reference
-        ``volume`` lies, to :data:`SUPPORT_TOLERANCE` of its energy (:func:`support_radius`)."""
-        radius = support_radius(volume, SUPPORT_TOLERANCE)
-        return tuple(t.to(self.device) for t in ball_points(volume.shape[-1], radius))
+        ``volume`` lies, to :data:`SUPPORT_TOLERANCE` of its energy (:func:`support_radius`); None
+        where they are more than half the box (evaluating every voxel is then the cheaper)."""
+        xyz, offsets = ball_points(volume.shape[-1], support_radius(volume, SUPPORT_TOLERANCE))
+        return None if 2 * len(offsets) > volume.numel() else (xyz.to(self.device), offsets.to(self.device))
 
     def _local_bank(self, cls: str) -> LocalBank:
         """The local search's bank of class ``cls``: its reference turned by each local grid's
         deltas, compared only where any of them holds density and normed only over the
-        frequencies that hold their power (each to its tolerance).
+        frequencies that hold their power (each to its tolerance), one of each pair ±k (the
+        filter and the power spectra are even).
 
         The local score's numerator is the particle standardised over the ball (radius box/2)
         dotted with each delta's reference standardised there; outside the reference's support
@@ -303,9 +305,10 @@ class Matcher:
             standard = standardise_volumes(bank)
             level = standard[:, outside].mean(1, keepdim=True) if outside.any() else 0.0
             rows.append(standard[:, real] - level)
-        power = [_power_spectra(standardise_volumes(bank), self.box)[:, self.ball] for bank in turned]
+        half, weight = friedel_half(self.ball_xyz, self.box)  # the filter and the power are even: one of each ±k
+        power = [_power_spectra(standardise_volumes(bank), self.box)[:, self.ball[half]] * weight for bank in turned]
         spectral = energy_support(torch.cat(power).sqrt(), SPECTRUM_TOLERANCE)
-        return LocalBank(self.ball_xyz[real], rows, self.ball_xyz[spectral], [p[:, spectral] for p in power])
+        return LocalBank(self.ball_xyz[real], rows, self.ball_xyz[half[spectral]], [p[:, spectral] for p in power])
 
     def _coarse_bank(self, ref: torch.Tensor) -> torch.Tensor:
         """Every grid rotation of the cropped reference, wedge-filtered and normalised: (G, small^3)."""

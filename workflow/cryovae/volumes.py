@@ -281,6 +281,23 @@ def frequency_magnitude(shape) -> torch.Tensor:
     return torch.sqrt(sum(k**2 for k in rfft_frequencies(shape)))
 
 
+def friedel_half(points_xyz: torch.Tensor, box: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Of frequencies on an fftshifted grid (``points_xyz`` (m, 3), frequency 0 at voxel box//2)
+    one of each pair ±k: their indices into the points and their weights (2; 1 for a point that
+    is its own mate or whose mate is not among the points).  A sum of an even quantity
+    (f(k) = f(-k)) over the points is the weighted sum over these, for half the terms."""
+    k = points_xyz.long() - box // 2
+    span = 2 * box + 1
+
+    def key(q: torch.Tensor) -> torch.Tensor:
+        return ((q[:, 2] + box) * span + (q[:, 1] + box)) * span + (q[:, 0] + box)
+
+    keys, mates = key(k), key(-k)
+    paired = torch.isin(mates, keys) & (keys != mates)
+    keep = ~paired | (keys < mates)
+    return torch.nonzero(keep).squeeze(1), torch.where(paired, 2.0, 1.0)[keep]
+
+
 def rfft_weights(shape, dc_weight: float = 1.0) -> torch.Tensor:
     """Multiplicity of each rfftn coefficient in the full spectrum: (D, H, W//2+1) float64.
 
