@@ -338,3 +338,9 @@ def test_the_local_score_over_the_support_is_the_score_over_the_whole_ball(parti
         spread = want.max(1) - want.min(1)
         assert np.abs(got - want).max(1).max() < 0.02 * spread.min()
         assert (got.argmax(1) == want.argmax(1)).all()
+        # compared across calls, the rotated particle's own mean and norm over the ball
+        sampled = sample_rigid(centred, back, matcher.ball_xyz)
+        scale = (norm / (sampled - sampled.mean(1, keepdim=True)).norm(dim=1, keepdim=True)).numpy()
+        across = matcher.local_score(filtered, cls, filter_full, torch.zeros(len(rows), 3))(start, 0, across=True)
+        assert scale.min() > 1.05  # interpolation smooths the noise: the two differ
+        assert np.abs(across - want * scale).max() < 0.02 * (spread * scale[:, 0]).min()
