@@ -28,8 +28,9 @@ Three stages:
    cross-correlation (sub-voxel by a parabola through the peak), then local rotation grids
    of shrinking steps (``matching.refine_steps_deg``) at full size: the particle is rotated
    back into the reference frame once per step and compared with a bank of slightly rotated
-   references shared by all particles, both within the ball of radius box/2 (the corners hold
-   no reference and cost half the trilinear samples).  At the result the full-size matched-filter
+   references shared by all particles, both only where the reference holds density (its
+   support within the ball of radius box/2, :meth:`Matcher._local_bank`), the reference's
+   norm under the particle's filter over one of each pair of frequencies ±k.  At the result the full-size matched-filter
    correlation (the CTF and wedge applied to the reference) is the class's ``fit``: how
    well the particle is explained by that class at its best pose, the sharpest evidence
    that a particle belongs to no known class.
@@ -216,7 +217,7 @@ class Matcher:
         self.grid = so3_grid(m.coarse_step_deg)
         self.screen_refs = {c: self._cropped(ref, self.small) for c, ref in self.refs.items()}
         self.screen_support = {c: self._support(ref) for c, ref in self.screen_refs.items()}
-        self.banks = {c: self._low_rank(self._coarse_bank(ref), m.coarse_rank) for c, ref in self.refs.items()}
+        self.banks = {c: self._low_rank(self._coarse_bank(c), m.coarse_rank) for c in self.refs}
         self.deltas = local_deltas(list(m.refine_steps_deg), 2)
         self.ball_xyz, self.ball = (t.to(self.device) for t in ball_points(self.box))
         self.support = {c: self._support(ref) for c, ref in self.refs.items()}
@@ -291,11 +292,11 @@ class Matcher:
         filter and the power spectra are even).
 
         The local score's numerator is the particle standardised over the ball (radius box/2)
-        dotted with each delta's reference standardised there; outside the reference's support
-        that reference is one constant c per delta, and the standardised particle sums to zero
+        dotted with each delta's reference standardised there.  Outside the reference's support
+        that reference is one constant c per delta and the standardised particle sums to zero
         over the ball, so the sum is the one over the support with c subtracted: exact for a
-        reference that is constant outside its support, for a tenth or less of the voxels on
-        SHREC's maps at 32³ (benchmarks/RESULTS.md)."""
+        reference that is constant outside its support (to :data:`SUPPORT_TOLERANCE` of its
+        energy), for 2-17 % of the ball's voxels on SHREC's maps at 32³ (benchmarks/RESULTS.md)."""
         turned = [self._rotated(self.refs[cls], delta, self.support[cls]).reshape(len(delta), -1) for delta in self.deltas]
         inside = [bank[:, self.ball] for bank in turned]
         real = energy_support(torch.cat(inside), SUPPORT_TOLERANCE)
@@ -311,14 +312,13 @@ class Matcher:
         spectral = energy_support(torch.cat(power).sqrt(), SPECTRUM_TOLERANCE)
         return LocalBank(self.ball_xyz[real], real, rows, self.ball_xyz[half[spectral]], [p[:, spectral] for p in power])
 
-    def _coarse_bank(self, ref: torch.Tensor) -> torch.Tensor:
-        """Every grid rotation of the cropped reference, wedge-filtered and normalised: (G, small^3)."""
+    def _coarse_bank(self, cls: str) -> torch.Tensor:
+        """Every grid rotation of the class's cropped reference, wedge-filtered and normalised: (G, small^3)."""
         small = self.small
-        ref_small = self._cropped(ref, small)
         wedge = self._wedge(small)
         blocks = []
         for start in range(0, len(self.grid), 1024):
-            rot = self._rotated(ref_small, self.grid[start : start + 1024], self._support(ref_small))
+            rot = self._rotated(self.screen_refs[cls], self.grid[start : start + 1024], self.screen_support[cls])
             rot = torch.fft.irfftn(torch.fft.rfftn(rot, dim=(1, 2, 3)) * wedge, s=(small,) * 3, dim=(1, 2, 3))
             blocks.append(standardise_volumes(rot).to(self.search_dtype))
         return torch.cat(blocks)
