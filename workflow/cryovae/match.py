@@ -220,6 +220,7 @@ class Matcher:
         self.banks = {c: self._low_rank(self._coarse_bank(c), m.coarse_rank) for c in self.refs}
         self.deltas = local_deltas(list(m.refine_steps_deg), 2)
         self.ball_xyz, self.ball = (t.to(self.device) for t in ball_points(self.box))
+        self.spectral_half = friedel_half(self.ball_xyz, self.box)  # the filter and the power are even: one of each ±k
         self.support = {c: self._support(ref) for c, ref in self.refs.items()}
         self.local = {c: self._local_bank(c) for c in self.refs}
         self.refine_top = min(m.refine_top, len(self.classes))
@@ -307,7 +308,7 @@ class Matcher:
             standard = standardise_volumes(bank)
             level = standard[:, outside].mean(1, keepdim=True) if outside.any() else 0.0
             rows.append(standard[:, real] - level)
-        half, weight = friedel_half(self.ball_xyz, self.box)  # the filter and the power are even: one of each ±k
+        half, weight = self.spectral_half
         power = [_power_spectra(standardise_volumes(bank), self.box)[:, self.ball[half]] * weight for bank in turned]
         spectral = energy_support(torch.cat(power).sqrt(), SPECTRUM_TOLERANCE)
         return LocalBank(self.ball_xyz[real], real, rows, self.ball_xyz[half[spectral]], [p[:, spectral] for p in power])
@@ -525,9 +526,7 @@ class Matcher:
             back = torch.as_tensor(np.ascontiguousarray(current.transpose(0, 2, 1)), dtype=torch.float32)
             back = back.to(self.device)
             if across:
-                ball = sample_rigid(centred, back, self.ball_xyz)
-                mean = ball.mean(1, keepdim=True)
-                particle = (ball[:, bank.real] - mean) / ((ball - mean).norm(dim=1, keepdim=True) + 1e-12)
+                particle = standardise_volumes(sample_rigid(centred, back, self.ball_xyz))[:, bank.real]
             else:
                 particle = (sample_rigid(centred, back, bank.real_xyz) - own_mean) / own_norm
             template_power = sample_rigid(filter_full, back, bank.spectral_xyz) @ bank.power[level].T

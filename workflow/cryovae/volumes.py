@@ -168,9 +168,8 @@ def support_radius(volume: torch.Tensor, tolerance: float) -> float:
     energy = volume.double().reshape(-1).cpu() ** 2
     order = torch.argsort(radius, descending=True)
     outside = torch.cumsum(energy[order], 0) <= tolerance * energy.sum()  # outermost voxels, energy within tolerance
-    beyond = int(outside.sum())
-    inner = radius[order][beyond:] if beyond < len(order) else radius[:1] * 0
-    return float(inner.max()) + 2.0
+    beyond = int(outside.sum())  # radius[order] descends: the first voxel kept is the farthest
+    return (float(radius[order][beyond]) if beyond < len(order) else 0.0) + 2.0
 
 
 def energy_support(rows: torch.Tensor, tolerance: float) -> torch.Tensor:
