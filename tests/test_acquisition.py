@@ -33,7 +33,8 @@ from cryovae.ctf import (
 )
 from cryovae.errors import InputError
 from cryovae.extract import extract_tomogram
-from cryovae.match import Matcher, contrast_warnings, split_particle_ctfs
+from cryovae.match import Matcher, split_particle_ctfs
+from cryovae.match_parts import contrast_warnings
 from cryovae.rotations import random_rotations
 from cryovae.shards import SubtomogramSet
 from cryovae.star import write_star_blocks
@@ -325,3 +326,19 @@ def test_match_split_of_an_extracted_split_uses_its_acquisition(tmp_path, tomogr
     assert result["scores"].shape == result["scores_min"].shape == (len(POSITIONS), 2)
     assert np.all(result["scores_min"] <= result["scores"])
     assert "CTF per tilt, per particle" in caplog.text and "wedge (-9.0, 9.0)" in caplog.text
+    # in parts, as the workflow runs it: the joined file is the whole one, a part past the end is empty
+    from cryovae.match_parts import join_match_parts
+
+    parts = [tmp_path / f"part_{k}.npz" for k in range(4)]
+    for k, path in enumerate(parts):
+        match_split(config, tmp_path / "split", maps, path, part=k, parts=len(parts))
+    assert len(np.load(parts[3])["particle_id"]) == 0  # 3 particles in 4 parts
+    join_match_parts(config, parts, tmp_path / "joined.npz")
+    joined = np.load(tmp_path / "joined.npz")
+    assert sorted(joined.files) == sorted(result.files)
+    assert list(joined["tomogram_name"]) == ["TS_01"] * len(POSITIONS)
+    for key in result.files:
+        if np.issubdtype(result[key].dtype, np.floating):
+            np.testing.assert_allclose(joined[key], result[key], rtol=1e-4, atol=1e-5, err_msg=key)
+        else:
+            np.testing.assert_array_equal(joined[key], result[key], err_msg=key)

@@ -198,8 +198,8 @@ def test_changed_parameter_reruns_exactly_what_it_affects(run):
         assert f"\n{rule} " not in text and f"\n{rule}\n" not in text, rule
     proc = snakemake("--configfile", str(matching), "-n", "-p")  # the training split: a per-class subset
     text = proc.stdout + proc.stderr
-    assert f"--per-class 500 --output {out}/embeddings/match/train.npz" in text
-    assert text.count("--per-class") == 1
+    assert f"--per-class 500 --part 0 --parts 3 --output {out}/embeddings/match/train/part_000.npz" in text
+    assert text.count("--per-class") == 3  # the training split's three parts, and no other split
     matched = write_config(base / "matched.yaml", out, training__shape_frame="matched")
     proc = snakemake("--configfile", str(matched), "-n", "--quiet", "rules")
     text = proc.stdout + proc.stderr
@@ -209,8 +209,8 @@ def test_changed_parameter_reruns_exactly_what_it_affects(run):
     assert "\nsimulate " not in text and "\nsimulate\n" not in text
     proc = snakemake("--configfile", str(matched), "-n", "-p")
     text = proc.stdout + proc.stderr
-    assert f"--output {out}/embeddings/match/train.npz" in text  # matched whole: no --per-class before it
-    assert f"--per-class 500 --output {out}/embeddings/match/train.npz" not in text
+    assert f"--part 0 --parts 3 --output {out}/embeddings/match/train/part_000.npz" in text  # no --per-class
+    assert not [line for line in text.splitlines() if "cryovae match " in line and "--per-class" in line]
     assert f"--train-match {out}/embeddings/match/train.npz --val-match {out}/embeddings/match/val.npz" in text
     assert f"--match {out}/embeddings/match/test.npz --output {out}/embeddings/latent/test.npz" in text
     network = write_config(base / "network.yaml", out, matching__starts="network")
@@ -222,7 +222,7 @@ def test_changed_parameter_reruns_exactly_what_it_affects(run):
         assert f"\n{rule} " not in text and f"\n{rule}\n" not in text, rule
     proc = snakemake("--configfile", str(network), "-n", "-p")
     text = proc.stdout + proc.stderr
-    assert f"--pose-network {out}/model/pose_network.pt --output {out}/embeddings/match/test.npz" in text
+    assert f"--pose-network {out}/model/pose_network.pt --part 0 --parts 2 --output {out}/embeddings/match/test/part_000.npz" in text
     assert "cryovae train-pose --config" in text
     grid = write_config(base / "grid.yaml", out, pose_network__samples=10)   # grid starts: no pose network
     proc = snakemake("--configfile", str(grid), "-n", "--quiet", "rules")

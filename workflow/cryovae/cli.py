@@ -240,6 +240,20 @@ VERBS: dict[str, tuple[str, str, str, list[tuple[tuple[str, ...], dict]]]] = {
             (("--pose-network",), {"type": _P, "default": None,
                                    "help": "pose network whose proposals start the local searches "
                                            "(matching.starts: network; the train-pose verb's output)"}),
+            (("--part",), {"type": int, "default": None,
+                           "help": "match only this part (0-based) of --parts equal slices of the particles, "
+                                   "for match-join (the contrast check then runs there)"}),
+            (("--parts",), {"type": int, "default": 1, "help": "how many parts the split is matched in"}),
+        ],
+    ),
+    "match-join": (
+        "cryovae.match_parts:join_match_parts",
+        "Join the parts of a split's match (cryovae match --part K --parts N) into one match file.",
+        "cryovae match-join --config config.yaml --parts results/embeddings/match/test/part_*.npz "
+        "--output results/embeddings/match/test.npz",
+        [
+            (("--parts",), {"type": _P, "nargs": "+", "required": True, "help": "the part files, part 0 first"}),
+            (("--output",), {"type": _P, "required": True, "help": "the split's match file to write (.npz)"}),
         ],
     ),
     "align": (

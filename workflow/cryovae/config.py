@@ -469,6 +469,12 @@ class MatchingConfig(_Section):
         "thousands); null: all.  training.shape_frame: matched matches every one, as training reads their poses."
     )
     threads: int = Field(2, ge=1, description="CPU threads per matching job.")
+    particles_per_job: int = Field(
+        10_000, ge=1, description="Particles per matching job: a split is matched in as many equal parts as "
+        "hold at most this many (a few minutes of 2 cores each, so that a cluster spreads a large split over "
+        "nodes and no job holds a whole split), then joined. The count comes from the config for simulated "
+        "splits and tomograms, from the picks file for a user's tomogram."
+    )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="auto: CUDA when present (global search in bfloat16 there); cuda without a GPU "
         "is an error."

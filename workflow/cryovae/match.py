@@ -77,23 +77,23 @@ from typing import NamedTuple
 
 import mrcfile
 import numpy as np
-import pandas as pd
 import torch
 from tqdm import tqdm
 
 from cryovae.align import point_group_in_map
-from cryovae.atomic import atomic_path
 from cryovae.classify import read_match_file
 from cryovae.config import Config
 from cryovae.acquisition import read_split_acquisitions, split_tilt_range_deg
 from cryovae.ctf import ParticleCtfs, ctf_3d, missing_wedge_mask
 from cryovae.devices import choose_device
 from cryovae.errors import InputError
+from cryovae.match_parts import check_contrast, write_match_file
 from cryovae.model.posenet import PoseNetwork, load_pose_network, soft_argmax
 from cryovae.rotations import (
     local_deltas, matrix_to_quaternion, refine_rotations, so3_grid,
 )
 from cryovae.shards import SubtomogramSet
+from cryovae.splits import part_rows
 from cryovae.volumes import (
     ball_points, correlation_peak, cross_correlation, energy_support, fourier_crop, friedel_half,
     nearby_cross_correlation, phase_shift, rfft_frequencies, rfft_weights, rigid_transform, rigid_transform_within,
@@ -163,32 +163,6 @@ def split_particle_ctfs(data: SubtomogramSet) -> tuple[ParticleCtfs, np.ndarray,
                          "named in particles.star")
     source = ParticleCtfs(acquisitions, int(data.optics["rlnImageSize"].iloc[0]), data.pixel_size_angstrom)
     return source, names, table[list(CENTRED_COLUMNS)].to_numpy(np.float64)
-
-
-def contrast_warnings(scores: np.ndarray, scores_min: np.ndarray, tomograms: np.ndarray) -> list[str]:
-    """Tomograms whose particles correlate negatively with the references: one warning each.
-
-    ``scores``/``scores_min`` (n, C): the most positive / most negative global-search correlation
-    per class (:meth:`Matcher.match`); ``tomograms`` (n,).  A particle's signed best score is its
-    most negative one where that is larger in magnitude than its most positive; a tomogram whose
-    median signed best score is below 0 (most of its particles match a reference better in
-    negative) gets a warning (logged, and returned) saying to set invert_contrast.
-    """
-    best, worst = scores.max(1), scores_min.min(1)
-    signed = np.where(np.abs(worst) > np.abs(best), worst, best)
-    messages = []
-    for name in pd.unique(np.asarray(tomograms).astype(str)):
-        rows = np.asarray(tomograms).astype(str) == name
-        median = float(np.median(signed[rows]))
-        if median < 0:
-            messages.append(
-                f"tomogram {name!r}: its particles correlate negatively with the references (median signed best "
-                f"score {median:.3f}; most positive {best[rows].max():.3f}, most negative {worst[rows].min():.3f}): "
-                f"the protein is dark; set invert_contrast: true in extraction.tomograms.{name}"
-            )
-    for message in messages:
-        log.warning(message)
-    return messages
 
 
 class Matcher:
@@ -664,18 +638,47 @@ def class_subset(class_names: np.ndarray, per_class: int, seed: int) -> np.ndarr
     return np.sort(np.concatenate(picked))
 
 
+def _block_ctfs(config: Config, data: SubtomogramSet):
+    """(rows -> the 3D CTFs of those particles, or None; what they come from, for the log): per
+    tilt from the acquisition metadata, else per particle from its defocus, else none."""
+    _, defocus, optics = split_wedge_and_ctf(config, data)
+    per_tilt = split_particle_ctfs(data)
+    if per_tilt is not None:
+        source, names, centred = per_tilt
+        return (lambda rows: source(names[rows], centred[rows])), "per tilt, per particle"
+    if defocus is not None:
+        return (lambda rows: ctf_3d(torch.as_tensor(defocus[rows]), config.box_size, data.pixel_size_angstrom,
+                                    *optics)), "per particle"
+    return (lambda rows: None), "none"
+
+
+def _match_rows(matcher: Matcher, data: SubtomogramSet, chosen: np.ndarray, ctfs, name: str) -> dict[str, np.ndarray]:
+    """:meth:`Matcher.match` of the particles ``chosen`` of a split, block by block, ``ctfs`` of
+    :func:`_block_ctfs`."""
+    blocks = [matcher.match(data.volumes(chosen[start:start + CHUNK]), ctfs(chosen[start:start + CHUNK]))
+              for start in tqdm(range(0, len(chosen), CHUNK), desc=f"match {name}", unit="block", mininterval=1.0)]
+    if not blocks:  # a part beyond the split's particles (the workflow's count was an estimate)
+        blank = matcher.match(np.zeros((1,) + (matcher.box,) * 3, dtype=np.float32), None)
+        blocks = [{k: v[:0] for k, v in blank.items()}]
+    return {k: np.concatenate([b[k] for b in blocks]) for k in blocks[0]}
+
+
 def match_split(config: Config, split_dir: Path, maps: list[Path], output: Path,
-                per_class: int | None = None, pose_network: Path | None = None) -> None:
+                per_class: int | None = None, pose_network: Path | None = None,
+                part: int | None = None, parts: int = 1) -> None:
     """Template-match the particles of a split against every seen class; write an npz.
 
     Every particle, or with ``per_class`` a seeded subset of at most that many of each class
-    (:func:`class_subset`; the file records ``subset_per_class`` so that readers know)."""
+    (:func:`class_subset`; the file records ``subset_per_class`` so that readers know); with
+    ``part`` only that one of ``parts`` equal consecutive slices of them (:func:`part_rows`), for
+    :func:`cryovae.match_parts.join_match_parts`, which then runs the contrast check."""
     if per_class is not None and per_class < 1:
         raise InputError(f"--per-class must be at least 1, got {per_class}")
+    if parts < 1 or (part is None and parts != 1):
+        raise InputError(f"--parts {parts} needs --part (0 <= part < parts)")
     torch.set_num_threads(config.matching.threads)
     data = SubtomogramSet.open(split_dir)
-    tilt, defocus, optics = split_wedge_and_ctf(config, data)
-    per_tilt = split_particle_ctfs(data)
+    tilt, _, _ = split_wedge_and_ctf(config, data)
     proposer = None if pose_network is None or config.matching.starts != "network" else load_pose_network(pose_network)
     matcher = Matcher(config, read_references(config, maps), tilt, proposer=proposer)
     chosen = np.arange(len(data))
@@ -683,35 +686,28 @@ def match_split(config: Config, split_dir: Path, maps: list[Path], output: Path,
         chosen = class_subset(data.particles["cryovaeClassName"].astype(str).to_numpy(), per_class, config.seed)
         log.info("match %s: %d of %d particles, at most %d per class (matching.train_per_class)",
                  split_dir.name, len(chosen), len(data), per_class)
-    blocks = []
-    for start in tqdm(range(0, len(chosen), CHUNK), desc=f"match {split_dir.name}", unit="block", mininterval=1.0):
-        rows = chosen[start:start + CHUNK]
-        ctf = None
-        if per_tilt is not None:
-            source, names, centred = per_tilt
-            ctf = source(names[rows], centred[rows])
-        elif defocus is not None:
-            ctf = ctf_3d(torch.as_tensor(defocus[rows]), config.box_size, data.pixel_size_angstrom, *optics)
-        blocks.append(matcher.match(data.volumes(rows), ctf))
-    result = {k: np.concatenate([b[k] for b in blocks]) for k in blocks[0]}
+    if part is not None:
+        chosen = part_rows(chosen, part, parts)
+        log.info("match %s: part %d of %d, %d particles", split_dir.name, part + 1, parts, len(chosen))
+    ctfs, ctf_source = _block_ctfs(config, data)
+    result = _match_rows(matcher, data, chosen, ctfs, split_dir.name)
     table = data.particles.iloc[chosen]
-    if "rlnTomoName" in table.columns:
-        contrast_warnings(result["scores"], result["scores_min"], table["rlnTomoName"].astype(str).to_numpy())
+    names = {"tomogram_name": table["rlnTomoName"].to_numpy().astype(str)} if "rlnTomoName" in table.columns else {}
     origin = -result.pop("displacement_voxels") * data.pixel_size_angstrom
-    with atomic_path(output, suffix=".npz") as tmp:
-        with open(tmp, "wb") as fh:
-            np.savez(
-                fh, particle_id=table["cryovaeParticleId"].astype(str).to_numpy().astype(str),
-                classes=np.array(matcher.classes), origin_angstrom=origin, class_self_margin=matcher.self_margin,
-                subset_per_class=np.int64(per_class or 0), **result,
-            )
+    arrays = {"particle_id": table["cryovaeParticleId"].astype(str).to_numpy().astype(str),
+              "classes": np.array(matcher.classes), "origin_angstrom": origin,
+              "class_self_margin": matcher.self_margin, "subset_per_class": np.int64(per_class or 0),
+              **names, **result}
+    if part is None:
+        check_contrast(arrays)
+    write_match_file(output, arrays)
     for cls, margin in zip(matcher.classes, matcher.self_margin):
         if not margin > matcher.noise_sd(None, 1)[0] * matcher.margin_min:
             log.warning("match: the map of %s barely fixes an orientation at this pixel size (self-margin %.3f): "
                         "its poses will mostly be undetermined", cls, margin)
     log.info(
         "match %s: %d particles, %d classes, wedge %s, CTF %s", split_dir.name, len(chosen), len(matcher.classes),
-        tilt, "per tilt, per particle" if per_tilt is not None else ("per particle" if defocus is not None else "none"),
+        tilt, ctf_source,
     )
 
 

@@ -6,6 +6,8 @@ while it parses, on every node that runs a job.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from cryovae.errors import InputError
@@ -68,3 +70,39 @@ def shard_start(config, split: str, shard: int) -> int:
 def shard_names(config, split: str) -> list[str]:
     """File stems of a split's shards, in shard order (``shard_000``, ``shard_001``, ...)."""
     return [f"shard_{k:03d}" for k in range(len(shard_plan(config, split)))]
+
+
+def match_particles(config, split: str) -> int | None:
+    """Particles the workflow matches in ``split``, from what is known while it parses: a simulated
+    split's count (at most ``matching.train_per_class`` per class for the training split, unless
+    training reads every particle's matched pose), a simulated tomogram's planned particles, the
+    picks of a user's tomogram whose coordinates file exists; None where nothing says."""
+    if split in SPLITS:
+        per_class = particles_per_class(config, split)
+        subset = config.matching.train_per_class
+        if split == "train" and subset is not None and config.training.shape_frame != "matched":
+            per_class = min(per_class, subset)
+        return per_class * len(split_classes(config, split))
+    if split in config.simulated_tomograms:
+        ts = config.tomogram_simulation
+        return ts.particles_per_class * (len(config.class_names) + len(ts.decoys))
+    spec = config.extraction.tomograms.get(split)
+    if spec is None or not Path(spec.coordinates).is_file():
+        return None
+    from cryovae.star import count_coordinates
+
+    return count_coordinates(spec.coordinates, split)
+
+
+def match_parts(config, split: str) -> int:
+    """Matching jobs of a split: as few equal parts as hold at most ``matching.particles_per_job``
+    particles each (:func:`match_particles`; one where the count is not known)."""
+    count = match_particles(config, split)
+    return 1 if not count else -(-count // config.matching.particles_per_job)
+
+
+def part_rows(rows: np.ndarray, part: int, parts: int) -> np.ndarray:
+    """Part ``part`` (0-based) of ``parts`` nearly equal consecutive slices of ``rows``."""
+    if not 0 <= part < parts:
+        raise InputError(f"match part {part} of {parts}: expected 0 <= part < parts")
+    return np.array_split(rows, parts)[part]

@@ -244,6 +244,19 @@ def read_coordinates(
     return _relion_to_table(path, block, tomogram_shape_xyz, pixel_size_angstrom, default_tomo_name)
 
 
+def count_coordinates(path: str | Path, tomogram: str) -> int:
+    """Picks of ``tomogram`` in a coordinates file: the rows naming it, or every row where the
+    file names no such tomogram (as extraction reads it); nothing is checked beyond the format."""
+    path = Path(path)
+    fmt, block = _load(path)
+    table, column = (_read_csv(path, tomogram), "tomo_name") if fmt == "csv" else (block, "rlnTomoName")
+    if column in table.columns:
+        named = int((table[column].astype(str) == tomogram).sum())
+        if named:
+            return named
+    return len(table)
+
+
 def star_pixel_size_angstrom(path: str | Path) -> float | None:
     """The pixel size of a STAR file's coordinates, or None when it does not say (or for CSV).
 

@@ -9,25 +9,51 @@ rule match:
         maps=expand(f"{OUT}/maps/{{cls}}.mrc", cls=SEEN),
         pose_network=pose_network_input(),
     output:
-        f"{OUT}/embeddings/match/{{split}}.npz",
+        temp(f"{OUT}/embeddings/match/{{split}}/part_{{part}}.npz"),
+    wildcard_constraints:
+        part=r"\d\d\d+",
     params:
         config=stage_config("matching", "simulation", "alignment"),
         split_dir=lambda wildcards: split_dir(wildcards.split),
         subset=lambda wildcards: match_subset_option(wildcards.split),
         pose_network=lambda wildcards, input: "".join(f"--pose-network {p} " for p in input.pose_network),
+        parts=lambda wildcards: f"--part {int(wildcards.part)} --parts {len(match_part_files(wildcards.split))}",
     conda:
         CONDA_ENV
     log:
-        f"{OUT}/logs/match/{{split}}.log",
+        f"{OUT}/logs/match/{{split}}/part_{{part}}.log",
     threads: CFG.matching.threads
     resources:
         mem_mb=mem_mb(4000),
         runtime=120,
     message:
-        "Template matching of the {wildcards.split} split: a long step; progress in {log}"
+        "Template matching of part {wildcards.part} of the {wildcards.split} split: a long step; progress in {log}"
     shell:
         "cryovae match --config {params.config:q} --split-dir {params.split_dir} --maps {input.maps} "
-        "{params.subset}{params.pose_network}--output {output} 2> {log} || (tail -n 1 {log} >&2; exit 1)"
+        "{params.subset}{params.pose_network}{params.parts} --output {output} 2> {log} "
+        "|| (tail -n 1 {log} >&2; exit 1)"
+
+
+rule match_join:
+    input:
+        parts=lambda wildcards: match_part_files(wildcards.split),
+    output:
+        f"{OUT}/embeddings/match/{{split}}.npz",
+    params:
+        config=stage_config(),
+    conda:
+        CONDA_ENV
+    log:
+        f"{OUT}/logs/match_join/{{split}}.log",
+    threads: 1
+    resources:
+        mem_mb=mem_mb(2000),
+        runtime=10,
+    message:
+        "Joining the {wildcards.split} split's match parts (log: {log})"
+    shell:
+        "cryovae match-join --config {params.config:q} --parts {input.parts} --output {output} 2> {log} "
+        "|| (tail -n 1 {log} >&2; exit 1)"
 
 
 rule classifier:

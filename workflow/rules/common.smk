@@ -2,7 +2,7 @@
 import os
 
 from cryovae.config import GLOBAL_KEYS, stage_config_json, validate_config
-from cryovae.splits import shard_names as split_shard_names
+from cryovae.splits import match_parts as split_match_parts, shard_names as split_shard_names
 from cryovae.tomosim import simulated_tomogram_names, tomogram_files, with_simulated_tomograms
 
 # Validated first with the typed config, whose messages name the bad key.
@@ -154,6 +154,12 @@ def match_subset_option(split):
     if split != "train" or per_class is None or CFG.training.shape_frame == "matched":
         return ""
     return f"--per-class {per_class} "
+
+
+def match_part_files(split):
+    """The part files a split is matched in (matching.particles_per_job; cryovae.splits.match_parts)."""
+    parts = split_match_parts(CFG, split)
+    return [f"{OUT}/embeddings/match/{split}/part_{k:03d}.npz" for k in range(parts)]
 
 
 def pose_network_input():
