@@ -9,7 +9,9 @@ every job's log (``cryovae.cli.resource_summary``: wall, CPU and peak memory of 
 Per rule it fits cost = a + b × particles through the two runs and projects it, with the
 whole run's wall time, to the ``--project`` particle counts; the job counts and SLURM
 submissions at those counts are not projected but read from the DAG snakemake builds for
-them (``snakemake --dag``), grouped as ``profiles/slurm/config.yaml`` groups them.
+them (``snakemake --dag``), grouped as ``profiles/slurm/config.yaml`` groups them.  The
+matching jobs' peak memory is projected along the particles of their largest part, which stop
+growing at ``matching.particles_per_job``; every other rule's along the run's particles.
 Prints one block to append to benchmarks/RESULTS.md.
 """
 
@@ -37,6 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = Path(sys.executable).parent / "snakemake"
 PROFILE = REPO / "profiles" / "slurm" / "config.yaml"
 LOCAL_RULES = {"all"}  # rules snakemake runs on the submitting node
+PART_LINE = re.compile(r"part \d+ of \d+, (\d+) particles")  # a match part's log (cryovae.match.match_split)
 
 
 def particle_count(config: dict) -> int:
@@ -93,7 +96,21 @@ def job_costs(output_dir: Path) -> dict[str, dict]:
         entry["wall_s"] += float(cost["wall_s"])
         entry["cpu_s"] += float(cost["cpu_s"])
         entry["peak_mib"] = max(entry["peak_mib"], float(cost["peak_mib"]))
+        sizes = [int(m[1]) for m in map(PART_LINE.search, log.read_text().splitlines()) if m]
+        if sizes:  # a match part: its peak grows with the particles of the part, not of the run
+            entry["job_particles"] = max(entry.get("job_particles", 0), sizes[-1])
     return dict(rules)
+
+
+def projected_peak(rule: dict, before: dict, x0: int, x1: int, n: int, per_job: int) -> float:
+    """A rule's largest job peak (MiB) at ``n`` particles: linear in the run's particles, or for
+    matching linear in the particles of its largest part, which grows with the run until it
+    reaches ``matching.particles_per_job`` and then stays there."""
+    y0 = before.get("peak_mib", rule["peak_mib"])
+    if "job_particles" not in rule or "job_particles" not in before or rule["job_particles"] == before["job_particles"]:
+        return line_through(x0, y0, x1, rule["peak_mib"], n)
+    size = min(rule["job_particles"] * n / x1, per_job)
+    return line_through(before["job_particles"], y0, rule["job_particles"], rule["peak_mib"], size)
 
 
 def disk_bytes(folder: Path) -> int:
@@ -187,20 +204,21 @@ def report(config: dict, runs: list[dict], project: list[int], work_dir: Path, c
         slope = (b["cpu_s"] - a.get("cpu_s", 0.0)) / (x1 - x0) * 1000
         print(f"| {rule} | {a.get('jobs', 0)} / {b['jobs']} | {a.get('cpu_s', 0):.1f} / {b['cpu_s']:.1f} | "
               f"{a.get('peak_mib', 0):.0f} / {b['peak_mib']:.0f} | {slope:.2f} |")
-    print("\n| particles | wall (min) | CPU (min) | largest job peak (MiB) | disk (GiB) | snakemake jobs | SLURM submissions |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| particles | wall (min) | CPU (min) | largest job peak (MiB) | disk (GiB) | snakemake jobs | match jobs | SLURM submissions |")
+    print("|---|---|---|---|---|---|---|---|")
     for n in project:
         cfg = with_size(config, per_class_for(config, n), work_dir / "dag")
         jobs, edges = dag(write_config(cfg, work_dir / "config_dag"))
         n_jobs = sum(1 for r in jobs.values() if r not in LOCAL_RULES)
         wall = line_through(x0, small["wall_s"], x1, large["wall_s"], n) / 60
         cpu = line_through(x0, small["cpu_s"], x1, large["cpu_s"], n) / 60
-        peak = max(line_through(x0, small["rules"].get(k, {}).get("peak_mib", v["peak_mib"]), x1, v["peak_mib"], n)
-                   for k, v in large["rules"].items())
+        per_job = validate_config(cfg, "(scaling config)").matching.particles_per_job
+        peak = max(projected_peak(v, small["rules"].get(k, {}), x0, x1, n, per_job) for k, v in large["rules"].items())
         disk = line_through(x0, small["disk_bytes"], x1, large["disk_bytes"], n) / 2**30
         tag = " (interpolated)" if n <= x1 else " (projected)"
+        match_jobs = sum(1 for r in jobs.values() if r == "match")
         print(f"| {particle_count(cfg):,} | {wall:.1f}{tag} | {cpu:.1f}{tag} | {peak:.0f}{tag} | {disk:.1f}{tag} | "
-              f"{n_jobs} | {slurm_submissions(jobs, edges)} |")
+              f"{n_jobs} | {match_jobs} | {slurm_submissions(jobs, edges)} |")
 
 
 def main() -> None:
