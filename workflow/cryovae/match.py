@@ -638,10 +638,10 @@ def class_subset(class_names: np.ndarray, per_class: int, seed: int) -> np.ndarr
     return np.sort(np.concatenate(picked))
 
 
-def _block_ctfs(config: Config, data: SubtomogramSet):
+def _block_ctfs(config: Config, data: SubtomogramSet, defocus: np.ndarray | None, optics):
     """(rows -> the 3D CTFs of those particles, or None; what they come from, for the log): per
-    tilt from the acquisition metadata, else per particle from its defocus, else none."""
-    _, defocus, optics = split_wedge_and_ctf(config, data)
+    tilt from the acquisition metadata, else per particle from its ``defocus`` with ``optics``
+    (:func:`split_wedge_and_ctf`), else none."""
     per_tilt = split_particle_ctfs(data)
     if per_tilt is not None:
         source, names, centred = per_tilt
@@ -678,7 +678,7 @@ def match_split(config: Config, split_dir: Path, maps: list[Path], output: Path,
         raise InputError(f"--parts {parts} needs --part (0 <= part < parts)")
     torch.set_num_threads(config.matching.threads)
     data = SubtomogramSet.open(split_dir)
-    tilt, _, _ = split_wedge_and_ctf(config, data)
+    tilt, defocus, optics = split_wedge_and_ctf(config, data)
     proposer = None if pose_network is None or config.matching.starts != "network" else load_pose_network(pose_network)
     matcher = Matcher(config, read_references(config, maps), tilt, proposer=proposer)
     chosen = np.arange(len(data))
@@ -689,7 +689,7 @@ def match_split(config: Config, split_dir: Path, maps: list[Path], output: Path,
     if part is not None:
         chosen = part_rows(chosen, part, parts)
         log.info("match %s: part %d of %d, %d particles", split_dir.name, part + 1, parts, len(chosen))
-    ctfs, ctf_source = _block_ctfs(config, data)
+    ctfs, ctf_source = _block_ctfs(config, data, defocus, optics)
     result = _match_rows(matcher, data, chosen, ctfs, split_dir.name)
     table = data.particles.iloc[chosen]
     names = {"tomogram_name": table["rlnTomoName"].to_numpy().astype(str)} if "rlnTomoName" in table.columns else {}

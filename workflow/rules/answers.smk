@@ -17,7 +17,7 @@ rule match:
         split_dir=lambda wildcards: split_dir(wildcards.split),
         subset=lambda wildcards: match_subset_option(wildcards.split),
         pose_network=lambda wildcards, input: "".join(f"--pose-network {p} " for p in input.pose_network),
-        parts=lambda wildcards: f"--part {int(wildcards.part)} --parts {len(match_part_files(wildcards.split))}",
+        parts=lambda wildcards: f"--part {int(wildcards.part)} --parts {match_part_count(wildcards.split)}",
     conda:
         CONDA_ENV
     log:

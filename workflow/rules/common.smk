@@ -1,4 +1,5 @@
 # Input functions, targets and the config passed to every `cryovae` verb.
+import functools
 import os
 
 from cryovae.config import GLOBAL_KEYS, stage_config_json, validate_config
@@ -156,10 +157,16 @@ def match_subset_option(split):
     return f"--per-class {per_class} "
 
 
+@functools.cache
+def match_part_count(split):
+    """How many parts a split is matched in (matching.particles_per_job; cryovae.splits.match_parts).
+    Cached: a user's tomogram is counted from its picks file, once per parse, not once per job."""
+    return split_match_parts(CFG, split)
+
+
 def match_part_files(split):
-    """The part files a split is matched in (matching.particles_per_job; cryovae.splits.match_parts)."""
-    parts = split_match_parts(CFG, split)
-    return [f"{OUT}/embeddings/match/{split}/part_{k:03d}.npz" for k in range(parts)]
+    """The part files a split is matched in (:func:`match_part_count` of them)."""
+    return [f"{OUT}/embeddings/match/{split}/part_{k:03d}.npz" for k in range(match_part_count(split))]
 
 
 def pose_network_input():
