@@ -25,7 +25,8 @@ Three stages:
    (picks ±3 px), the screen for 0.91-0.92 (benchmarks/RESULTS.md, "Which classes to refine");
 3. for the ``matching.refine_top`` best classes of each particle (by the screen, or by the
    global score with ``refine_by: global``), a translation from an FFT
-   cross-correlation (sub-voxel by a parabola through the peak), then local rotation grids
+   cross-correlation (sub-voxel by a parabola through the peak; at the best grid rotation the
+   screen's, unless it lies on the edge of the screen's window), then local rotation grids
    of shrinking steps (``matching.refine_steps_deg``) at full size: the particle is rotated
    back into the reference frame once per step and compared with a bank of slightly rotated
    references shared by all particles, both only where the reference holds density (its
@@ -102,6 +103,7 @@ from cryovae.volumes import (
 
 log = logging.getLogger(__name__)
 CHUNK = 256  # particles per block: bounds memory at (CHUNK, box^3) complex volumes
+CENSUS_STRIDE = 4  # the local search's starts compete on the ball's norm from the support and every 4th other voxel
 SCREEN_REACH_PX = 4  # the class screen's translations: within this many voxels per axis of the place compared
 SUPPORT_TOLERANCE = 1e-6  # energy of a reference left outside the voxels where its rotations are evaluated
 SPECTRUM_TOLERANCE = 1e-3  # power of the local banks left outside the frequencies their norm is taken over
@@ -117,6 +119,8 @@ class LocalBank(NamedTuple):
     rows: list[torch.Tensor]
     spectral_xyz: torch.Tensor
     power: list[torch.Tensor]
+    census_xyz: torch.Tensor  # real_xyz, then every CENSUS_STRIDE-th other voxel of the ball
+    census_weight: torch.Tensor  # how many of the ball's voxels each stands for: 1 for real_xyz
 
 
 def split_wedge_and_ctf(config: Config, data: SubtomogramSet):
@@ -285,7 +289,11 @@ class Matcher:
         half, weight = self.spectral_half
         power = [_power_spectra(standardise_volumes(bank), self.box)[:, self.ball[half]] * weight for bank in turned]
         spectral = energy_support(torch.cat(power).sqrt(), SPECTRUM_TOLERANCE)
-        return LocalBank(self.ball_xyz[real], real, rows, self.ball_xyz[half[spectral]], [p[:, spectral] for p in power])
+        others = torch.nonzero(outside).squeeze(1)
+        census = others[CENSUS_STRIDE // 2 :: CENSUS_STRIDE]
+        weight = torch.cat([torch.ones(len(real)), torch.full((len(census),), len(others) / max(len(census), 1))])
+        return LocalBank(self.ball_xyz[real], real, rows, self.ball_xyz[half[spectral]], [p[:, spectral] for p in power],
+                         self.ball_xyz[torch.cat([real, census])], weight.to(self.device))
 
     def _coarse_bank(self, cls: str) -> torch.Tensor:
         """Every grid rotation of the class's cropped reference, wedge-filtered and normalised: (G, small^3)."""
@@ -394,11 +402,12 @@ class Matcher:
         return np.stack(picks, 1)
 
     def screen(self, spectra: torch.Tensor, ctf: torch.Tensor | None, rotations: np.ndarray,
-               places: list[torch.Tensor] | None) -> np.ndarray:
+               places: list[torch.Tensor] | None) -> tuple[np.ndarray, torch.Tensor]:
         """Matched-filter correlation (n, C) of each class at its best global rotation (``rotations``,
         (n, C, 3, 3)) and best translation, at the coarse box: corr(CTF · W · (A T), p) as in
         :meth:`correlate`, the particle spectra ``spectra`` (wedge applied, no CTF) cropped, at
-        each class's global-search place (``places``).
+        each class's global-search place (``places``); and that translation (n, C, 3) voxels
+        (x, y, z) from the place, NaN where it lies on the edge of the window searched.
 
         The translation is searched on the full box's voxels within :data:`SCREEN_REACH_PX` (plus
         ``matching.centre_search_px``) of the place: on the coarse box's voxels a particle an odd
@@ -409,6 +418,7 @@ class Matcher:
         ctf_small = None if ctf is None else fourier_crop(ctf.to(torch.complex64), small).real * crop
         reach = SCREEN_REACH_PX + int(np.ceil(self.centre_radius))
         out = np.zeros((len(spectra), len(self.classes)))
+        shifts = torch.full((len(spectra), len(self.classes), 3), torch.nan, device=self.device)
         particle = None if places is not None else fourier_crop(spectra, small)
         for k, cls in enumerate(self.classes):
             if places is not None:
@@ -418,11 +428,13 @@ class Matcher:
             template = torch.fft.rfftn(rotated, dim=(1, 2, 3)) * self.screen_wedge
             template[:, 0, 0, 0] = 0.0
             filtered = particle if ctf_small is None else particle * ctf_small
-            _, peak = window_peak(nearby_cross_correlation(filtered * template.conj(), self.box, reach))
+            shift, peak = window_peak(nearby_cross_correlation(filtered * template.conj(), self.box, reach))
+            inside = shift.abs().amax(1) < reach - 0.25  # the window's edge voxel has no sub-voxel offset: exactly reach
+            shifts[inside, k] = shift[inside]
             modulated = template if ctf_small is None else template * ctf_small
             template_norm = (self.screen_weights * modulated.abs() ** 2).sum((1, 2, 3)).sqrt()
             out[:, k] = (peak * small**3 / (template_norm * particle_norm + 1e-12)).cpu().numpy()
-        return out
+        return out, shifts
 
     def noise_sd(self, ctf: torch.Tensor | None, n: int) -> np.ndarray:
         """Noise standard deviation (n,) of a global-search correlation: 1/sqrt(N_eff), N_eff the
@@ -486,10 +498,13 @@ class Matcher:
         The particle is standardised over the ball.  Within one call that is one constant per
         particle, which no argmax sees, so by default the mean and norm are those of its own voxels
         and only the reference's support is sampled.  Scores compared ``across`` calls (the starts'
-        competition) take them from the rotated, interpolated particle over the whole ball, as a
+        competition) take the norm from the rotated, interpolated particle over the ball, as a
         correlation must: interpolation smooths the noise by an amount that depends on the rotation
         (with the voxels' own norm instead, 14 more of 4,500 particles of the embedded default's test
-        split ended beyond 15°)."""
+        split ended beyond 15°).  That norm is estimated from the support and every
+        :data:`CENSUS_STRIDE`-th other voxel of the ball (each standing for the ones it skips),
+        about the voxels' own mean, which interpolation keeps: to under 1 % of the best score on
+        SHREC particles from under half the voxels, with the same SHREC poses (benchmarks/RESULTS.md)."""
         centred = torch.fft.irfftn(phase_shift(filtered, -displacement), s=(self.box,) * 3, dim=(1, 2, 3))
         own = centred.reshape(len(centred), -1)[:, self.ball]
         own_mean = own.mean(1, keepdim=True)
@@ -500,7 +515,9 @@ class Matcher:
             back = torch.as_tensor(np.ascontiguousarray(current.transpose(0, 2, 1)), dtype=torch.float32)
             back = back.to(self.device)
             if across:
-                particle = standardise_volumes(sample_rigid(centred, back, self.ball_xyz))[:, bank.real]
+                sampled, weight = sample_rigid(centred, back, bank.census_xyz) - own_mean, bank.census_weight
+                norm = (sampled**2 @ weight).sqrt()[:, None] + 1e-12
+                particle = sampled[:, : len(bank.real)] / norm
             else:
                 particle = (sample_rigid(centred, back, bank.real_xyz) - own_mean) / own_norm
             template_power = sample_rigid(filter_full, back, bank.spectral_xyz) @ bank.power[level].T
@@ -510,27 +527,29 @@ class Matcher:
 
     def refine_peaks(
         self, filtered: torch.Tensor, cls: str, scores: np.ndarray, ctf: torch.Tensor | None, particle_norm: torch.Tensor,
-        logits: np.ndarray | None = None, proposal: np.ndarray | None = None,
+        logits: np.ndarray | None = None, proposal: np.ndarray | None = None, shift: torch.Tensor | None = None,
+        filter_full: torch.Tensor | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Local rotation refinement and translation of class ``cls`` from the :meth:`peaks` of
         its global scores (n, G), or of the pose network's ``logits`` (n, G') for the class, its
         best peak replaced by the network's sub-grid ``proposal`` (n, 3, 3) (:func:`soft_argmax`):
         rotations (n, 3, 3), displacement (n, 3) and the full-size normalised correlation (n,) at the result.
 
-        The particle is centred by the translation at the best peak; every peak climbs the
+        The particle is centred by the translation at the best peak (``shift`` (n, 3), the
+        :meth:`screen`'s at the best grid rotation, where not NaN; else found here); every peak climbs the
         first (coarsest) local grid, and only the peak that scores best there goes on: the first
         step already says which hypothesis fits, and the finer ones cost as much again per
         peak.  There the particle is centred again, at the better pose, and the search climbs
-        all the local grids from it."""
+        all the local grids from it.  ``filter_full``: the particles' :meth:`local_filter`, if known."""
         if logits is None:
             starts = self.grid[self.peaks(cls, scores)]  # (n, K, 3, 3)
         else:
             starts = self.proposal_grid[self.peaks(cls, logits, network=True)]
             starts[:, 0] = proposal
-        d, _ = self.correlate(filtered, cls, starts[:, 0], ctf, particle_norm)
+        d = self._first_centring(filtered, cls, starts[:, 0], ctf, particle_norm, None if logits is not None else shift)
         rotations = starts[:, 0].copy()
         if self.deltas:
-            filter_full = self.local_filter(ctf, len(filtered))
+            filter_full = self.local_filter(ctf, len(filtered)) if filter_full is None else filter_full
             score = self.local_score(filtered, cls, filter_full, d)
             best = np.full(len(starts), -np.inf)
             for j in range(starts.shape[1]):
@@ -543,6 +562,20 @@ class Matcher:
             rotations = refine_rotations(self.local_score(filtered, cls, filter_full, d), rotations, self.deltas)
         d, fit = self.correlate(filtered, cls, rotations, ctf, particle_norm)
         return rotations, d.cpu().numpy(), fit.cpu().numpy()
+
+    def _first_centring(self, filtered: torch.Tensor, cls: str, rotations: np.ndarray, ctf: torch.Tensor | None,
+                        particle_norm: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
+        """Displacement (n, 3) of each particle at ``rotations``: ``shift`` where known (not NaN),
+        else that of :meth:`correlate`."""
+        unknown = torch.ones(len(filtered), dtype=torch.bool, device=filtered.device) if shift is None \
+            else shift.isnan().any(1)
+        if not unknown.any():
+            return shift
+        d = torch.zeros(len(filtered), 3, device=filtered.device) if shift is None else shift.clone()
+        rows = torch.nonzero(unknown).squeeze(1)
+        d[rows], _ = self.correlate(filtered[rows], cls, rotations[rows.cpu().numpy()],
+                                    None if ctf is None else ctf[rows], particle_norm[rows])
+        return d
 
     def match(self, volumes: np.ndarray, ctf: torch.Tensor | None) -> dict[str, np.ndarray]:
         """One block: scores (n, C) of the global search and scores_min (n, C), its most negative
@@ -560,7 +593,7 @@ class Matcher:
         grid_scores, places = self.coarse_scores(filtered)
         scores = np.stack([s.max(1) for s in grid_scores], 1)
         rotations = np.stack([self.grid[s.argmax(1)] for s in grid_scores], 1)
-        screen = self.screen(spectra, ctf, rotations, places)
+        screen, screen_shift = self.screen(spectra, ctf, rotations, places)
         scores_min = np.stack([s.min(1) for s in grid_scores], 1)
         n, n_cls = scores.shape
         displacement = np.zeros((n, n_cls, 3))
@@ -573,6 +606,7 @@ class Matcher:
         logits = None if self.proposer is None else self.proposer.predict(volumes)[0].numpy()
         proposals = None if logits is None else np.stack(
             [soft_argmax(logits[:, k], self.proposal_quats[c], self.proposal_radius) for k, c in enumerate(self.classes)], 1)
+        filter_full = self.local_filter(ctf, n) if self.deltas else None  # the same for every class
         for k, cls in enumerate(self.classes):
             rows = np.nonzero((top == k).any(1))[0]
             if len(rows):
@@ -582,6 +616,7 @@ class Matcher:
                 rotations[rows, k], displacement[rows, k], fit[rows, k] = self.refine_peaks(
                     block, cls, grid_scores[k][rows], block_ctf, particle_norm[index],
                     None if logits is None else logits[rows, k], None if logits is None else proposals[rows, k],
+                    screen_shift[index, k], None if filter_full is None else filter_full[index],
                 )
                 if places is not None:
                     displacement[rows, k] += places[k][index].cpu().numpy()
