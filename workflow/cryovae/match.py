@@ -528,7 +528,6 @@ class Matcher:
     def refine_peaks(
         self, filtered: torch.Tensor, cls: str, scores: np.ndarray, ctf: torch.Tensor | None, particle_norm: torch.Tensor,
         logits: np.ndarray | None = None, proposal: np.ndarray | None = None, shift: torch.Tensor | None = None,
-        filter_full: torch.Tensor | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Local rotation refinement and translation of class ``cls`` from the :meth:`peaks` of
         its global scores (n, G), or of the pose network's ``logits`` (n, G') for the class, its
@@ -540,7 +539,7 @@ class Matcher:
         first (coarsest) local grid, and only the peak that scores best there goes on: the first
         step already says which hypothesis fits, and the finer ones cost as much again per
         peak.  There the particle is centred again, at the better pose, and the search climbs
-        all the local grids from it.  ``filter_full``: the particles' :meth:`local_filter`, if known."""
+        all the local grids from it."""
         if logits is None:
             starts = self.grid[self.peaks(cls, scores)]  # (n, K, 3, 3)
         else:
@@ -549,7 +548,7 @@ class Matcher:
         d = self._first_centring(filtered, cls, starts[:, 0], ctf, particle_norm, None if logits is not None else shift)
         rotations = starts[:, 0].copy()
         if self.deltas:
-            filter_full = self.local_filter(ctf, len(filtered)) if filter_full is None else filter_full
+            filter_full = self.local_filter(ctf, len(filtered))
             score = self.local_score(filtered, cls, filter_full, d)
             best = np.full(len(starts), -np.inf)
             for j in range(starts.shape[1]):
@@ -606,7 +605,6 @@ class Matcher:
         logits = None if self.proposer is None else self.proposer.predict(volumes)[0].numpy()
         proposals = None if logits is None else np.stack(
             [soft_argmax(logits[:, k], self.proposal_quats[c], self.proposal_radius) for k, c in enumerate(self.classes)], 1)
-        filter_full = self.local_filter(ctf, n) if self.deltas else None  # the same for every class
         for k, cls in enumerate(self.classes):
             rows = np.nonzero((top == k).any(1))[0]
             if len(rows):
@@ -616,7 +614,7 @@ class Matcher:
                 rotations[rows, k], displacement[rows, k], fit[rows, k] = self.refine_peaks(
                     block, cls, grid_scores[k][rows], block_ctf, particle_norm[index],
                     None if logits is None else logits[rows, k], None if logits is None else proposals[rows, k],
-                    screen_shift[index, k], None if filter_full is None else filter_full[index],
+                    screen_shift[index, k],
                 )
                 if places is not None:
                     displacement[rows, k] += places[k][index].cpu().numpy()
