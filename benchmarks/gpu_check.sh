@@ -106,7 +106,7 @@ if [[ " ${steps[*]} " == *" match "* ]]; then
     particles=4096
     [ "$quick" -eq 1 ] && particles=16
     if run_step match 120 python benchmarks/bench_match.py --device "$device" --particles "$particles"; then
-        summary+=("match: $(grep -o '[0-9.]* s = [0-9]* particles/s' "$work/match.log")")
+        summary+=("match: $(grep -o '[0-9.]* s wall = [0-9]* particles/s' "$work/match.log") ($(grep -o 'device [a-z]*' "$work/match.log" | head -1); $(grep -o 'modulo the point groups: median [0-9.]*°' "$work/match.log"))")
     fi
 fi
 
