@@ -450,13 +450,20 @@ def nearby_cross_correlation(product: torch.Tensor, box: int, reach: int) -> tor
     return along_z.real / size**3
 
 
+def _unravel_zyx(flat: torch.Tensor, shape) -> torch.Tensor:
+    """(n,) flat indices into a (D, H, W) volume -> (n, 3) indices (z, y, x).  By integer
+    arithmetic: ``torch.unravel_index`` costs ~0.25 s at its first call in a process."""
+    _, height, width = shape
+    return torch.stack([flat // (height * width), (flat // width) % height, flat % width], 1)
+
+
 def window_peak(cc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The peak of cross-correlations at displacements -r..r per axis (n, W, W, W), W = 2 r + 1
     (:func:`nearby_cross_correlation`): displacement (n, 3) voxels (x, y, z), sub-voxel by a
     parabola through the peak and its neighbours on each axis (none at the window's edge), and
     the value at the peak voxel (n,)."""
     n, size = cc.shape[0], cc.shape[-1]
-    zyx = torch.stack(torch.unravel_index(cc.reshape(n, -1).argmax(1), cc.shape[1:]), 1)
+    zyx = _unravel_zyx(cc.reshape(n, -1).argmax(1), cc.shape[1:])
     rows = torch.arange(n, device=cc.device)
     peak = cc[rows, zyx[:, 0], zyx[:, 1], zyx[:, 2]]
     displacement = []
@@ -481,7 +488,7 @@ def correlation_peak(cc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     n, shape = cc.shape[0], cc.shape[1:]
     flat = cc.reshape(n, -1).argmax(1)
-    zyx = torch.stack(torch.unravel_index(flat, shape), 1)
+    zyx = _unravel_zyx(flat, shape)
     rows = torch.arange(n, device=cc.device)
     peak = cc[rows, zyx[:, 0], zyx[:, 1], zyx[:, 2]]
     displacement = []
