@@ -566,11 +566,12 @@ class Matcher:
                         particle_norm: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
         """Displacement (n, 3) of each particle at ``rotations``: ``shift`` where known (not NaN),
         else that of :meth:`correlate`."""
-        unknown = torch.ones(len(filtered), dtype=torch.bool, device=filtered.device) if shift is None \
-            else shift.isnan().any(1)
+        if shift is None:
+            return self.correlate(filtered, cls, rotations, ctf, particle_norm)[0]
+        unknown = shift.isnan().any(1)
         if not unknown.any():
             return shift
-        d = torch.zeros(len(filtered), 3, device=filtered.device) if shift is None else shift.clone()
+        d = shift.clone()
         rows = torch.nonzero(unknown).squeeze(1)
         d[rows], _ = self.correlate(filtered[rows], cls, rotations[rows.cpu().numpy()],
                                     None if ctf is None else ctf[rows], particle_norm[rows])
