@@ -72,15 +72,22 @@ def shard_names(config, split: str) -> list[str]:
     return [f"shard_{k:03d}" for k in range(len(shard_plan(config, split)))]
 
 
+def match_subset_per_class(config, split: str) -> int | None:
+    """The most particles of each class the workflow matches in ``split``: ``matching.train_per_class``
+    for the training split, unless training reads every training particle in its matched pose
+    (``training.shape_frame: matched``); None (every particle) otherwise."""
+    subset = config.matching.train_per_class
+    return subset if split == "train" and config.training.shape_frame != "matched" else None
+
+
 def match_particles(config, split: str) -> int | None:
     """Particles the workflow matches in ``split``, from what is known while it parses: a simulated
-    split's count (at most ``matching.train_per_class`` per class for the training split, unless
-    training reads every particle's matched pose), a simulated tomogram's planned particles, the
-    picks of a user's tomogram whose coordinates file exists; None where nothing says."""
+    split's count (at most :func:`match_subset_per_class` per class), a simulated tomogram's planned
+    particles, the picks of a user's tomogram whose coordinates file exists; None where nothing says."""
     if split in SPLITS:
         per_class = particles_per_class(config, split)
-        subset = config.matching.train_per_class
-        if split == "train" and subset is not None and config.training.shape_frame != "matched":
+        subset = match_subset_per_class(config, split)
+        if subset is not None:
             per_class = min(per_class, subset)
         return per_class * len(split_classes(config, split))
     if split in config.simulated_tomograms:

@@ -3,7 +3,10 @@ import functools
 import os
 
 from cryovae.config import GLOBAL_KEYS, stage_config_json, validate_config
-from cryovae.splits import match_parts as split_match_parts, shard_names as split_shard_names
+from cryovae.splits import (
+    match_parts as split_match_parts, match_subset_per_class as split_match_subset_per_class,
+    shard_names as split_shard_names,
+)
 from cryovae.tomosim import simulated_tomogram_names, tomogram_files, with_simulated_tomograms
 
 # Validated first with the typed config, whose messages name the bad key.
@@ -149,12 +152,10 @@ def matched(split):
 
 
 def match_subset_option(split):
-    """The match verb's --per-class for the training split (matching.train_per_class), unless
-    training reads every training particle in its matched pose (training.shape_frame: matched)."""
-    per_class = CFG.matching.train_per_class
-    if split != "train" or per_class is None or CFG.training.shape_frame == "matched":
-        return ""
-    return f"--per-class {per_class} "
+    """The match verb's --per-class (cryovae.splits.match_subset_per_class): for the training split
+    matching.train_per_class, unless training reads every training particle in its matched pose."""
+    per_class = split_match_subset_per_class(CFG, split)
+    return "" if per_class is None else f"--per-class {per_class} "
 
 
 @functools.cache
