@@ -1,7 +1,7 @@
 """Amortised poses: the pose network alone, and template matching started from its proposals.
 
     python benchmarks/bench_pose_network.py --output DIR [--samples 100000] [--snr 0.1] [--particles 512]
-        [--keeps 4,2,1] [--threads 2]
+        [--keeps 4,2,1] [--tops 2] [--threads 2]
 
 Trains the pose network (``cryovae train-pose``'s function, the workflow's code) on the eight
 seen SHREC maps (polnet's 10 Å maps, centred as ``bench_match.py`` does; SNR ``--snr``, CTF,
@@ -12,8 +12,11 @@ Then on fresh particles (``bench_match.py``'s: seed 0, not the training or valid
   (``soft_argmax``, what matching writes as ``proposal_rotation`` and starts from), and how often
   one of its k best (the own pose, then grid rotations at least ``pose_far_deg`` apart, as
   matching takes them) lies within 15°, all modulo the point groups (1bxn C4, 2cg9 and 3h84 C2);
-- matching with ``matching.starts: grid`` and ``network`` at each ``coarse_keep`` of ``--keeps``:
-  wall and CPU time of matching (the network's forward pass included), the class of best fit,
+- matching with ``matching.starts: grid``, ``network``, and ``network`` without the global search
+  (``matching.global_search: false``, "unsearched") at each ``coarse_keep`` of ``--keeps`` and
+  ``refine_top`` of ``--tops``: the
+  matcher's set-up (reference banks), wall and CPU time of matching (the network's forward pass
+  included), the class of best fit,
   and the refined pose's error at the true class modulo the point group.
 
 Prints one block to append to benchmarks/RESULTS.md.
@@ -22,6 +25,7 @@ Prints one block to append to benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -42,11 +46,15 @@ from cryovae.rotations import random_rotations, symmetric_geodesic_distance_deg
 from cryovae.simulate import ParticleDraws, simulate_volumes
 
 
-def settings(args, keep: int = 4, starts: str = "grid") -> dict:
+def settings(args, keep: int = 4, starts: str = "grid", top: int = 2) -> dict:
+    """The bench's config; ``starts`` grid, network, or unsearched (network, no global search)."""
+    searched = starts != "unsearched"
+    features = {} if searched else {"classification": {"features": ["fit"], "unknown_features": ["fit"]}}
     return {"structures": {c: f"demo:{c}" for c in SEEN}, "box_size": BOX, "pixel_size_angstrom": 10.0,
             "seed": 0, "simulation": {"snr": args.snr}, "alignment": {"symmetry": SYMMETRY},
             "pose_network": {"samples": args.samples, "threads": args.threads},
-            "matching": {"coarse_keep": keep, "starts": starts}}
+            "matching": {"coarse_keep": keep, "refine_top": top, "starts": "network" if starts != "grid" else "grid",
+                         "global_search": searched}, **features}
 
 
 def trained_network(args) -> Path:
@@ -141,29 +149,34 @@ def main() -> None:
     ap.add_argument("--snr", type=float, default=0.1)
     ap.add_argument("--particles", type=int, default=512)
     ap.add_argument("--keeps", default="4,2,1", help="matching.coarse_keep values to compare")
+    ap.add_argument("--tops", default="2", help="matching.refine_top values to compare")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     keeps = [int(k) for k in args.keeps.split(",")]
+    tops = [int(k) for k in args.tops.split(",")]
     print(f"\n## Pose network ({time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} cores, "
           f"{args.threads} threads, load {os.getloadavg()[0]:.1f})")
     network = load_pose_network(trained_network(args))
     maps, draws, volumes = particles(args)
     refs = dict(zip(SEEN, maps))
     rows = np.arange(len(volumes))
-    print("\n| starts | coarse_keep | matching wall | CPU | particles/s | class (best fit) | median | within 10° | beyond 15° |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("\n(unsearched: network starts, no global search or class screen; the network names the refined classes)")
+    print("\n| starts | coarse_keep | refine_top | matcher set-up | matching wall | CPU | particles/s "
+          "| class (best fit) | median | within 10° | beyond 15° |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     matcher = None
-    for starts in ("grid", "network"):
-        for keep in keeps:
-            matcher = Matcher(validate_config(settings(args, keep, starts)), refs, (-60.0, 60.0),
-                              proposer=network if starts == "network" else None)
-            wall, cpu, result = timed_match(matcher, draws, volumes)
-            groups = [matcher.symmetry[c] for c in SEEN]
-            err = errors_deg(result["rotation"][rows, draws.class_index], draws, groups)
-            accuracy = (np.nan_to_num(result["fit"], nan=-np.inf).argmax(1) == draws.class_index).mean()
-            print(f"| {starts} | {keep} | {wall:.1f} s | {cpu:.1f} s | {len(volumes) / wall:.0f} | {accuracy:.3f} | "
-                  f"{np.median(err):.2f}° | {(err < 10).mean():.3f} | {(err > 15).mean():.3f} |", flush=True)
+    for starts, keep, top in itertools.product(("grid", "network", "unsearched"), keeps, tops):
+        begun = time.perf_counter()
+        matcher = Matcher(validate_config(settings(args, keep, starts, top)), refs, (-60.0, 60.0),
+                          proposer=None if starts == "grid" else network)
+        built = time.perf_counter() - begun
+        wall, cpu, result = timed_match(matcher, draws, volumes)
+        groups = [matcher.symmetry[c] for c in SEEN]
+        err = errors_deg(result["rotation"][rows, draws.class_index], draws, groups)
+        accuracy = (np.nan_to_num(result["fit"], nan=-np.inf).argmax(1) == draws.class_index).mean()
+        print(f"| {starts} | {keep} | {top} | {built:.1f} s | {wall:.1f} s | {cpu:.1f} s | {len(volumes) / wall:.0f} | "
+              f"{accuracy:.3f} | {np.median(err):.2f}° | {(err < 10).mean():.3f} | {(err > 15).mean():.3f} |", flush=True)
     network_alone(matcher, draws, volumes, keeps)
 
 

@@ -72,3 +72,8 @@ def test_join_concatenates_parts_in_order_and_refuses_mixed_ones(tmp_path):
     with pytest.raises(InputError, match="'x' is in more than one part"):
         join_match_parts(None, [parts[0], parts[0]], tmp_path / "bad.npz")
     assert not (tmp_path / "bad.npz").exists()
+    unsearched = [_part(tmp_path / f"n{k}.npz", [f"n{k}"], margin=(np.nan, np.nan)) for k in range(2)]
+    join_match_parts(None, unsearched, tmp_path / "unsearched.npz")   # no global search: NaN self-margins agree
+    assert np.isnan(np.load(tmp_path / "unsearched.npz")["class_self_margin"]).all()
+    with pytest.raises(InputError, match="another match"):
+        join_match_parts(None, [parts[0], unsearched[0]], tmp_path / "bad.npz")

@@ -79,9 +79,12 @@ class Pointing(PoseNetwork):
         angles = grid_angles_deg(self.grid.double().numpy(), rotations, [np.eye(3)[None]], np.zeros(len(rotations), int))
         self.logits = torch.as_tensor(-angles, dtype=torch.float32)
 
+    class_logits = None  # (C,): every particle's; None: all classes alike
+
     def forward(self, x):
         pose = self.logits[: len(x), None].expand(len(x), len(self.classes), self.n_grid)
-        return pose + 0.0 * self.head.bias.sum(), torch.zeros(len(x), len(self.classes))
+        classes = torch.zeros(len(self.classes)) if self.class_logits is None else self.class_logits
+        return pose + 0.0 * self.head.bias.sum(), classes.expand(len(x), len(self.classes))
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +120,50 @@ def test_the_local_searches_start_where_the_network_points(noise_free):
     matcher = Matcher(config, dict(zip(CLASSES, maps)), (-60.0, 60.0), proposer=proposer)
     proposal = matcher.match(volumes, ctf)["proposal_rotation"][:, 0]   # the network's own best, written out
     assert geodesic_distance_deg(proposal, pointed).max() < 20.0
+
+
+def without_global_search(config):
+    settings = config.model_dump(mode="json")
+    settings["matching"]["global_search"] = False
+    settings["classification"]["features"] = settings["classification"]["unknown_features"] = ["fit"]
+    return validate_config(settings)
+
+
+def test_without_the_global_search_the_network_names_the_classes_and_the_confidence(noise_free):
+    config, maps, draws, volumes, ctf = noise_free
+    proposer = Pointing(BOX, CLASSES, 20.0, [4], 8)
+    proposer.point_at(draws.rotation @ axis_angle_matrix(np.array([0.0, 0.0, 1.0]), np.radians(8.0)))
+    matcher = Matcher(without_global_search(config), dict(zip(CLASSES, maps)), (-60.0, 60.0), proposer=proposer)
+    assert not matcher.banks and np.isnan(matcher.self_margin).all()   # no global search is prepared
+    proposer.class_logits = torch.tensor([0.0, 2.0, 0.0])   # the network's most probable class: 1u6g
+    result = matcher.match(volumes, ctf)
+    assert result["refined"][:, 1].all() and not result["refined"][:, [0, 2]].any()
+    assert np.isnan(result["scores"]).all() and np.isnan(result["screen"]).all()
+    assert result["proposal_class_probability"][:, 1] == pytest.approx(np.exp(2) / (2 + np.exp(2)))
+    proposer.class_logits = torch.tensor([2.0, 0.0, 0.0])   # now the particles' own class
+    result = matcher.match(volumes, ctf)
+    assert geodesic_distance_deg(result["rotation"][:, 0], draws.rotation).max() < 4.0
+    assert np.isfinite(result["fit"][:, 0]).all() and np.isnan(result["fit"][:, 1:]).all()
+    # the pointing network's logits are minus the angle in degrees: all but e^-20 of the probability
+    # lies within 30° of the pose, so the pose is determined, its spread under the grid's step
+    assert (result["pose_margin"][:, 0] > 10.0).all() and result["pose_determined"][:, 0].all()
+    assert (result["pose_spread_deg"][:, 0] < 20.0).all()
+    proposer.logits = torch.zeros_like(proposer.logits)   # a flat distribution: nothing determined
+    flat = matcher.match(volumes, ctf)
+    assert (flat["pose_margin"][:, 0] < 0.0).all() and not flat["pose_determined"][:, 0].any()
+
+
+def test_without_the_global_search_the_classifier_reads_no_template_score(noise_free):
+    settings = noise_free[0].model_dump(mode="json")
+    settings["matching"]["global_search"] = False
+    settings["classification"]["features"] = ["template_relative", "fit"]
+    with pytest.raises(InputError, match="template_relative"):
+        validate_config(settings)
+    settings["classification"]["features"] = ["fit"]
+    settings["classification"]["unknown_features"] = ["fit"]
+    settings["matching"]["starts"] = "grid"
+    with pytest.raises(InputError, match="matching.starts: network"):
+        validate_config(settings)
 
 
 def test_matching_from_the_network_needs_one_trained_on_its_classes(noise_free):

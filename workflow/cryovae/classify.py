@@ -597,7 +597,8 @@ def annotate(
         rows = np.arange(len(nearest))
         table |= _pose_columns("", matches["rotation"][rows, k], matches["origin_angstrom"][rows, k])
         table |= _pose_columns("network_", network_rot, network_origin)
-        table |= {f"template_score_{c}": matches["scores"][:, j] for j, c in enumerate(config.seen_classes)}
+        if config.matching.global_search:
+            table |= {f"template_score_{c}": matches["scores"][:, j] for j, c in enumerate(config.seen_classes)}
         table |= _confidence_columns(matches, rows, k)
         if "proposal_rotation" in matches:   # the pose network's own pose (matching.starts: network), no shift
             table |= _pose_columns("posenet_", matches["proposal_rotation"][rows, k], np.zeros((len(rows), 3)))

@@ -443,7 +443,15 @@ class MatchingConfig(_Section):
         "grid", description="Where each refined class's coarse_keep local searches start: grid, the global "
         "search's best rotations; network, the pose network's best-ranked rotations (pose_network), at least "
         "pose_far_deg apart, the best refined to the network's probability-weighted mean around it. The global "
-        "search runs either way (its scores are features, its score landscape the pose confidence)."
+        "search runs either way (its scores are features, its score landscape the pose confidence) unless "
+        "global_search is false."
+    )
+    global_search: bool = Field(
+        True, description="false (with starts: network): no global search and no class screen; the pose network's "
+        "class probabilities choose the refine_top classes, its proposals start the local searches, and its "
+        "distribution over rotations gives the pose confidence (pose_margin then in log-odds). About twice as "
+        "fast at the same SHREC poses (benchmarks/RESULTS.md); the classifier cannot then read template, "
+        "template_relative, margin, screen or screen_relative, nor is the contrast checked."
     )
     centre_search_px: float = Field(
         0.0, ge=0, description="Before the global search each particle is centred, per class, on the class's "
@@ -455,7 +463,8 @@ class MatchingConfig(_Section):
         "other hypotheses: pose_margin compares the best score near the pose with the best beyond."
     )
     pose_margin_min: float = Field(
-        0.75, description="pose_margin (in noise standard deviations of the global-search score) at or above "
+        0.75, description="pose_margin (in noise standard deviations of the global-search score; without the "
+        "global search, the log-odds of the pose network's probability within pose_far_deg) at or above "
         "which a particle's orientation counts as determined (pose_determined); below it the priors send the "
         "particle to a global search."
     )
@@ -769,6 +778,8 @@ class Config(_Section):
             if cc.unknown_model == "fit_mixture" and not (self.matching.enabled and cc.adapt == "em"):
                 raise ValueError("classification.unknown_model fit_mixture reads the template fit of each "
                                  "particle: it needs matching.enabled true and classification.adapt em")
+            if not self.matching.global_search:
+                self._without_global_search()
             if cc.nearest_class == "best_fit" and not self.matching.enabled:
                 raise ValueError("classification.nearest_class best_fit names the class of best template fit: "
                                  "it needs matching.enabled true")
@@ -797,6 +808,17 @@ class Config(_Section):
                                      f"tomogram split (the splits are {splits}: extraction.tomograms and the "
                                      "simulated sim_00, sim_01, ...)")
         return self
+
+    def _without_global_search(self) -> None:
+        """matching.global_search false: network starts, and no classifier feature read from the global search."""
+        if self.matching.starts != "network":
+            raise ValueError("matching.global_search is false: the local searches need the pose network's "
+                             "proposals (matching.starts: network)")
+        cc = self.classification
+        searched = sorted(set(cc.features + cc.unknown_features) - {"latent", "network", "fit"})
+        if searched:
+            raise ValueError(f"classification features {searched} read the global search or the class screen, "
+                             "which matching.global_search false skips: use fit, latent (and network)")
 
     def _images_mode(self, present: set[str]) -> None:
         """data: images: classes from the images section, the splits it needs, nothing 3D-only."""

@@ -193,9 +193,11 @@ class Matcher:
         self.weights = rfft_weights(self.box).to(torch.float32).to(self.device)  # Parseval multiplicities
         self.refs = {c: self._tensor(np.ascontiguousarray(v)) for c, v in references.items()}
         self.grid = so3_grid(m.coarse_step_deg)
-        self.screen_refs = {c: self._cropped(ref, self.small) for c, ref in self.refs.items()}
+        self.global_search = m.global_search  # false: the pose network proposes (:meth:`_match_from_network`)
+        searched = self.refs if self.global_search else {}
+        self.screen_refs = {c: self._cropped(ref, self.small) for c, ref in searched.items()}
         self.screen_support = {c: self._support(ref) for c, ref in self.screen_refs.items()}
-        self.banks = {c: self._low_rank(self._coarse_bank(c), m.coarse_rank) for c in self.refs}
+        self.banks = {c: self._low_rank(self._coarse_bank(c), m.coarse_rank) for c in searched}
         self.deltas = local_deltas(list(m.refine_steps_deg), 2)
         self.ball_xyz, self.ball = (t.to(self.device) for t in ball_points(self.box))
         self.spectral_half = friedel_half(self.ball_xyz, self.box)  # the filter and the power are even: one of each ±k
@@ -212,7 +214,7 @@ class Matcher:
         self.finest_deg = min(m.refine_steps_deg) if m.refine_steps_deg else m.coarse_step_deg
         self.symmetry = {c: point_group_in_map(config, c, v) for c, v in references.items()}
         self.grid_quats = self._turned_quats(self.grid)
-        self.self_margin = np.array([self._self_margin(c) for c in self.classes])
+        self.self_margin = np.array([self._self_margin(c) if self.global_search else np.nan for c in self.classes])
         self.proposer = self._proposer(proposer) if m.starts == "network" else None
 
     def _proposer(self, net: PoseNetwork | None) -> PoseNetwork:
@@ -590,6 +592,8 @@ class Matcher:
         particle_norm = ((self.weights * spectra.abs() ** 2).sum((1, 2, 3)) / self.box**3).sqrt()
         ctf = None if ctf is None else ctf.to(self.device)
         filtered = spectra if ctf is None else spectra * ctf
+        if not self.global_search:
+            return self._match_from_network(volumes, filtered, ctf, particle_norm)
         grid_scores, places = self.coarse_scores(filtered)
         scores = np.stack([s.max(1) for s in grid_scores], 1)
         rotations = np.stack([self.grid[s.argmax(1)] for s in grid_scores], 1)
@@ -627,6 +631,53 @@ class Matcher:
                 "displacement_voxels": displacement,
                 "refined": refined,
                 "fit": fit, **confidence, **proposal}
+
+    def _match_from_network(self, volumes: np.ndarray, filtered: torch.Tensor, ctf: torch.Tensor | None,
+                            particle_norm: torch.Tensor) -> dict[str, np.ndarray]:
+        """:meth:`match` without the global search (``matching.global_search: false``): each particle
+        refines the ``refine_top`` classes the pose network finds most probable, from its proposals;
+        the pose confidence is the network's (:meth:`network_confidence`).  scores, scores_min and
+        screen are NaN; rotation of a class not refined is the network's own pose; and
+        proposal_class_probability (n, C) is the network's class probabilities."""
+        logits, probability = (t.numpy() for t in self.proposer.predict(volumes))
+        n, n_cls = probability.shape
+        proposals = np.stack([soft_argmax(logits[:, k], self.proposal_quats[c], self.proposal_radius)
+                              for k, c in enumerate(self.classes)], 1)
+        out = {"scores": np.full((n, n_cls), np.nan), "scores_min": np.full((n, n_cls), np.nan),
+               "screen": np.full((n, n_cls), np.nan), "rotation": proposals.copy(),
+               "displacement_voxels": np.zeros((n, n_cls, 3)), "refined": np.zeros((n, n_cls), dtype=bool),
+               "fit": np.full((n, n_cls), np.nan), **{name: np.full((n, n_cls), np.nan) for name in CONFIDENCE},
+               "pose_determined": np.zeros((n, n_cls), dtype=bool), "proposal_rotation": proposals,
+               "proposal_class_probability": probability}
+        top = np.argsort(-probability, axis=1, kind="stable")[:, : self.refine_top]
+        for k, cls in enumerate(self.classes):
+            rows = np.nonzero((top == k).any(1))[0]
+            if not len(rows):
+                continue
+            index = torch.as_tensor(rows, device=self.device)
+            out["rotation"][rows, k], out["displacement_voxels"][rows, k], out["fit"][rows, k] = self.refine_peaks(
+                filtered[index], cls, None, None if ctf is None else ctf[index], particle_norm[index],
+                logits[rows, k], proposals[rows, k])
+            out["refined"][rows, k] = True
+            for name, values in self.network_confidence(cls, logits[rows, k], out["rotation"][rows, k]).items():
+                out[name][rows, k] = values
+        return out
+
+    def network_confidence(self, cls: str, logits: np.ndarray, rotations: np.ndarray) -> dict[str, np.ndarray]:
+        """:meth:`confidence` of the poses ``rotations`` (n, 3, 3) from the pose network's logits (n, G)
+        of the class: pose_margin the log-odds of its probability within ``pose_far_deg`` of the pose
+        (modulo the point group) against beyond, pose_spread_deg the probability-weighted RMS angle to
+        the pose within."""
+        dots = self._grid_dots(cls, rotations, self.proposal_quats[cls])
+        distance = np.degrees(2 * np.arccos(np.clip(dots, 0.0, 1.0)))
+        p = np.exp(logits - logits.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        near = np.where(distance <= self.far_deg, p, 0.0)
+        inside = near.sum(1)
+        margin = np.log(np.clip(inside, 1e-12, None)) - np.log(np.clip(1.0 - inside, 1e-12, None))
+        spread = np.sqrt((near * distance**2).sum(1) / np.clip(inside, 1e-12, None))
+        return {"pose_margin": margin, "pose_spread_deg": spread, "pose_sigma_deg": np.maximum(spread, self.finest_deg),
+                "pose_determined": margin >= self.margin_min}
 
 
 CONFIDENCE = ("pose_margin", "pose_spread_deg", "pose_sigma_deg")  # per particle and class; pose_determined too
@@ -735,7 +786,7 @@ def match_split(config: Config, split_dir: Path, maps: list[Path], output: Path,
     if part is None:
         check_contrast(arrays)
     write_match_file(output, arrays)
-    for cls, margin in zip(matcher.classes, matcher.self_margin):
+    for cls, margin in zip(matcher.classes, matcher.self_margin if matcher.global_search else ()):
         if not margin > matcher.noise_sd(None, 1)[0] * matcher.margin_min:
             log.warning("match: the map of %s barely fixes an orientation at this pixel size (self-margin %.3f): "
                         "its poses will mostly be undetermined", cls, margin)

@@ -60,6 +60,9 @@ def check_contrast(arrays: dict[str, np.ndarray]) -> list[str]:
     """:func:`contrast_warnings` of a whole split's match arrays (none for particles without a tomogram)."""
     if "tomogram_name" not in arrays or len(arrays["particle_id"]) == 0:
         return []
+    if np.isnan(arrays["scores"]).all():
+        log.info("match: no global-search scores (matching.global_search: false), so the contrast is not checked")
+        return []
     return contrast_warnings(arrays["scores"], arrays["scores_min"], arrays["tomogram_name"])
 
 
@@ -68,6 +71,11 @@ def _read_part(path: Path) -> dict[str, np.ndarray]:
         raise InputError(f"{path}: match part does not exist")
     with np.load(path, allow_pickle=False) as data:
         return {k: data[k] for k in data.files}
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> bool:
+    """Equal arrays, NaN equal to NaN (the self-margins of a match without the global search)."""
+    return np.array_equal(a, b, equal_nan=a.dtype.kind == "f" and b.dtype.kind == "f")
 
 
 def join_match_parts(config, parts: list[Path], output: Path) -> None:
@@ -79,7 +87,7 @@ def join_match_parts(config, parts: list[Path], output: Path) -> None:
     arrays = [_read_part(p) for p in parts]
     first = arrays[0]
     for path, part in zip(parts[1:], arrays[1:]):
-        if set(part) != set(first) or any(not np.array_equal(part[k], first[k]) for k in PER_FILE):
+        if set(part) != set(first) or any(not _same(part[k], first[k]) for k in PER_FILE):
             raise InputError(f"{path}: this part comes from another match than {parts[0]} (its classes, maps "
                              "or subset differ); re-run every part")
     joined = {k: first[k] if k in PER_FILE else np.concatenate([a[k] for a in arrays]) for k in first}
