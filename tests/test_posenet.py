@@ -11,7 +11,7 @@ from cryovae.errors import InputError
 from cryovae.match import Matcher
 from cryovae.model.io import save_record
 from cryovae.model.posenet import (
-    PoseNetwork, grid_angles_deg, load_pose_network, pose_network_record, soft_argmax, soft_targets,
+    PoseNetwork, grid_angles_deg, grid_neighbourhoods, load_pose_network, pose_network_record, soft_argmax, soft_targets,
 )
 from cryovae.pose_training import particle_snr, train_pose_network
 from cryovae.rotations import (
@@ -52,6 +52,18 @@ def test_soft_argmax_finds_the_rotation_between_the_grid_points(group_name):
     error = np.array([symmetric_geodesic_distance_deg(e, r, group) for e, r in zip(estimate, rotations)])
     assert np.median(angles.min(1)) > 7.0   # the best grid rotation alone
     assert error.max() < 3.0
+
+
+@pytest.mark.parametrize("group_name", ["C1", "C4"])
+def test_grid_neighbourhoods_hold_the_grid_rotations_within_the_radius_modulo_the_group(group_name):
+    grid, group = so3_grid(30.0), symmetry_group(group_name)
+    index, mate = grid_neighbourhoods(matrix_to_quaternion(grid[None] @ group[:, None]), 60.0)
+    angles = grid_angles_deg(grid, grid, [group], np.zeros(len(grid), dtype=int))
+    for b in range(len(grid)):
+        assert set(index[b][index[b] >= 0]) == set(np.nonzero(angles[b] <= 60.0)[0])
+    held = index >= 0   # each mate is the neighbour's rotation nearest b, on b's side of the quaternion sphere
+    cos_half = np.einsum("gkq,gq->gk", mate, matrix_to_quaternion(grid))[held]
+    assert (cos_half >= np.cos(np.radians(30.0)) - 1e-9).all()
 
 
 def small_network(classes=CLASSES) -> PoseNetwork:

@@ -89,7 +89,7 @@ from cryovae.ctf import ParticleCtfs, ctf_3d, missing_wedge_mask
 from cryovae.devices import choose_device
 from cryovae.errors import InputError
 from cryovae.match_parts import check_contrast, write_match_file
-from cryovae.model.posenet import PoseNetwork, load_pose_network, soft_argmax
+from cryovae.model.posenet import PoseNetwork, grid_neighbourhoods, load_pose_network, soft_argmax
 from cryovae.rotations import (
     local_deltas, matrix_to_quaternion, refine_rotations, so3_grid,
 )
@@ -231,7 +231,14 @@ class Matcher:
         self.proposal_grid = net.grid.cpu().double().numpy()
         self.proposal_quats = self._turned_quats(self.proposal_grid)
         self.proposal_radius = 2.0 * net.config["step_deg"]  # soft_argmax over the best bin's neighbours
+        self.proposal_neighbourhoods = {c: grid_neighbourhoods(q, self.proposal_radius)
+                                        for c, q in self.proposal_quats.items()}
         return net.to(self.device).eval()
+
+    def _proposals(self, logits: np.ndarray) -> np.ndarray:
+        """The pose network's own pose (n, C, 3, 3) of every class (:func:`soft_argmax`) from its logits (n, C, G)."""
+        return np.stack([soft_argmax(logits[:, k], self.proposal_quats[c], self.proposal_radius,
+                                     self.proposal_neighbourhoods[c]) for k, c in enumerate(self.classes)], 1)
 
     def _turned_quats(self, grid: np.ndarray) -> dict[str, np.ndarray]:
         """Per class, the quaternions (S, G, 4) of ``grid`` (G, 3, 3) turned by each element of its point group."""
@@ -608,8 +615,7 @@ class Matcher:
         confidence["pose_determined"] = np.zeros((n, n_cls), dtype=bool)
         top = np.argsort(-(screen if self.refine_by == "screen" else scores), axis=1)[:, : self.refine_top]
         logits = None if self.proposer is None else self.proposer.predict(volumes)[0].numpy()
-        proposals = None if logits is None else np.stack(
-            [soft_argmax(logits[:, k], self.proposal_quats[c], self.proposal_radius) for k, c in enumerate(self.classes)], 1)
+        proposals = None if logits is None else self._proposals(logits)
         for k, cls in enumerate(self.classes):
             rows = np.nonzero((top == k).any(1))[0]
             if len(rows):
@@ -641,8 +647,7 @@ class Matcher:
         proposal_class_probability (n, C) is the network's class probabilities."""
         logits, probability = (t.numpy() for t in self.proposer.predict(volumes))
         n, n_cls = probability.shape
-        proposals = np.stack([soft_argmax(logits[:, k], self.proposal_quats[c], self.proposal_radius)
-                              for k, c in enumerate(self.classes)], 1)
+        proposals = self._proposals(logits)
         out = {"scores": np.full((n, n_cls), np.nan), "scores_min": np.full((n, n_cls), np.nan),
                "screen": np.full((n, n_cls), np.nan), "rotation": proposals.copy(),
                "displacement_voxels": np.zeros((n, n_cls, 3)), "refined": np.zeros((n, n_cls), dtype=bool),
