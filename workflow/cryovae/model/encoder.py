@@ -57,6 +57,7 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """x: (n, 1, *spatial) -> latent_mean, latent_logvar (n, L); rotation (n, d, d); shift_voxels (n, d);
         hidden (n, hidden): the trunk's last layer, which a classifier head reads."""
+        x = x.to(memory_format=torch.channels_last_3d if self.ndim == 3 else torch.channels_last)
         hidden = self.hidden(self.features(x))
         out = self.head(hidden).float()
         lat = self.latent_dims
