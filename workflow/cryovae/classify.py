@@ -597,7 +597,7 @@ def annotate(
         rows = np.arange(len(nearest))
         table |= _pose_columns("", matches["rotation"][rows, k], matches["origin_angstrom"][rows, k])
         table |= _pose_columns("network_", network_rot, network_origin)
-        if config.matching.global_search:
+        if not np.isnan(matches["scores"]).all():   # NaN without the global search (matching.global_search: false)
             table |= {f"template_score_{c}": matches["scores"][:, j] for j, c in enumerate(config.seen_classes)}
         table |= _confidence_columns(matches, rows, k)
         if "proposal_rotation" in matches:   # the pose network's own pose (matching.starts: network), no shift
