@@ -17,7 +17,7 @@ from cryovae.classify import (
     poses_in_reference_frame,
 )
 from cryovae.cli import main
-from cryovae.config import validate_config
+from cryovae.config import load_config, stage_config_json, validate_config
 from cryovae.errors import InputError
 from cryovae.rotations import (
     geodesic_distance_deg,
@@ -367,6 +367,13 @@ def test_best_fit_names_the_class_of_best_template_fit_where_the_class_model_dis
         table = pd.read_csv(fitted / f"{rule}.csv")
         agree = np.mean(table["nearest_class"].to_numpy(str) == expected)
         assert agree == 1.0 if rule == "best_fit" else agree > 0.95
+    # as the annotate rule runs it (its stage config has no matching section), and without the global search
+    stage = load_config(stage_config_json(CFG, "classification", "alignment"))
+    unsearched = fitted / "test_unsearched.npz"
+    np.savez(unsearched, **{**np.load(match), "scores": np.full((len(names), 2), np.nan)})
+    for path, columns in ((match, ["template_score_a", "template_score_b"]), (unsearched, [])):
+        annotate(stage, test, fitted / "clf.npz", fitted / "frames.json", fitted / "stage.csv", path)
+        assert [c for c in pd.read_csv(fitted / "stage.csv").columns if c.startswith("template_score")] == columns
 
 
 def test_best_fit_and_screen_features_need_template_matching(fitted):
