@@ -178,6 +178,20 @@ def test_without_the_global_search_the_classifier_reads_no_template_score(noise_
         validate_config(settings)
 
 
+def test_the_density_chooses_among_the_mates_of_the_networks_pose(noise_free):
+    """1qvr declared C2, which its map is not: the network points at a mate of the truth (it cannot
+    tell mates apart), and matching, which starts from every mate, finds the truth itself."""
+    config, maps, draws, volumes, ctf = noise_free
+    settings = config.model_dump(mode="json")
+    settings["alignment"]["symmetry"] = {"1qvr": "C2"}
+    config = validate_config(settings)
+    matcher = Matcher(config, dict(zip(CLASSES, maps)), (-60.0, 60.0), proposer=Pointing(BOX, CLASSES, 20.0, [4], 8))
+    mate = draws.rotation @ matcher.symmetry["1qvr"][1]
+    assert geodesic_distance_deg(mate, draws.rotation).min() > 170.0
+    matcher.proposer.point_at(mate @ axis_angle_matrix(np.array([0.0, 0.0, 1.0]), np.radians(8.0)))
+    assert geodesic_distance_deg(matcher.match(volumes, ctf)["rotation"][:, 0], draws.rotation).max() < 4.0
+
+
 def test_matching_from_the_network_needs_one_trained_on_its_classes(noise_free):
     config, maps, *_ = noise_free
     with pytest.raises(InputError, match="give the pose network"):

@@ -548,19 +548,26 @@ class Matcher:
         first (coarsest) local grid, and only the peak that scores best there goes on: the first
         step already says which hypothesis fits, and the finer ones cost as much again per
         peak.  There the particle is centred again, at the better pose, and the search climbs
-        all the local grids from it."""
+        all the local grids from it.  With the network's ``logits``, every point-group mate of its
+        ``proposal`` starts as well, each centred by its own correlation: the network cannot tell
+        mates apart, and a map is seldom exactly symmetric under the group found in it."""
         if logits is None:
             starts = self.grid[self.peaks(cls, scores)]  # (n, K, 3, 3)
         else:
             starts = self.proposal_grid[self.peaks(cls, logits, network=True)]
             starts[:, 0] = proposal
+        peaks = starts.shape[1]
+        if logits is not None:  # then the proposal's mates, each centred on its own
+            starts = np.concatenate([starts, proposal[:, None] @ self.symmetry[cls][None, 1:]], 1)
         d = self._first_centring(filtered, cls, starts[:, 0], ctf, particle_norm, None if logits is not None else shift)
         rotations = starts[:, 0].copy()
         if self.deltas:
             filter_full = self.local_filter(ctf, len(filtered))
-            score = self.local_score(filtered, cls, filter_full, d)
+            first = self.local_score(filtered, cls, filter_full, d)
             best = np.full(len(starts), -np.inf)
             for j in range(starts.shape[1]):
+                score = first if j < peaks else self.local_score(
+                    filtered, cls, filter_full, self.correlate(filtered, cls, starts[:, j], ctf, particle_norm)[0])
                 values = score(starts[:, j], 0, across=starts.shape[1] > 1)
                 top = values.max(1)
                 better = top > best
