@@ -449,9 +449,10 @@ class MatchingConfig(_Section):
     global_search: bool = Field(
         True, description="false (with starts: network): no global search and no class screen; the pose network's "
         "class probabilities choose the refine_top classes, its proposals start the local searches, and its "
-        "distribution over rotations gives the pose confidence (pose_margin then in log-odds). About twice as "
-        "fast at the same SHREC poses (benchmarks/RESULTS.md); the classifier cannot then read template, "
-        "template_relative, margin, screen or screen_relative, nor is the contrast checked."
+        "distribution over rotations gives the pose confidence (pose_margin then in log-odds). With refine_top 1 "
+        "about twice as fast on SHREC, fewer poses beyond 15 deg, a median 0.4 deg worse (benchmarks/RESULTS.md). "
+        "The classifier cannot then read template, template_relative, margin, screen or screen_relative, and the "
+        "contrast is not checked."
     )
     centre_search_px: float = Field(
         0.0, ge=0, description="Before the global search each particle is centred, per class, on the class's "
