@@ -47,8 +47,11 @@ Three stages:
    ``matching.starts: network`` the starts are instead the best-ranked rotations of the pose
    network (:mod:`cryovae.model.posenet`), at least ``pose_far_deg`` apart, for the same
    class, the best of them replaced by the network's
-   probability-weighted mean of the grid rotations around it (:func:`soft_argmax`).  The local
-   score is the matched-filter correlation itself: the numerator compares the rotated-back
+   probability-weighted mean of the grid rotations around it (:func:`soft_argmax`), and every
+   point-group mate of that mean starts too (the network is trained modulo the group, the map
+   is seldom exactly symmetric under it).  With ``matching.global_search: false`` as well, the
+   global search and the screen do not run: the network's class probabilities choose the
+   classes refined.  The local score is the matched-filter correlation itself: the numerator compares the rotated-back
    particle with the bank, and the reference's norm under the particle's wedge and CTF comes
    from the filter W·CTF² rotated back into the reference frame, dotted with the bank's power
    spectra (without it the local search climbs towards rotations whose power the wedge keeps,
@@ -63,7 +66,11 @@ particle's filter F = W·|CTF| in the cropped box; ``pose_determined`` = margin 
 rotations scoring within 2σ of the best; ``pose_sigma_deg`` the spread, at least the finest
 refinement step (a RELION ``--sigma_ang``).  ``class_self_margin`` (C,): the noise-free
 margin of each map against itself (1 - its best correlation with itself rotated beyond
-``pose_far_deg``): near 0, the map does not fix an orientation at this pixel size.
+``pose_far_deg``): near 0, the map does not fix an orientation at this pixel size.  Without
+the global search the confidence comes from the pose network's distribution p(R) over its
+grid instead (:meth:`Matcher.network_confidence`): ``pose_margin`` the log-odds of p within
+``pose_far_deg`` of the pose, ``pose_spread_deg`` the p-weighted RMS angle there, and
+``class_self_margin`` is NaN.
 
 Rotations are particle-from-reference (RELION's convention); origins are RELION's
 ``rlnOriginX/Y/ZAngst`` (the negative of the content's displacement), so the output is
@@ -352,9 +359,10 @@ class Matcher:
         dots = np.abs(matrix_to_quaternion(rotations) @ grid.reshape(-1, 4).T)
         return dots.reshape(len(rotations), *grid.shape[:2]).max(1)
 
-    def grid_distance_deg(self, cls: str, rotations: np.ndarray) -> np.ndarray:
-        """Angle (n, G) from each rotation (n, 3, 3) to every grid rotation, modulo the class's point group."""
-        return np.degrees(2 * np.arccos(np.clip(self._grid_dots(cls, rotations), 0.0, 1.0)))
+    def grid_distance_deg(self, cls: str, rotations: np.ndarray, quats: np.ndarray | None = None) -> np.ndarray:
+        """Angle (n, G) from each rotation (n, 3, 3) to every grid rotation, modulo the class's point group
+        (``quats``: as in :meth:`_grid_dots`)."""
+        return np.degrees(2 * np.arccos(np.clip(self._grid_dots(cls, rotations, quats), 0.0, 1.0)))
 
     def centring(self, filtered: torch.Tensor, cls: str) -> torch.Tensor:
         """Displacement (n, 3) voxels (x, y, z) of each particle's content from the box centre,
@@ -680,8 +688,7 @@ class Matcher:
         of the class: pose_margin the log-odds of its probability within ``pose_far_deg`` of the pose
         (modulo the point group) against beyond, pose_spread_deg the probability-weighted RMS angle to
         the pose within."""
-        dots = self._grid_dots(cls, rotations, self.proposal_quats[cls])
-        distance = np.degrees(2 * np.arccos(np.clip(dots, 0.0, 1.0)))
+        distance = self.grid_distance_deg(cls, rotations, self.proposal_quats[cls])
         p = np.exp(logits - logits.max(1, keepdims=True))
         p /= p.sum(1, keepdims=True)
         near = np.where(distance <= self.far_deg, p, 0.0)
